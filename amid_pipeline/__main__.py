@@ -1,0 +1,3 @@
+from amid_pipeline.cli import main
+
+main()

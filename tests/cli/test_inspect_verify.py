@@ -1,0 +1,52 @@
+"""CLI: --help, a success and a failure for inspect and verify."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from amid_pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_top_level_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("cache-teacher", "distill", "inspect", "verify"):
+        assert command in result.output
+
+
+def test_inspect_prints_summary_and_plot(shard_dir, tmp_path):
+    plot = tmp_path / "stats.png"
+    result = runner.invoke(app, ["inspect", str(shard_dir), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "bytes_per_entry" in result.output and "target_outside_topk" in result.output
+    assert plot.stat().st_size > 1000
+    as_json = json.loads(runner.invoke(app, ["inspect", str(shard_dir), "--json"]).output)
+    assert as_json["rows"] == 20 and as_json["k"] == 8
+    assert 0 < as_json["topk_mass_mean"] <= 1
+
+
+def test_inspect_of_a_non_shard_directory_fails_in_one_line(tmp_path):
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no manifest.json" in result.output and "Traceback" not in result.output
+
+
+def test_verify_ok_and_corrupted(shard_dir):
+    result = runner.invoke(app, ["verify", str(shard_dir)])
+    assert result.exit_code == 0 and "OK 3 files" in result.output
+    victim = sorted((shard_dir / "data").glob("*.parquet"))[1]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    result = runner.invoke(app, ["verify", str(shard_dir)])
+    assert result.exit_code == 1
+    assert f"FAIL data/{victim.name}" in result.output
+
+
+def test_help_of_every_command_describes_every_option():
+    for command in ("inspect", "verify", "cache-teacher", "distill"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, command
+        assert "--help" in result.output

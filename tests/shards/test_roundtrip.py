@@ -1,0 +1,151 @@
+"""Writer -> reader and writer -> plain Parquet clients round trips, and format refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.shards.schema import PARQUET_METADATA_KEY, FormatError
+from tests.conftest import random_rows, test_header, write_shards
+
+QUANT_ERROR = 1 / 128 + 1e-6
+
+
+def assert_rows_equal(expected, found, tolerance):
+    assert [r.sample_id for r in found] == [r.sample_id for r in expected]
+    for a, b in zip(expected, found):
+        for name in ("input_ids", "positions", "loss_mask", "topk_ids", "target_rank"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        for name in ("topk_logprobs", "target_logprob"):
+            x, y = getattr(a, name), getattr(b, name)
+            np.testing.assert_array_equal(np.isneginf(x), np.isneginf(y))
+            finite = np.isfinite(x)
+            assert np.all(np.abs(x[finite] - y[finite]) <= tolerance), name
+
+
+@pytest.mark.parametrize("encoding,tolerance", [("q64-delta", QUANT_ERROR), ("q64", QUANT_ERROR), ("float32", 0.0)])
+@pytest.mark.parametrize("neg_inf", [False, True])
+def test_reader_roundtrip(tmp_path, encoding, tolerance, neg_inf):
+    rows = random_rows(23, k=8, vocab=50, neg_inf=neg_inf)
+    directory = write_shards(tmp_path / "s", rows, test_header(k=8, vocab=50, encoding=encoding))
+    assert pq.read_schema(next((directory / "data").glob("*.parquet"))).field("topk_ids").type.value_type == "uint16"
+    reader = ShardReader(directory)
+    assert len(reader) == 23
+    assert [f.name for f in reader.files] == [f"data/part-0000{i}.parquet" for i in range(4)]
+    assert_rows_equal(rows, list(reader), tolerance)
+
+
+def test_plain_pyarrow_read_matches_documented_decoding(shard_dir):
+    """Decode with nothing but pyarrow + numpy, as the README documents, and compare to the source."""
+    rows = random_rows(20, k=8, vocab=100)
+    table = pq.read_table(shard_dir / "data")  # the data folder as one dataset
+    assert table.num_rows == 20
+    header = json.loads(pq.read_schema(next(shard_dir.glob("data/*.parquet"))).metadata[PARQUET_METADATA_KEY])
+    k = header["k"]
+    by_id = {r.sample_id: r for r in rows}
+    for record in table.to_pylist():
+        source = by_id[record["sample_id"]]
+        codes = np.cumsum(np.asarray(record["topk_logprobs"], dtype=np.int64).reshape(-1, k), axis=1)
+        logprobs = np.where(codes >= 65535, -np.inf, -codes / 64)
+        assert np.all(np.abs(logprobs - source.topk_logprobs) <= QUANT_ERROR)
+        np.testing.assert_array_equal(np.reshape(record["topk_ids"], (-1, k)), source.topk_ids)
+        np.testing.assert_array_equal(record["input_ids"], source.input_ids)
+        target = np.asarray(record["target_logprob"]) / -64
+        assert np.all(np.abs(target - source.target_logprob) <= QUANT_ERROR)
+
+
+def test_other_parquet_clients_read_the_shards(shard_dir):
+    pandas = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    polars = pytest.importorskip("polars")
+    rows = random_rows(20, k=8, vocab=100)
+    frame = pandas.read_parquet(shard_dir / "data")
+    assert sorted(frame["sample_id"]) == sorted(r.sample_id for r in rows)
+    first = rows[0]
+    ids = duckdb.sql(f"select topk_ids from '{shard_dir}/data/*.parquet' where sample_id = '{first.sample_id}'").fetchall()[0][0]
+    np.testing.assert_array_equal(np.reshape(ids, (-1, 8)), first.topk_ids)
+    lengths = polars.read_parquet(f"{shard_dir}/data/*.parquet").select(polars.col("input_ids").list.len()).to_series()
+    assert sorted(lengths.to_list()) == sorted(len(r.input_ids) for r in rows)
+
+
+def test_every_file_carries_the_header(shard_dir):
+    manifest = load_manifest(shard_dir)
+    for record in manifest.files:
+        meta = pq.read_schema(shard_dir / record.name).metadata
+        header = json.loads(meta[PARQUET_METADATA_KEY])
+        assert header["format_version"] == manifest.header["format_version"] == "1.0"
+        assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
+
+
+def test_reader_refuses_a_newer_major_version(shard_dir):
+    path = shard_dir / "manifest.json"
+    payload = json.loads(path.read_text())
+    payload["format_version"] = "2.0"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(FormatError, match=r"format version '2.0'.*reads 1.x"):
+        ShardReader(shard_dir)
+
+
+def test_directory_without_manifest_is_refused(tmp_path, shard_dir):
+    (shard_dir / "manifest.json").unlink()
+    with pytest.raises(FormatError, match="no manifest.json"):
+        ShardReader(shard_dir)
+
+
+def test_writer_rejects_inconsistent_rows(tmp_path):
+    from amid_pipeline.shards.writer import ShardWriter
+
+    row = random_rows(1, k=8, vocab=100, max_len=10)[0]
+    row.topk_ids = row.topk_ids[:, :4]
+    with pytest.raises(ValueError, match=r"sample 'sample-0-0': topk_ids has shape"):
+        ShardWriter(tmp_path, header=test_header()).add(row)
+    unsorted = random_rows(1, k=8, vocab=100, max_len=10, seed=3)[0]
+    unsorted.topk_logprobs = unsorted.topk_logprobs[:, ::-1].copy()
+    if len(unsorted.positions):
+        with pytest.raises(ValueError, match="descending"):
+            ShardWriter(tmp_path, header=test_header()).add(unsorted)
+
+
+def test_crash_before_commit_leaves_no_data_file(tmp_path):
+    from amid_pipeline.shards.writer import ShardWriter
+
+    rows = random_rows(5, k=8, vocab=100)
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, header=test_header(), rows_per_file=100, rows_per_group=2) as writer:
+            for row in rows:
+                writer.add(row)
+            raise RuntimeError("killed")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_worker_manifests_merge_and_incomplete_sets_are_refused(tmp_path):
+    from amid_pipeline.shards.manifest import worker_manifest_name, write_manifest
+    from amid_pipeline.shards.writer import ShardWriter
+
+    header = test_header()
+    for worker in range(2):
+        rows = random_rows(4, k=8, vocab=100, seed=worker)
+        with ShardWriter(tmp_path, header=header, stem=f"part-w{worker:05d}") as writer:
+            for row in rows:
+                writer.add(row)
+        if worker == 0:
+            with pytest.raises(FormatError, match=r"workers \[1\] of 2 have not finished"):
+                write_manifest(tmp_path, header, writer.committed, name=worker_manifest_name(0, 2))
+                ShardReader(tmp_path)
+        else:
+            write_manifest(tmp_path, header, writer.committed, name=worker_manifest_name(1, 2))
+    assert len(list(ShardReader(tmp_path))) == 8
+
+
+def test_large_vocabulary_ids_are_int32_and_exact(tmp_path):
+    rows = random_rows(4, k=4, vocab=70_000, max_len=8)
+    for row in rows:  # ids above 65,535 must survive
+        row.topk_ids[:, 0] = 69_999 - np.arange(len(row.positions))
+    directory = write_shards(tmp_path / "s", rows, test_header(k=4, vocab=70_000))
+    assert pq.read_schema(next((directory / "data").glob("*.parquet"))).field("topk_ids").type.value_type == "int32"
+    assert_rows_equal(rows, list(ShardReader(directory)), QUANT_ERROR)

@@ -92,7 +92,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
                 errors.append(f"{path}: unknown key {key!r}{hint}")
             else:
                 values[key] = value
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    from_file = set(values) - set(overrides)
+    values.update(overrides)
     for field in dataclasses.fields(cls):
         if field.name in values:
             values[field.name], error = _check_value(cls, field, values[field.name])
@@ -100,7 +102,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
             values[field.name], error = _check_value(cls, field, default)
         if error:
-            errors.append(f"{path}: {error}" if path is not None and field.name in values else error)
+            errors.append(f"{path}: {error}" if field.name in from_file else error)
     if errors:
         raise ConfigError(errors)
     config = cls(**values)

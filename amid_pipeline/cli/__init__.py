@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from amid_pipeline.cli import cache_teacher_cmd
 from amid_pipeline.cli.inspect_cmd import inspect
 from amid_pipeline.cli.verify_cmd import verify
 
@@ -19,13 +20,7 @@ app = typer.Typer(
 )
 app.command()(inspect)
 app.command()(verify)
-
-
-@app.command("cache-teacher")
-def cache_teacher() -> None:
-    """Run a teacher over a dataset and write top-k shards (not available yet in this version)."""
-    typer.secho("error: cache-teacher is not implemented in this version yet", err=True, fg="red")
-    raise typer.Exit(2)
+cache_teacher_cmd.register(app)
 
 
 @app.command("distill")

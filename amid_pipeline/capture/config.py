@@ -1,0 +1,54 @@
+"""Settings of ``amid-pipeline cache-teacher`` (stage one). See stages/cache_teacher_*.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from amid_pipeline.config import setting
+from amid_pipeline.shards.schema import VALUE_ENCODINGS
+
+DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
+
+# Settings that may differ between the run that started a directory and the one resuming it.
+RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress")
+
+
+@dataclasses.dataclass
+class CaptureConfig:
+    teacher: Optional[str] = setting(None, "Teacher model: an HF-format folder (or a hub id where the hub is reachable).", required=True)
+    dataset: Optional[str] = setting(None, "Dataset: a JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id.", required=True)
+    output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
+    split: str = setting("train", "Dataset split to read.")
+    start: int = setting(0, "First row of the split to use.", minimum=0)
+    limit: Optional[int] = setting(None, "Use at most this many rows from --start (default: all).", minimum=1)
+    data_format: str = setting("auto", "How rows become token sequences: text (all tokens supervised), prompt_response (response supervised), messages (chat template; assistant turns supervised), tokens (pre-tokenized input_ids with optional loss_mask); auto picks by the fields present.", choices=DATA_FORMATS)
+    text_field: str = setting("text", "Field holding plain text.")
+    prompt_field: str = setting("prompt", "Field holding the prompt.")
+    response_field: str = setting("response", "Field holding the response.")
+    messages_field: str = setting("messages", "Field holding a list of {role, content} messages.")
+    input_ids_field: str = setting("input_ids", "Field holding pre-tokenized ids.")
+    loss_mask_field: str = setting("loss_mask", "Field holding a 0/1 mask per token of input_ids (1 = token is a target); optional.")
+    id_field: Optional[str] = setting(None, "Field holding a stable row id (default: the row number in the split).")
+    add_eos: bool = setting(True, "Append the tokenizer's EOS token to responses (prompt_response) so the student learns to stop.")
+    max_length: int = setting(2048, "Longest sequence (tokens) sent to the teacher.", minimum=2)
+    overflow: str = setting("truncate", "Longer sequences: truncate (keep the first max_length tokens) or split (consecutive windows).", choices=("truncate", "split"))
+    k: int = setting(64, "Top-k teacher log-probabilities stored per position.", minimum=1)
+    value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
+    positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))
+    backend: str = setting("auto", "Teacher engine: vllm, hf (transformers) or auto (vLLM when installed and runnable).", choices=("auto", "vllm", "hf"))
+    dtype: str = setting("auto", "Teacher weights dtype (compare backends in float32).", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = setting("auto", "hf backend device: cpu, cuda or auto.", choices=("auto", "cpu", "cuda"))
+    batch_tokens: int = setting(8192, "Tokens per teacher batch (hf: padded batch size; vLLM: max_num_batched_tokens).", minimum=16)
+    tensor_parallel_size: int = setting(1, "vLLM tensor parallelism (GPUs per teacher replica).", minimum=1)
+    rows_per_file: int = setting(2048, "Source rows per Parquet file (the unit of resume).", minimum=1)
+    num_workers: int = setting(1, "Number of independent worker processes writing this directory.", minimum=1)
+    worker_index: int = setting(0, "This worker's index in [0, num_workers).", minimum=0)
+    overwrite: bool = setting(False, "Delete an existing output directory written with other settings instead of refusing.")
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.worker_index >= self.num_workers:
+            errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
+        return errors

@@ -1,0 +1,189 @@
+"""Dataset rows -> token sequences with a supervision mask, for the teacher.
+
+An :class:`Example` holds ``input_ids`` [L] and ``target_mask`` [L] (``target_mask[j]`` = token ``j``
+is a supervised target); prediction position ``t`` is then supervised iff ``target_mask[t + 1]``.
+Rows that cannot be used are not dropped silently: :func:`row_examples` raises :class:`SkipRow` with
+the reason, and the caller counts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amid_pipeline.capture.config import CaptureConfig
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class SkipRow(Exception):
+    """This row yields no sequence; ``reason`` is counted in the run summary."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Example:
+    sample_id: str
+    input_ids: np.ndarray  # [L] int32
+    target_mask: np.ndarray  # [L] bool: token j is supervised
+    truncated: bool = False
+
+    def prediction_positions(self, stored: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions [P] int32, loss_mask [P] bool) for ``stored`` = 'supervised' or 'all'."""
+        supervised = self.target_mask[1:]
+        if stored == "all":
+            return np.arange(len(supervised), dtype=np.int32), supervised.copy()
+        positions = np.flatnonzero(supervised).astype(np.int32)
+        return positions, np.ones(len(positions), dtype=bool)
+
+
+def load_rows(config: CaptureConfig):
+    """The configured split and row range as a ``datasets.Dataset`` (memory-mapped Arrow, not in RAM)."""
+    import datasets
+
+    source = config.dataset
+    path = Path(source)
+    try:
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_BUILDERS) if path.is_dir() else [path]
+            if not files:
+                raise ValueError(f"{source}: no .json/.jsonl/.parquet/.csv files")
+            builders = {DATA_FILE_BUILDERS.get(p.suffix) for p in files}
+            if None in builders or len(builders) != 1:
+                raise ValueError(f"{source}: expected files of one kind among {sorted(DATA_FILE_BUILDERS)}")
+            data = datasets.load_dataset(builders.pop(), data_files={config.split: [str(p) for p in files]},
+                                         split=config.split)
+        elif os.sep in source or source.startswith("."):
+            raise FileNotFoundError(f"dataset {source}: no such file or directory")
+        else:
+            data = datasets.load_dataset(source, split=config.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot read dataset {source!r}: {exc}") from exc
+    except Exception as exc:  # datasets raises many kinds for unreadable sources
+        raise FileNotFoundError(f"cannot read dataset {source!r}: {type(exc).__name__}: {exc}") from exc
+    end = len(data) if config.limit is None else min(len(data), config.start + config.limit)
+    return data.select(range(min(config.start, len(data)), end))
+
+
+def resolve_format(config: CaptureConfig, columns: list[str]) -> str:
+    """The data format to use, checking that its fields exist (the error lists the available ones)."""
+    needed = {
+        "text": [config.text_field],
+        "prompt_response": [config.prompt_field, config.response_field],
+        "messages": [config.messages_field],
+        "tokens": [config.input_ids_field],
+    }
+    fmt = config.data_format
+    if fmt == "auto":
+        for candidate in ("tokens", "messages", "prompt_response", "text"):
+            if all(f in columns for f in needed[candidate]):
+                return candidate
+        raise ValueError(
+            f"dataset {config.dataset}: cannot tell the data format from its fields {columns}; set --data-format "
+            f"and the field names (e.g. --text-field)"
+        )
+    missing = [f for f in needed[fmt] if f not in columns]
+    if missing:
+        raise ValueError(f"dataset {config.dataset}: field(s) {missing} not found; available fields: {columns}")
+    return fmt
+
+
+def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: CaptureConfig) -> list[Example]:
+    """One dataset row -> one example, or several windows when ``overflow == 'split'``."""
+    sample_id = str(row[config.id_field]) if config.id_field else f"row-{index}"
+    ids, mask = _tokenize(row, fmt, tokenizer, config)
+    if len(ids) < 2:
+        raise SkipRow("tokenizes to fewer than 2 tokens")
+    if not mask[1:].any():
+        raise SkipRow("no supervised token")
+    limit = config.max_length
+    if len(ids) <= limit:
+        return [Example(sample_id, ids, mask)]
+    if config.overflow == "truncate":
+        if not mask[1:limit].any():
+            raise SkipRow("no supervised token within max_length")
+        return [Example(sample_id, ids[:limit], mask[:limit], truncated=True)]
+    windows = []
+    for w, start in enumerate(range(0, len(ids), limit)):
+        window_ids, window_mask = ids[start : start + limit], mask[start : start + limit]
+        if len(window_ids) >= 2 and window_mask[1:].any():
+            windows.append(Example(f"{sample_id}#w{w}", window_ids, window_mask, truncated=True))
+    return windows
+
+
+def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> tuple[np.ndarray, np.ndarray]:
+    if fmt == "text":
+        text = row[config.text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise SkipRow("empty or whitespace text")
+        ids = tokenizer(text).input_ids
+        return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
+    if fmt == "prompt_response":
+        prompt, response = row[config.prompt_field], row[config.response_field]
+        if not isinstance(response, str) or not response.strip():
+            raise SkipRow("empty or whitespace response")
+        prompt_ids = tokenizer(prompt or "").input_ids
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+        if config.add_eos and tokenizer.eos_token_id is not None:
+            response_ids = response_ids + [tokenizer.eos_token_id]
+        ids = prompt_ids + response_ids
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[len(prompt_ids) :] = True
+        return np.asarray(ids, dtype=np.int32), mask
+    if fmt == "messages":
+        return _tokenize_chat(row[config.messages_field], tokenizer)
+    ids = row[config.input_ids_field]
+    if ids is None or len(ids) == 0:
+        raise SkipRow("empty input_ids")
+    mask = row.get(config.loss_mask_field)
+    mask = np.ones(len(ids), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if len(mask) != len(ids):
+        raise SkipRow(f"{config.loss_mask_field} has {len(mask)} entries for {len(ids)} input_ids")
+    return np.asarray(ids, dtype=np.int32), mask
+
+
+def _tokenize_chat(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Render with the chat template; supervise the tokens each assistant turn adds.
+
+    Each assistant turn's tokens are found by rendering the conversation up to the turn with the
+    generation prompt (its start) and including the turn (its end); templates whose renderings are not
+    prefixes of each other are refused.
+    """
+    if not messages:
+        raise SkipRow("no messages")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("data_format 'messages' needs a tokenizer with a chat template")
+
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=generation_prompt)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    ids = render(len(messages), False)
+    mask = np.zeros(len(ids), dtype=bool)
+    for turn, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start, end = len(render(turn, True)), len(render(turn + 1, False))
+        if render(turn + 1, False) != ids[:end]:
+            raise SkipRow("chat template renders turns inconsistently (not prefix-stable)")
+        mask[start:end] = True
+    return np.asarray(ids, dtype=np.int32), mask
+
+
+def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: CaptureConfig,
+                  skipped: dict[str, int]) -> Iterator[list[Example]]:
+    """The examples of each row (``indices``: the rows' positions in the selected range); skips are counted."""
+    for index, row in zip(indices, rows):
+        try:
+            yield row_examples(row, config.start + index, fmt, tokenizer, config)
+        except SkipRow as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+            yield []

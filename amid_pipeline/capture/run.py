@@ -1,0 +1,284 @@
+"""Stage one: run a teacher over a dataset and write top-k shards, resumably, in N independent workers.
+
+Partition and resume are pure functions of the settings:
+
+- worker ``I`` of ``N`` takes the rows whose index in the selected range is ``I (mod N)``;
+- its ``j``-th chunk is partition rows ``[j * rows_per_file, (j + 1) * rows_per_file)`` and becomes
+  ``data/part-wIIIII-jjjjj.parquet``;
+- after each committed file a line is appended (and fsynced) to ``progress.wIIIII-of-NNNNN.jsonl``,
+  whose first line holds the settings. A rerun keeps the chunks listed there whose files are intact
+  and redoes the rest; settings that differ are refused by name (unless ``overwrite``).
+- the manifest (``manifest.json``, or one ``manifest.wIIIII-of-NNNNN.json`` per worker) is written
+  last, only when the worker has finished every chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from amid_pipeline.capture.backends import make_backend
+from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
+from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
+from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
+from amid_pipeline.shards.manifest import (
+    FileRecord,
+    fsync_dir,
+    make_header,
+    sha256_file,
+    worker_manifest_name,
+    write_manifest,
+)
+from amid_pipeline.shards.schema import MANIFEST_NAME, TeacherRow
+from amid_pipeline.shards.writer import ShardWriter
+
+
+class SettingsMismatch(ValueError):
+    """The output directory holds a run with other settings."""
+
+
+@dataclasses.dataclass
+class CaptureSummary:
+    output: Path
+    backend: str
+    rows: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    positions: int = 0
+    bytes: int = 0
+    truncated: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    resumed_chunks: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[tuple[str, Any]]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        return [
+            ("output", self.output),
+            ("backend", self.backend),
+            ("rows read", self.rows),
+            ("sequences written", self.sequences),
+            ("tokens", self.tokens),
+            ("stored positions", self.positions),
+            ("truncated or split", self.truncated),
+            ("skipped rows", skipped),
+            ("chunks kept from an earlier run", self.resumed_chunks),
+            ("bytes", self.bytes),
+            ("bytes per stored position", round(self.bytes / max(self.positions, 1), 1)),
+            ("wall time (s)", round(self.seconds, 1)),
+            ("tokens/s (this run)", round(self.tokens / max(self.seconds, 1e-9))),
+        ]
+
+
+def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_SETTINGS}
+
+
+def journal_path(output: Path, config: CaptureConfig) -> Path:
+    return output / f"progress.w{config.worker_index:05d}-of-{config.num_workers:05d}.jsonl"
+
+
+def prepare_output(output: Path, config: CaptureConfig) -> list[dict[str, Any]]:
+    """Check or clear the output directory; return this worker's journal entries (chunks done)."""
+    settings = comparable_settings(config)
+    journals = sorted(output.glob("progress.w*-of-*.jsonl")) if output.is_dir() else []
+    for journal in journals:
+        with open(journal, encoding="utf-8") as f:
+            first = f.readline()
+        saved = json.loads(first)["settings"] if first else {}
+        saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
+        differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if differing and not config.overwrite:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
+            raise SettingsMismatch(f"{output} was written with other settings ({detail}); "
+                                   f"use another --output or --overwrite")
+        if differing:
+            _clear(output)
+            return []
+    if output.is_dir() and not journals and any(output.iterdir()):
+        if not config.overwrite:
+            raise SettingsMismatch(f"{output} is not empty and holds no resumable capture; use --overwrite to replace it")
+        _clear(output)
+    journal = journal_path(output, config)
+    if not journal.exists():
+        return []
+    entries = []
+    with open(journal, encoding="utf-8") as f:
+        for line in list(f)[1:]:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: that chunk is redone
+    return entries
+
+
+def _clear(output: Path) -> None:
+    for path in output.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _kept_chunks(output: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leading journal entries whose files are intact; later chunks will be rewritten."""
+    kept = []
+    for entry in entries:
+        record = entry.get("file")
+        if record and (not (output / record["name"]).exists() or sha256_file(output / record["name"]) != record["sha256"]):
+            break
+        kept.append(entry)
+    return kept
+
+
+def _append_journal(path: Path, payload: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(payload, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> dict[str, Any]:
+    tokenizer_info = tokenizer_fingerprint(tokenizer)
+    if tokenizer_info["vocab_size"] > backend.vocab_size:
+        raise ValueError(
+            f"tokenizer of {config.teacher} has {tokenizer_info['vocab_size']} tokens but the model head only "
+            f"{backend.vocab_size} outputs: they do not belong together"
+        )
+    teacher_path = Path(config.teacher)
+    return make_header(
+        teacher={
+            "name_or_path": config.teacher,
+            "revision": None,
+            "weights_sha256": weights_fingerprint(teacher_path) if teacher_path.is_dir() else None,
+            "dtype": backend.dtype,
+        },
+        tokenizer=tokenizer_info,
+        model_vocab_size=backend.vocab_size,
+        k=config.k,
+        value_encoding=config.value_encoding,
+        backend={"name": backend.name, "version": backend.version},
+        max_length=config.max_length,
+        dataset={
+            "source": config.dataset,
+            "split": config.split,
+            "start": config.start,
+            "limit": config.limit,
+            "format": fmt,
+            "fingerprint": getattr(rows, "_fingerprint", None),
+        },
+        positions=config.positions,
+        config=comparable_settings(config),
+    )
+
+
+def run_capture(config: CaptureConfig) -> CaptureSummary:
+    """Run (or resume) this worker's share of the capture; returns the run summary."""
+    from transformers import AutoTokenizer
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    config = dataclasses.replace(config, **{name: os.path.expanduser(getattr(config, name))
+                                            for name in ("teacher", "dataset", "output")})
+    output = Path(config.output)
+    entries = prepare_output(output, config)
+    rows = load_rows(config)
+    fmt = resolve_format(config, list(rows.column_names))
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    backend = make_backend(config)
+    header = build_header(config, backend, tokenizer, rows, fmt)
+    output.mkdir(parents=True, exist_ok=True)
+    journal = journal_path(output, config)
+    kept = _kept_chunks(output, entries)
+    if len(kept) < len(entries) or not journal.exists():  # restart the journal at the last intact chunk
+        tmp = journal.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"settings": comparable_settings(config)}, sort_keys=True) + "\n")
+            for entry in kept:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+        os.replace(tmp, journal)
+        fsync_dir(output)
+
+    summary = CaptureSummary(output=output, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept))
+    for entry in kept:
+        _add_chunk_stats(summary, entry)
+    partition = range(config.worker_index, len(rows), config.num_workers)
+    chunks = range(0, len(partition), config.rows_per_file)
+    writer = ShardWriter(output, header=header, stem=f"part-w{config.worker_index:05d}", rows_per_file=1 << 62)
+    bar = tqdm(total=len(partition), initial=min(len(kept) * config.rows_per_file, len(partition)),
+               unit="row", disable=not config.progress, desc=f"cache-teacher [{backend.name}]")
+    run_tokens = 0
+    try:
+        for chunk_index, chunk_start in enumerate(chunks):
+            if chunk_index < len(kept):
+                continue
+            chunk_rows = [partition[i] for i in range(chunk_start, min(chunk_start + config.rows_per_file, len(partition)))]
+            stats = {"chunk": chunk_index, "rows": len(chunk_rows), "skipped": {}, "truncated": 0, "tokens": 0, "sequences": 0}
+            writer.next_index = chunk_index
+            batch: list[Example] = []
+            for examples in iter_examples(rows.select(chunk_rows), chunk_rows, fmt, tokenizer, config, stats["skipped"]):
+                batch.extend(examples)
+                bar.update(1)
+                if sum(len(e.input_ids) for e in batch) >= 4 * config.batch_tokens:
+                    run_tokens += _score_and_write(batch, backend, writer, config, stats)
+                    batch = []
+                    bar.set_postfix(tokens_per_s=round(run_tokens / (time.perf_counter() - started)))
+            run_tokens += _score_and_write(batch, backend, writer, config, stats)
+            record = writer.commit_file()
+            entry = {**stats, "file": dataclasses.asdict(record) if record else None}
+            _append_journal(journal, entry)
+            _add_chunk_stats(summary, entry)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    files = [FileRecord(**e["file"]) for e in _read_journal_entries(journal) if e.get("file")]
+    name = MANIFEST_NAME if config.num_workers == 1 else worker_manifest_name(config.worker_index, config.num_workers)
+    write_manifest(output, header, files, name=name, stats={"skipped": summary.skipped, "truncated": summary.truncated})
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _read_journal_entries(journal: Path) -> list[dict[str, Any]]:
+    with open(journal, encoding="utf-8") as f:
+        return [json.loads(line) for line in list(f)[1:]]
+
+
+def _add_chunk_stats(summary: CaptureSummary, entry: dict[str, Any]) -> None:
+    summary.rows += entry["rows"]
+    summary.sequences += entry["sequences"]
+    summary.tokens += entry["tokens"]
+    summary.truncated += entry["truncated"]
+    for reason, n in entry["skipped"].items():
+        summary.skipped[reason] = summary.skipped.get(reason, 0) + n
+    if entry.get("file"):
+        summary.positions += entry["file"]["positions"]
+        summary.bytes += entry["file"]["bytes"]
+
+
+def _score_and_write(batch: list[Example], backend, writer: ShardWriter, config: CaptureConfig, stats: dict) -> int:
+    """Teacher-score ``batch`` and hand each sequence's stored positions to the writer; returns tokens."""
+    if not batch:
+        return 0
+    for example, scores in zip(batch, backend.score([e.input_ids for e in batch])):
+        positions, loss_mask = example.prediction_positions(config.positions)
+        writer.add(
+            TeacherRow(
+                sample_id=example.sample_id,
+                input_ids=example.input_ids,
+                positions=positions,
+                loss_mask=loss_mask,
+                topk_ids=scores.topk_ids[positions],
+                topk_logprobs=scores.topk_logprobs[positions],
+                target_logprob=scores.target_logprob[positions],
+                target_rank=scores.target_rank[positions],
+            )
+        )
+        stats["sequences"] += 1
+        stats["truncated"] += int(example.truncated)
+        stats["tokens"] += len(example.input_ids)
+    return sum(len(e.input_ids) for e in batch)

@@ -1,0 +1,175 @@
+"""cache-teacher on the tiny models: input shapes, supervision, resume, workers, refusals, vLLM parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.capture.run import SettingsMismatch, run_capture
+from amid_pipeline.config import load_config
+from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.shards.verify import verify_directory
+
+PAIRS = [
+    {"prompt": "What is a kludge?", "response": "A clumsy but working solution."},
+    {"prompt": "Define foo.", "response": "A metasyntactic variable, often followed by bar."},
+    {"prompt": "Empty?", "response": "   "},
+    {"prompt": "What is cruft?", "response": "Excess, superseded or unwanted material, especially in software."},
+    {"prompt": "And grok?", "response": "To understand something so well that it becomes part of you."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def capture(tiny_models, tmp_path, dataset, **settings):
+    overrides = {"teacher": str(tiny_models["teacher"]), "dataset": str(dataset), "output": str(tmp_path / "out"),
+                 "backend": "hf", "k": 8, "progress": False, "dtype": "float32", **settings}
+    return run_capture(load_config(CaptureConfig, None, overrides))
+
+
+def teacher_logprobs(tiny_models, ids):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def test_prompt_response_supervises_the_response_and_matches_a_direct_forward(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    summary = capture(tiny_models, tmp_path, data, value_encoding="float32")
+    assert summary.skipped == {"empty or whitespace response": 1} and summary.sequences == 4
+    assert verify_directory(tmp_path / "out").ok
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    row = next(iter(ShardReader(tmp_path / "out")))
+    assert row.sample_id == "row-0"
+    prompt_ids = tokenizer(PAIRS[0]["prompt"]).input_ids
+    response_ids = tokenizer(PAIRS[0]["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    np.testing.assert_array_equal(row.input_ids, prompt_ids + response_ids)
+    # positions predicting the response tokens (and EOS) only
+    np.testing.assert_array_equal(row.positions, np.arange(len(prompt_ids) - 1, len(row.input_ids) - 1))
+    reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]
+    top = reference.topk(8, dim=-1)
+    np.testing.assert_array_equal(row.topk_ids, top.indices.numpy())
+    np.testing.assert_allclose(row.topk_logprobs, top.values.numpy(), atol=1e-5)
+    targets = torch.as_tensor(row.input_ids[row.positions + 1], dtype=torch.long)
+    np.testing.assert_allclose(row.target_logprob, reference.gather(1, targets[:, None])[:, 0].numpy(), atol=1e-5)
+
+
+def test_text_messages_and_tokens_shapes(tiny_models, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello hacker world"}, {"text": ""}, {"text": "bits"}])
+    summary = capture(tiny_models, tmp_path / "t", text)
+    assert summary.skipped == {"empty or whitespace text": 1}
+    rows = list(ShardReader(tmp_path / "t" / "out"))
+    assert all(len(r.positions) == len(r.input_ids) - 1 for r in rows)
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "sure"}]
+    messages = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
+    capture(tiny_models, tmp_path / "m", messages)
+    (row,) = ShardReader(tmp_path / "m" / "out")
+    targets = tokenizer.decode(row.input_ids[row.positions + 1])
+    assert "hello there" in targets and "sure" in targets and "hi" not in targets and "more" not in targets
+
+    tokens = write_jsonl(tmp_path / "tok.jsonl", [{"input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 0]}])
+    capture(tiny_models, tmp_path / "k", tokens, positions="all")
+    (row,) = ShardReader(tmp_path / "k" / "out")
+    np.testing.assert_array_equal(row.positions, [0, 1, 2, 3])
+    np.testing.assert_array_equal(row.loss_mask, [False, True, True, False])
+
+
+def test_overflow_truncate_and_split_are_counted(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 60}])
+    truncated = capture(tiny_models, tmp_path / "a", data, max_length=16)
+    assert truncated.truncated == 1
+    (row,) = ShardReader(tmp_path / "a" / "out")
+    assert len(row.input_ids) == 16
+    split = capture(tiny_models, tmp_path / "b", data, max_length=16, overflow="split")
+    windows = list(ShardReader(tmp_path / "b" / "out"))
+    assert split.truncated == len(windows) > 1
+    assert [w.sample_id for w in windows][:2] == ["row-0#w0", "row-0#w1"]
+    assert sum(len(w.input_ids) for w in windows) == len(AutoTokenizer.from_pretrained(tiny_models["teacher"])("word " * 60).input_ids)
+
+
+def test_kill_and_resume_gives_every_row_once(tiny_models, tmp_path, monkeypatch):
+    rows = [{"text": f"line number {i} of the jargon"} for i in range(9)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    reference = capture(tiny_models, tmp_path / "ref", data, rows_per_file=2)
+    import amid_pipeline.capture.run as run_module
+
+    original, calls = run_module._score_and_write, {"n": 0}
+
+    def dies_on_the_third_chunk(batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed mid-chunk
+        return original(batch, *args)
+
+    monkeypatch.setattr(run_module, "_score_and_write", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        capture(tiny_models, tmp_path / "run", data, rows_per_file=2)
+    out = tmp_path / "run" / "out"
+    assert not (out / "manifest.json").exists() and len(list((out / "data").glob("*.parquet"))) == 2
+    monkeypatch.setattr(run_module, "_score_and_write", original)
+    resumed = capture(tiny_models, tmp_path / "run", data, rows_per_file=2)
+    assert resumed.resumed_chunks == 2 and resumed.sequences == 9
+    ids = [r.sample_id for r in ShardReader(out)]
+    assert sorted(ids) == sorted(f"row-{i}" for i in range(9)) and len(set(ids)) == 9
+    ref = {r.sample_id: r for r in ShardReader(tmp_path / "ref" / "out")}
+    for row in ShardReader(out):
+        np.testing.assert_array_equal(row.topk_ids, ref[row.sample_id].topk_ids)
+    assert verify_directory(out).ok
+
+
+def test_workers_partition_the_rows(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(7)])
+    for worker in range(3):
+        capture(tiny_models, tmp_path, data, num_workers=3, worker_index=worker, rows_per_file=2)
+    ids = [r.sample_id for r in ShardReader(tmp_path / "out")]
+    assert sorted(ids) == sorted(f"row-{i}" for i in range(7))
+    assert verify_directory(tmp_path / "out").ok
+
+
+def test_changed_settings_are_refused_by_name_and_overwrite_replaces(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    capture(tiny_models, tmp_path, data)
+    with pytest.raises(SettingsMismatch, match="k: 8 there, 4 now"):
+        capture(tiny_models, tmp_path, data, k=4)
+    capture(tiny_models, tmp_path, data, k=4, overwrite=True)
+    assert ShardReader(tmp_path / "out").manifest.k == 4
+
+
+def test_bad_inputs_are_explained(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"field\(s\) \['prompt', 'response'\] not found; available fields: \['question', 'answer'\]"):
+        capture(tiny_models, tmp_path, data, data_format="prompt_response")
+    with pytest.raises(FileNotFoundError, match="cannot read dataset"):
+        capture(tiny_models, tmp_path / "x", tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="larger than the teacher vocabulary"):
+        capture(tiny_models, tmp_path / "y", write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}]), k=100_000)
+
+
+@pytest.mark.slow
+def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):
+    pytest.importorskip("vllm")
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    capture(tiny_models, tmp_path / "hf", data, value_encoding="float32")
+    capture(tiny_models, tmp_path / "vllm", data, value_encoding="float32", backend="vllm", max_length=128)
+    hf, vllm = list(ShardReader(tmp_path / "hf" / "out")), list(ShardReader(tmp_path / "vllm" / "out"))
+    assert ShardReader(tmp_path / "vllm" / "out").header["backend"]["name"] == "vllm"
+    assert [r.sample_id for r in hf] == [r.sample_id for r in vllm]
+    for a, b in zip(hf, vllm):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        for ids_a, ids_b, lp_a in zip(a.topk_ids, b.topk_ids, a.topk_logprobs):
+            tied = np.isclose(lp_a, lp_a[-1], atol=1e-5)  # ties at the k-th value may swap members
+            assert set(ids_a[~tied]) == set(ids_b[~tied])
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.target_logprob, b.target_logprob, atol=1e-4)
+        np.testing.assert_array_equal(a.target_rank, b.target_rank)

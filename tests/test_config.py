@@ -1,0 +1,48 @@
+"""Config loading: one pass reporting every error, overrides, and every shipped stage config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.config import ConfigError, load_config, to_toml
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+CONFIG_CLASSES = {"cache_teacher": CaptureConfig}
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('teacher = "t"\ndataset = "d"\nouptut = "o"\nk = "many"\nbackend = "tpu"\nmax_length = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(CaptureConfig, path)
+    errors = info.value.errors
+    assert any("unknown key 'ouptut' (did you mean 'output'?)" in e for e in errors)
+    assert any("k: expected int, got str 'many'" in e for e in errors)
+    assert any("backend: 'tpu' is not one of auto, vllm, hf" in e for e in errors)
+    assert any("max_length: 1 is below the minimum 2" in e for e in errors)
+    assert any(e.startswith("output: required") for e in errors)
+    assert len(errors) == 5
+
+
+def test_overrides_win_and_cross_field_rules(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('teacher = "t"\ndataset = "d"\noutput = "o"\nk = 16\n')
+    assert load_config(CaptureConfig, path, {"k": 32, "split": None}).k == 32
+    with pytest.raises(ConfigError, match=r"worker_index: 2 must be < num_workers \(2\)"):
+        load_config(CaptureConfig, path, {"num_workers": 2, "worker_index": 2})
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    config = load_config(CaptureConfig, None, {"teacher": "t", "dataset": "d", "output": "o"})
+    path = tmp_path / "saved.toml"
+    path.write_text(to_toml(config))
+    assert load_config(CaptureConfig, path) == config
+
+
+@pytest.mark.parametrize("path", sorted(STAGES.glob("*.toml")), ids=lambda p: p.name)
+def test_every_stage_config_loads(path):
+    cls = next(cls for prefix, cls in CONFIG_CLASSES.items() if path.name.startswith(prefix))
+    load_config(cls, path)

@@ -52,18 +52,29 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     }
 
 
+FINGERPRINT_BLOCKS = 64
+FINGERPRINT_BLOCK_BYTES = 1 << 16
+
+
 def weights_fingerprint(model_dir: str | os.PathLike) -> str | None:
-    """sha256 over the names and bytes of a model folder's weight files (None if it has none)."""
+    """sha256 over a model folder's weight files: names, sizes, the first 1 MiB (the safetensors header)
+    and 64 blocks of 64 KiB at evenly spaced offsets. Reads about 5 MiB per file whatever its size, so a
+    70B teacher is fingerprinted in a second; any two trained checkpoints differ in the sampled blocks.
+    None if the folder has no weight files.
+    """
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     if not files:
         return None
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode())
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
+            digest.update(f.read(1 << 20))
+            for block in range(FINGERPRINT_BLOCKS):
+                f.seek(size * block // FINGERPRINT_BLOCKS)
+                digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
     return digest.hexdigest()
 
 

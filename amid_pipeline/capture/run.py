@@ -174,8 +174,11 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> d
     )
 
 
-def run_capture(config: CaptureConfig) -> CaptureSummary:
-    """Run (or resume) this worker's share of the capture; returns the run summary."""
+def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
+    """Run (or resume) this worker's share of the capture; returns the run summary.
+
+    ``backend``: an already started engine (its settings must match ``config``); default: start one.
+    """
     from transformers import AutoTokenizer
     from tqdm.auto import tqdm
 
@@ -187,7 +190,7 @@ def run_capture(config: CaptureConfig) -> CaptureSummary:
     rows = load_rows(config)
     fmt = resolve_format(config, list(rows.column_names))
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    backend = make_backend(config)
+    backend = backend or make_backend(config)
     header = build_header(config, backend, tokenizer, rows, fmt)
     output.mkdir(parents=True, exist_ok=True)
     journal = journal_path(output, config)

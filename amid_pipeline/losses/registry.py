@@ -1,0 +1,218 @@
+"""Losses selected by name: parameters validated, defaults taken from the functions themselves.
+
+    loss = KDLoss("amid", alpha=-3.0, lam=0.1, support="renormalized", kd_ratio=1.0)
+    out = loss(student_logits_or_head, teacher_targets, progress=(step, total_steps))
+    out.loss.backward()          # scalar, averaged over supervised positions
+    out.per_position             # [N], for monitoring
+
+Total objective: (1 − kd_ratio)·CE(ground truth) + kd_ratio·KD (kd_ratio = 1 by default). CE needs
+the student's full normaliser; KD in the renormalised mode does not, so with kd_ratio = 1 and
+``support='renormalized'`` a :class:`StudentHead` never builds a [N × V] block at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from amid_pipeline.losses import functional as F
+from amid_pipeline.losses.divergences import DIVERGENCES
+from amid_pipeline.losses.support import (
+    SUPPORT_MODES,
+    StudentHead,
+    TeacherTargets,
+    masked_mean,
+    support_distributions,
+    target_column,
+)
+
+
+def _unit(name: str) -> Callable[[float], str | None]:
+    return lambda v: None if 0.0 <= v <= 1.0 else f"{name} must lie in [0, 1], got {v}"
+
+
+def _finite(name: str) -> Callable[[float], str | None]:
+    return lambda v: None if math.isfinite(v) else f"{name} must be a finite number, got {v}"
+
+
+LOSSES: dict[str, tuple[Callable, dict[str, Callable[[object], str | None]]]] = {
+    "forward_kl": (F.forward_kl, {}),
+    "reverse_kl": (F.reverse_kl, {}),
+    "tvd": (F.total_variation, {}),
+    "skl": (F.skew_kl, {"skew": _unit("skew")}),
+    "srkl": (F.skew_reverse_kl, {"skew": _unit("skew")}),
+    "jsd": (F.generalized_jsd, {"beta": _unit("beta")}),
+    "amid": (F.amid, {
+        "alpha": _finite("alpha"), "lam": _unit("lam"), "ab_a": _finite("ab_a"), "ab_b": _finite("ab_b"),
+        "divergence": lambda v: None if v in DIVERGENCES else f"divergence must be one of {tuple(DIVERGENCES)}, got {v!r}",
+        "order": lambda v: None if v in F.ORDERS else f"order must be one of {F.ORDERS}, got {v!r}",
+        "official_geometric": lambda v: None if isinstance(v, bool) else "official_geometric must be true or false",
+    }),
+    "akl": (F.adaptive_kl, {"mu": _unit("mu")}),
+    "taid": (F.taid, {}),
+    "atkd": (F.atkd, {"lam": _unit("lam")}),
+}
+TAID_SETTINGS = {"t_start": 0.4, "t_end": 1.0, "taid_momentum": 0.99, "taid_step": 5e-4, "taid_schedule": "adaptive"}
+
+
+def loss_defaults(name: str) -> dict[str, object]:
+    """The tunable parameters of loss ``name`` with their defaults (read from the function signature)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+    function, _ = LOSSES[name]
+    skip = {"log_p", "log_q", "target_index", "mask", "t"}
+    defaults = {p.name: p.default for p in inspect.signature(function).parameters.values() if p.name not in skip}
+    return {**defaults, **(TAID_SETTINGS if name == "taid" else {})}
+
+
+def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
+    """Every problem with (name, params), as messages naming the parameter."""
+    if name not in LOSSES:
+        return [f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}"]
+    defaults = loss_defaults(name)
+    errors = [f"loss {name!r} has no parameter {key!r} (it takes: {', '.join(defaults) or 'none'})"
+              for key in params if key not in defaults]
+    for key, check in LOSSES[name][1].items():
+        if key in params:
+            problem = check(params[key])
+            if problem:
+                errors.append(problem)
+    if name == "taid":
+        merged = {**defaults, **params}
+        if not 0.0 <= merged["t_start"] <= merged["t_end"] <= 1.0:
+            errors.append(f"taid needs 0 <= t_start <= t_end <= 1, got {merged['t_start']} and {merged['t_end']}")
+        if merged["taid_schedule"] not in ("adaptive", "linear"):
+            errors.append(f"taid_schedule must be 'adaptive' or 'linear', got {merged['taid_schedule']!r}")
+    return errors
+
+
+class TAIDSchedule:
+    """TAID's interpolation t_n: linear t_start → t_end, or adaptive (pushed up while the loss falls).
+
+        δ_n = (J_{n−1} − J_n)/(J_{n−1} + 1e−15),  m_n = β·m_{n−1} + (1 − β)·δ_n
+        t_n = min(t_end, max(t_lin(n), t_{n−1} + a·sigmoid(m_n)·(1 − t_{n−1})))
+    """
+
+    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, momentum: float = 0.99, step_size: float = 5e-4,
+                 mode: str = "adaptive") -> None:
+        self.t_start, self.t_end, self.momentum, self.step_size, self.mode = t_start, t_end, momentum, step_size, mode
+        self.t = t_start
+        self.m = 0.0
+        self.previous_loss: float | None = None
+
+    def linear(self, step: int, total: int) -> float:
+        return self.t_start + (self.t_end - self.t_start) * min(step / max(total, 1), 1.0)
+
+    def value(self, step: int, total: int) -> float:
+        return self.linear(step, total) if self.mode == "linear" else max(self.t, self.linear(step, total))
+
+    def observe(self, step: int, total: int, loss: float) -> None:
+        """Update after the loss J_n of step n is known (adaptive mode)."""
+        if self.mode == "linear":
+            return
+        if self.previous_loss is not None:
+            delta = (self.previous_loss - loss) / (self.previous_loss + 1e-15)
+            self.m = self.momentum * self.m + (1 - self.momentum) * delta
+        self.previous_loss = loss
+        pushed = self.t + self.step_size * (1 / (1 + math.exp(-self.m))) * (1 - self.t)
+        self.t = min(self.t_end, max(self.linear(step, total), pushed))
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"t": self.t, "m": self.m, "previous_loss": self.previous_loss}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.t, self.m, self.previous_loss = state["t"], state["m"], state["previous_loss"]
+
+
+@dataclasses.dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar
+    per_position: torch.Tensor  # [N] total objective per position (0 where unsupervised)
+    kd: torch.Tensor  # scalar KD part
+    ce: torch.Tensor | None  # scalar CE part (when kd_ratio < 1)
+
+
+class KDLoss(nn.Module):
+    """A distillation objective chosen by name; see :data:`LOSSES` and :func:`loss_defaults`.
+
+    Args:
+        name: forward_kl, reverse_kl, tvd, skl, srkl, jsd, amid, akl, taid, atkd.
+        support: 'renormalized' (default) or 'tail' (losses.md §7).
+        kd_ratio: weight of KD against ground-truth CE, (1 − kd_ratio)·CE + kd_ratio·KD.
+        **params: the loss's parameters; unknown names and out-of-range values raise ``ValueError``.
+    """
+
+    def __init__(self, name: str = "amid", *, support: str = "renormalized", kd_ratio: float = 1.0, **params) -> None:
+        super().__init__()
+        errors = validate_loss_params(name, params)
+        if support not in SUPPORT_MODES:
+            errors.append(f"support must be one of {SUPPORT_MODES}, got {support!r}")
+        if not 0.0 <= kd_ratio <= 1.0:
+            errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.name, self.support, self.kd_ratio = name, support, kd_ratio
+        self.params = {**loss_defaults(name), **params}
+        self.function = LOSSES[name][0]
+        self.schedule = None
+        if name == "taid":
+            p = self.params
+            self.schedule = TAIDSchedule(p["t_start"], p["t_end"], p["taid_momentum"], p["taid_step"], p["taid_schedule"])
+
+    @property
+    def needs_full_vocabulary(self) -> bool:
+        """True when the student's full normaliser is needed (tail support or a CE term)."""
+        return self.support == "tail" or self.kd_ratio < 1.0
+
+    def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
+                progress: tuple[int, int] | None = None) -> LossOutput:
+        with_target = self.name == "atkd"
+        log_p, log_q, lse = support_distributions(student, teacher, self.support, with_target=with_target)
+        mask = teacher.mask.bool()
+        kwargs = {k: v for k, v in self.params.items() if k not in TAID_SETTINGS}
+        if self.name == "atkd":
+            kd_values = self.function(log_p, log_q, target_column(teacher), mask, **kwargs)
+        elif self.name == "taid":
+            step, total = progress if progress is not None else (0, 1)
+            kd_values = self.function(log_p, log_q, t=self.schedule.value(step, total))
+        else:
+            kd_values = self.function(log_p, log_q, **kwargs)
+        kd = masked_mean(kd_values, mask)
+        per_position = self.kd_ratio * kd_values
+        ce = None
+        if self.kd_ratio < 1.0:
+            if lse is None:
+                _, lse = _normalizer(student)
+            ce_values = lse - _target_logits(student, teacher.target_ids)
+            ce = masked_mean(ce_values, mask)
+            per_position = per_position + (1 - self.kd_ratio) * ce_values
+        loss = self.kd_ratio * kd + ((1 - self.kd_ratio) * ce if ce is not None else 0.0)
+        return LossOutput(loss=loss, per_position=per_position * mask, kd=kd, ce=ce)
+
+
+    def end_step(self, step: int, total: int, kd_value: float) -> None:
+        """Call once per optimiser step with that step's KD loss (drives TAID's adaptive schedule)."""
+        if self.schedule is not None:
+            self.schedule.observe(step, total, kd_value)
+
+
+def _normalizer(student: torch.Tensor | StudentHead) -> tuple[None, torch.Tensor]:
+    from amid_pipeline.losses.sparse_head import full_logsumexp
+
+    if isinstance(student, StudentHead):
+        return None, full_logsumexp(student.hidden, student.weight, student.bias, student.chunk)
+    return None, torch.logsumexp(student if student.dtype == torch.float64 else student.float(), dim=-1)
+
+
+def _target_logits(student: torch.Tensor | StudentHead, target_ids: torch.Tensor) -> torch.Tensor:
+    from amid_pipeline.losses.sparse_head import support_logits
+
+    if isinstance(student, StudentHead):
+        return support_logits(student.hidden, student.weight, target_ids.long()[:, None], student.bias, student.chunk)[:, 0]
+    logits = student.gather(1, target_ids.long()[:, None])[:, 0]
+    return logits if logits.dtype == torch.float64 else logits.float()

@@ -1,0 +1,107 @@
+"""Student logits without the [positions × vocabulary] matrix: the LM head applied in chunks.
+
+- :func:`support_logits`: z[n, j] = h[n] · W[ids[n, j]] (+ bias) for the k stored ids only. Memory
+  O(chunk · k · H) in forward and backward (the gathered rows are recomputed in backward, not saved).
+- :func:`full_logsumexp`: lse[n] = logsumexp_v(h[n] · W[v] + bias[v]) over the whole vocabulary,
+  holding at most one [chunk × V] float32 block; backward recomputes each block's softmax.
+
+Both run their matmuls in the inputs' dtype (bf16 on GPU) and accumulate the logits in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+class _SupportLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, chunk):
+        out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+        for a, b in _chunks(hidden.shape[0], chunk):
+            rows = weight[ids[a:b]]  # [c, k, H]
+            out[a:b] = torch.einsum("ch,ckh->ck", hidden[a:b], rows).float()
+            if bias is not None:
+                out[a:b] += bias[ids[a:b]].float()
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, ids = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for a, b in _chunks(hidden.shape[0], ctx.chunk):
+            g = grad_out[a:b]  # [c, k]
+            chunk_ids = ids[a:b]
+            if grad_hidden is not None:
+                grad_hidden[a:b] = torch.einsum("ck,ckh->ch", g.to(weight.dtype), weight[chunk_ids]).to(hidden.dtype)
+            if grad_weight is not None:
+                contrib = g[:, :, None] * hidden[a:b, None, :].float()  # [c, k, H]
+                grad_weight.index_add_(0, chunk_ids.reshape(-1), contrib.reshape(-1, hidden.shape[1]))
+            if grad_bias is not None:
+                grad_bias.index_add_(0, chunk_ids.reshape(-1), g.reshape(-1))
+        return (grad_hidden,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None)
+
+
+def support_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                   bias: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Student logits at the support ids. hidden [N, H], weight [V, H], ids [N, k] -> [N, k] float32."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ids must be [N, k] with N = {hidden.shape[0]}, got {tuple(ids.shape)}")
+    return _SupportLogits.apply(hidden, weight, bias, ids.long(), chunk)
+
+
+class _FullLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for a, b in _chunks(hidden.shape[0], chunk):
+            logits = (hidden[a:b] @ weight.T).float()  # the one [chunk, V] block
+            if bias is not None:
+                logits += bias.float()
+            out[a:b] = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, out)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, lse = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for a, b in _chunks(hidden.shape[0], ctx.chunk):
+            logits = (hidden[a:b] @ weight.T).float()
+            if bias is not None:
+                logits += bias.float()
+            probs = torch.exp(logits - lse[a:b, None]) * grad_out[a:b, None]  # d lse / d logits, scaled
+            if grad_hidden is not None:
+                grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += probs.T @ hidden[a:b].float()
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
+        return (grad_hidden,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None)
+
+
+def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """logsumexp over the whole vocabulary of hidden @ weight.T (+ bias). [N, H], [V, H] -> [N] float32."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    return _FullLogSumExp.apply(hidden, weight, bias, chunk)

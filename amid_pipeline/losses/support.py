@@ -1,0 +1,125 @@
+"""From stored teacher top-k and student outputs to (log p, log q) on a common support.
+
+Inputs, flattened over supervised-or-not positions N:
+
+- :class:`TeacherTargets`: ``topk_ids`` [N, k], ``topk_logprobs`` [N, k] (normalised over the teacher's
+  FULL vocabulary, ``-inf`` allowed), ``target_ids`` [N] (the actual next token), ``target_logprob``
+  [N] (the teacher's log-probability of it, stored even when it is outside the top-k), ``mask`` [N].
+- the student as full logits [N, V], or as :class:`StudentHead` (final hidden states [N, H] and the LM
+  head weight [V, H]), which never materialises [N, V].
+
+Support modes (losses.md §7); each equals the dense definition when the ids cover the vocabulary:
+
+- ``renormalized`` (default): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
+- ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p, q normalised over the student's full vocabulary,
+  q_rest = 1 − Σ_S q. Needs the student's full normaliser (computed chunked for a StudentHead).
+
+``with_target=True`` appends the actual next token as an extra column (teacher value from
+``target_logprob``) when it is not already among the ids, so that losses needing p_g and q_g (ATKD)
+see it; a duplicate is masked with ``-inf`` on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from amid_pipeline.losses.functional import _log1mexp
+from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, support_logits
+
+SUPPORT_MODES = ("renormalized", "tail")
+
+
+@dataclasses.dataclass
+class TeacherTargets:
+    topk_ids: torch.Tensor  # [N, k] long
+    topk_logprobs: torch.Tensor  # [N, k] float, full-vocabulary normaliser
+    target_ids: torch.Tensor  # [N] long
+    target_logprob: torch.Tensor  # [N] float
+    mask: torch.Tensor  # [N] bool
+
+    def check(self) -> None:
+        n, k = self.topk_ids.shape if self.topk_ids.dim() == 2 else (None, None)
+        if n is None or k == 0:
+            raise ValueError(f"topk_ids must be [N, k] with k >= 1, got {tuple(self.topk_ids.shape)}")
+        expected = {"topk_logprobs": (n, k), "target_ids": (n,), "target_logprob": (n,), "mask": (n,)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(getattr(self, name).shape)}")
+
+
+@dataclasses.dataclass
+class StudentHead:
+    """The student's last hidden states and LM head, for logits computed only where needed."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None
+    chunk: int = DEFAULT_CHUNK
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t values_t·mask_t / max(Σ_t mask_t, 1): the one reduction over supervised positions."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _support_ids(teacher: TeacherTargets, with_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, S], teacher log-probabilities [N, S]) with the target column appended if asked."""
+    ids, log_p = teacher.topk_ids.long(), _fp32_or_wider(teacher.topk_logprobs)
+    if not with_target:
+        return ids, log_p
+    present = (ids == teacher.target_ids[:, None]).any(dim=-1)
+    target_logprob = teacher.target_logprob.to(log_p.dtype)
+    extra = torch.where(present, torch.full_like(target_logprob, float("-inf")), target_logprob)
+    return torch.cat([ids, teacher.target_ids.long()[:, None]], dim=1), torch.cat([log_p, extra[:, None]], dim=1)
+
+
+def target_column(teacher: TeacherTargets) -> torch.Tensor:
+    """[N] column of the actual next token in a ``with_target`` support: its top-k slot, else k."""
+    match = teacher.topk_ids.long() == teacher.target_ids.long()[:, None]
+    k = teacher.topk_ids.shape[1]
+    return torch.where(match.any(dim=-1), match.float().argmax(dim=-1), torch.full_like(teacher.target_ids.long(), k))
+
+
+def student_logits_at(student: torch.Tensor | StudentHead, ids: torch.Tensor, need_normalizer: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z [N, S] float32 at ``ids``, full-vocabulary logsumexp [N] or None)."""
+    if isinstance(student, StudentHead):
+        z = support_logits(student.hidden, student.weight, ids, student.bias, student.chunk)
+        lse = full_logsumexp(student.hidden, student.weight, student.bias, student.chunk) if need_normalizer else None
+        return z, lse
+    if student.dim() != 2 or student.shape[0] != ids.shape[0]:
+        raise ValueError(f"student logits must be [N, V] with N = {ids.shape[0]}, got {tuple(student.shape)}")
+    if ids.numel() and int(ids.max()) >= student.shape[1]:
+        raise ValueError(f"teacher id {int(ids.max())} is outside the student vocabulary ({student.shape[1]})")
+    z = _fp32_or_wider(student.gather(1, ids))
+    lse = torch.logsumexp(_fp32_or_wider(student), dim=-1) if need_normalizer else None
+    return z, lse
+
+
+def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherTargets, mode: str = "renormalized",
+                          with_target: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log p [N, S'], log q [N, S'], student full logsumexp [N] or None) on the chosen support."""
+    if mode not in SUPPORT_MODES:
+        raise ValueError(f"support mode must be one of {SUPPORT_MODES}, got {mode!r}")
+    teacher.check()
+    ids, log_p = _support_ids(teacher, with_target)
+    z, lse = student_logits_at(student, ids, need_normalizer=mode == "tail")
+    duplicate = torch.isneginf(log_p) & (torch.arange(ids.shape[1], device=ids.device) == ids.shape[1] - 1) if with_target else None
+    if duplicate is not None:
+        z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
+    log_p = log_p.to(z.dtype) if z.dtype == torch.float64 else log_p
+    if mode == "renormalized":
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_q = torch.log_softmax(z, dim=-1)
+        return log_p, log_q, lse
+    log_q = z - lse[:, None]
+    log_p_rest = _log1mexp(torch.logsumexp(log_p, dim=-1))
+    log_q_rest = _log1mexp(torch.logsumexp(log_q, dim=-1))
+    return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1), lse

@@ -1,0 +1,118 @@
+"""No NaN or inf in value or gradient on awkward inputs; reduction independent of batch shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, masked_mean
+from amid_pipeline.losses.registry import LOSSES
+
+ALL = [(name, {}) for name in LOSSES if name != "amid"] + [
+    ("amid", {"alpha": a, "lam": lam}) for a in (-50.0, -3.0, 1.0 - 1e-7, 1.0 + 1e-7, 50.0) for lam in (0.0, 0.1, 1.0)
+] + [("amid", {"alpha": 3.0, "official_geometric": True}), ("amid", {"divergence": "ab", "alpha": 50.0})]
+
+
+def awkward_batch(n=16, v=64, k=8, dtype=torch.float32, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    teacher_logits = torch.randn(n, v, generator=generator) * 3
+    teacher_logits[:3, 10:] = float("-inf")  # teacher puts no mass on most tokens at a few positions
+    log_p = torch.log_softmax(teacher_logits, -1)
+    values, ids = log_p.topk(k, dim=-1)  # contains -inf entries in rows 0..2
+    targets = torch.randint(0, v, (n,), generator=generator)
+    teacher = TeacherTargets(ids, values, targets, log_p.gather(1, targets[:, None])[:, 0],
+                             torch.rand(n, generator=generator) < 0.7)
+    logits = (torch.randn(n, v, generator=generator) * scale).to(dtype).requires_grad_(True)
+    return logits, teacher
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=[f"{n}-{p}" for n, p in ALL])
+@pytest.mark.parametrize("support", ["renormalized", "tail"])
+@pytest.mark.parametrize("case", ["neg_inf_teacher", "extreme_logits", "bf16", "all_masked"])
+def test_finite_value_and_gradient(name, params, support, case):
+    logits, teacher = awkward_batch(scale=1e4 if case == "extreme_logits" else 1.0,
+                                    dtype=torch.bfloat16 if case == "bf16" else torch.float32)
+    if case == "all_masked":
+        teacher.mask = torch.zeros_like(teacher.mask)
+    out = KDLoss(name, support=support, **params)(logits, teacher, progress=(3, 10))
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.per_position).all()
+    assert torch.isfinite(grad.float()).all()
+    assert out.loss.dtype == torch.float32
+    if case == "all_masked":
+        assert float(out.loss) == 0.0 and float(grad.abs().max()) == 0.0
+
+
+def test_alpha_near_one_is_continuous():
+    logits, teacher = awkward_batch(seed=2)
+    values = [float(KDLoss("amid", alpha=a)(logits, teacher).loss) for a in (1 - 1e-3, 1 - 1e-6, 1.0, 1 + 1e-6, 1 + 1e-3)]
+    assert max(values) - min(values) < 1e-3
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "atkd"])
+def test_reduction_is_independent_of_batch_shape_and_padding(name):
+    """Mean over supervised positions: the same positions split, padded and reordered give one value."""
+    logits, teacher = awkward_batch(n=12, seed=3)
+    loss = KDLoss(name)
+    whole = loss(logits, teacher, progress=(1, 5)).loss
+
+    def part(rows, pad):
+        index = torch.tensor(rows + [0] * pad)
+        mask = teacher.mask[index].clone()
+        mask[len(rows):] = False  # padding positions
+        sub = TeacherTargets(teacher.topk_ids[index], teacher.topk_logprobs[index], teacher.target_ids[index],
+                             teacher.target_logprob[index], mask)
+        out = loss(logits[index], sub, progress=(1, 5))
+        return out.per_position.sum(), mask.sum()
+
+    sums, counts = zip(part([0, 1, 2, 3, 4], pad=3), part([5, 6, 7, 8, 9, 10, 11], pad=0))
+    torch.testing.assert_close(sum(sums) / sum(counts), whole)
+    padded_sum, padded_count = part(list(range(12)), pad=5)
+    torch.testing.assert_close(padded_sum / padded_count, whole)
+
+
+def test_masked_mean_guards_empty_masks():
+    assert float(masked_mean(torch.tensor([1.0, 2.0]), torch.tensor([False, False]))) == 0.0
+
+
+@pytest.mark.parametrize("support,kd_ratio", [("renormalized", 1.0), ("tail", 1.0), ("renormalized", 0.6)])
+@pytest.mark.parametrize("chunk", [3, 5, 1024])
+def test_student_head_path_equals_dense_logits(support, kd_ratio, chunk):
+    """Hidden states + LM head (chunked, never [N, V]) give the dense path's values and gradients."""
+    generator = torch.Generator().manual_seed(4)
+    n, h, v = 13, 16, 50
+    hidden = torch.randn(n, h, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=generator, dtype=torch.float64, requires_grad=True)
+    _, teacher = awkward_batch(n=n, v=v, seed=5)
+    teacher.topk_logprobs = teacher.topk_logprobs.double()
+    teacher.target_logprob = teacher.target_logprob.double()
+    loss = KDLoss("amid", support=support, kd_ratio=kd_ratio)
+    dense = loss(hidden @ weight.T, teacher)
+    sparse = loss(StudentHead(hidden, weight, chunk=chunk), teacher)
+    torch.testing.assert_close(sparse.loss.double(), dense.loss, rtol=1e-5, atol=1e-6)
+    dense_grads = torch.autograd.grad(dense.loss, (hidden, weight))
+    sparse_grads = torch.autograd.grad(sparse.loss, (hidden, weight))
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert loss.needs_full_vocabulary == (support == "tail" or kd_ratio < 1)
+
+
+def test_ce_mix_matches_cross_entropy():
+    logits, teacher = awkward_batch(seed=6)
+    out = KDLoss("forward_kl", kd_ratio=0.0)(logits, teacher)
+    expected = torch.nn.functional.cross_entropy(logits[teacher.mask], teacher.target_ids[teacher.mask])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_taid_schedules():
+    from amid_pipeline.losses import TAIDSchedule
+
+    linear = TAIDSchedule(mode="linear")
+    assert linear.value(0, 100) == pytest.approx(0.4) and linear.value(100, 100) == pytest.approx(1.0)
+    adaptive = TAIDSchedule(step_size=0.05)
+    values = []
+    for step, loss in enumerate([5.0, 4.0, 3.5, 3.4, 3.4, 3.6]):
+        adaptive.observe(step, 100, loss)
+        values.append(adaptive.value(step + 1, 100))
+    assert values == sorted(values) and values[-1] <= 1.0
+    assert values[0] > linear.value(1, 100)  # a falling loss pushes t ahead of the linear schedule

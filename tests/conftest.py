@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +88,28 @@ def write_shards(directory: Path, rows, header: dict, rows_per_file: int = 7, ro
 def shard_dir(tmp_path) -> Path:
     """A committed directory of 20 synthetic rows (k=8, vocab 100) in three files."""
     return write_shards(tmp_path / "shards", random_rows(20, k=8, vocab=100), test_header())
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_models, tmp_path_factory):
+    """Shards of the tiny teacher over 48 jargon pairs (k=16), captured once per session."""
+    from amid_pipeline.capture.config import CaptureConfig
+    from amid_pipeline.capture.run import run_capture
+    from amid_pipeline.config import load_config
+
+    base = tmp_path_factory.mktemp("tiny_shards")
+    data = base / "pairs.jsonl"
+    with open(ROOT / "data" / "jargon" / "train.jsonl") as source:
+        rows = [json.loads(line) for line, _ in zip(source, range(48))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(CaptureConfig, None, {
+        "teacher": str(tiny_models["teacher"]), "dataset": str(data), "output": str(base / "shards"),
+        "backend": "hf", "k": 16, "max_length": 96, "rows_per_file": 12, "progress": False})
+    run_capture(config)
+    return base / "shards"
+
+
+@pytest.fixture
+def shards_copy(tiny_shards, tmp_path):
+    """A private copy, for tests that damage files."""
+    return shutil.copytree(tiny_shards, tmp_path / "shards")

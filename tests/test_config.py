@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.config import ConfigError, load_config, to_toml
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
-CONFIG_CLASSES = {"cache_teacher": CaptureConfig}
+CONFIG_CLASSES = {"cache_teacher": CaptureConfig, "distill": DistillConfig}
 
 
 def test_every_error_is_reported_at_once(tmp_path):
@@ -46,3 +47,11 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_every_stage_config_loads(path):
     cls = next(cls for prefix, cls in CONFIG_CLASSES.items() if path.name.startswith(prefix))
     load_config(cls, path)
+
+
+def test_loss_parameters_are_validated_with_the_config(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(DistillConfig, None, {"shards": ["s"], "student": "x", "output": "o", "loss": "amid",
+                                          "loss_params": {"lam": 2.0, "gama": 1}})
+    assert any("lam must lie in [0, 1]" in e for e in info.value.errors)
+    assert any("has no parameter 'gama'" in e for e in info.value.errors)

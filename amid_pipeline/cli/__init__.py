@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from amid_pipeline.cli import cache_teacher_cmd
+from amid_pipeline.cli import cache_teacher_cmd, distill_cmd
 from amid_pipeline.cli.inspect_cmd import inspect
+from amid_pipeline.cli.plot_cmd import plot
 from amid_pipeline.cli.verify_cmd import verify
 
 app = typer.Typer(
@@ -21,13 +22,8 @@ app = typer.Typer(
 app.command()(inspect)
 app.command()(verify)
 cache_teacher_cmd.register(app)
-
-
-@app.command("distill")
-def distill() -> None:
-    """Train a student from teacher shards (not available yet in this version)."""
-    typer.secho("error: distill is not implemented in this version yet", err=True, fg="red")
-    raise typer.Exit(2)
+distill_cmd.register(app)
+app.command()(plot)
 
 
 def main() -> None:

@@ -69,8 +69,8 @@ def config_command(app: typer.Typer, name: str, config_cls: type, help: str,
     ]
     for field in dataclasses.fields(config_cls):
         base, _ = field_type(config_cls, field)
-        if base is list:
-            base = str  # lists are given as comma-separated strings on the command line
+        if base in (list, dict):
+            base = str  # lists: "a,b"; tables: "key=value,key=value" (values in TOML syntax)
         if field.name in positional:
             info = typer.Argument(help=_option_help(field), show_default=False)
         elif base is bool:
@@ -88,8 +88,11 @@ def config_command(app: typer.Typer, name: str, config_cls: type, help: str,
         overrides = {}
         for field in dataclasses.fields(config_cls):
             value = kwargs.get(field.name)
-            if value is not None and field_type(config_cls, field)[0] is list:
+            kind = field_type(config_cls, field)[0]
+            if value is not None and kind is list:
                 value = [item.strip() for item in value.split(",") if item.strip()]
+            elif value is not None and kind is dict:
+                value = parse_table(field.name, value)
             overrides[field.name] = value
         run_guarded(lambda: run(load_config(config_cls, path, overrides)))
 
@@ -98,6 +101,23 @@ def config_command(app: typer.Typer, name: str, config_cls: type, help: str,
     command.__doc__ = help
     command.__name__ = name.replace("-", "_")
     app.command(name, help=help)(command)
+
+
+def parse_table(name: str, text: str) -> dict[str, Any]:
+    """'alpha=-3,lam=0.1,divergence=ab' -> {'alpha': -3, 'lam': 0.1, 'divergence': 'ab'} (TOML values;
+    a bare word is taken as a string)."""
+    import tomllib
+
+    table = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError([f"{name}: expected key=value, got {item!r}"])
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = raw.strip()
+    return table
 
 
 def echo_table(rows: list[tuple[str, Any]]) -> None:

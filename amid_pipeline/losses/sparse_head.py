@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 256  # positions per block: [256, k, H] gathered rows or one [256, V] logits block
 
 
 def _chunks(n: int, chunk: int):

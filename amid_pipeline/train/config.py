@@ -1,0 +1,54 @@
+"""Settings of ``amid-pipeline distill`` (stage two). See stages/distill_*.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from amid_pipeline.config import setting
+from amid_pipeline.losses.registry import LOSSES, validate_loss_params
+from amid_pipeline.losses.support import SUPPORT_MODES
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    shards: list = setting([], "Teacher shard directories (several, e.g. from several capture runs, are read as one).", required=True)
+    student: Optional[str] = setting(None, "Student model: an HF-format folder (any AutoModelForCausalLM).", required=True)
+    output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, the final model in model/.", required=True)
+    loss: str = setting("amid", "Distillation loss.", choices=tuple(sorted(LOSSES)))
+    loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -3.0, lam = 0.1} in TOML or alpha=-3,lam=0.1 on the command line; defaults in README.")
+    support: str = setting("renormalized", "Support the loss sees: the stored top-k renormalised, or top-k plus a tail bucket (needs full-vocabulary logits).", choices=SUPPORT_MODES)
+    kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
+    sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
+    epochs: int = setting(1, "Passes over the training rows.", minimum=1)
+    max_steps: Optional[int] = setting(None, "Stop after this many optimiser steps (default: epochs x steps per epoch).", minimum=1)
+    batch_size: int = setting(8, "Sequences (or packed rows) per micro-batch on each process.", minimum=1)
+    grad_accum: int = setting(1, "Micro-batches per optimiser step.", minimum=1)
+    max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
+    packing: bool = setting(False, "Pack several sequences into one row, attention kept inside each (block-diagonal mask, positions reset).")
+    lr: float = setting(5e-5, "Peak learning rate (AdamW).", minimum=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", minimum=0)
+    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
+    seed: int = setting(0, "Seed for data order, shuffling and initialisation.")
+    shuffle_buffer: int = setting(1024, "Rows held in the shuffle buffer.", minimum=1)
+    heldout_fraction: float = setting(0.05, "Fraction of sample ids held out for evaluation (stable hash of the id).", minimum=0.0, maximum=0.5)
+    eval_every: int = setting(50, "Evaluate every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    eval_batches: int = setting(16, "Held-out batches per evaluation.", minimum=1)
+    save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
+    resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
+    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
+    skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")
+    log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def check(self) -> list[str]:
+        errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
+        if self.sparse_head == "on" and (self.support == "tail" or self.kd_ratio < 1):
+            errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
+        return errors

@@ -1,0 +1,260 @@
+"""Stage-two data pipeline: shard rows -> shuffled, partitioned, batched tensors.
+
+Order is a pure function of (seed, epoch, world size, rank, data workers), so runs resume exactly:
+
+1. :func:`epoch_files`: the files of every shard directory, shuffled by (seed, epoch).
+2. Rows are read in that order and numbered globally; rank ``r`` of ``R`` keeps rows ``i ≡ r (mod R)``,
+   and DataLoader worker ``w`` of ``W`` keeps every W-th of those (no row is seen twice per epoch).
+   Each rank stops after ``floor(rows / R)`` rows so that all ranks take the same number of steps.
+3. A bounded buffer shuffles rows (``shuffle_buffer``), then pools of rows are sorted by length and
+   cut into batches (length bucketing), or packed several to a row (``packing``).
+4. The held-out split is by sample id (a stable hash), so it is the same for every run and rank.
+
+A batch is a dict of tensors (``B`` sequences of padded length ``T``, ``N`` stored positions):
+``input_ids`` [B, T], ``attention_mask`` [B, T] or [B, 1, T, T] when packed, ``position_ids`` [B, T],
+``row`` [N] and ``column`` [N] (where each stored position sits in the padded batch), ``topk_ids``
+[N, k], ``topk_logprobs`` [N, k], ``target_ids`` [N], ``target_logprob`` [N], ``mask`` [N], plus
+``sample_ids`` (list) and ``files`` (list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.shards.schema import FormatError, TeacherRow
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFile:
+    directory: str
+    name: str
+    rows: int
+
+
+def list_files(directories: list[str]) -> list[ShardFile]:
+    files = []
+    for directory in directories:
+        reader = ShardReader(directory)
+        files.extend(ShardFile(str(directory), record.name, record.rows) for record in reader.files)
+    return files
+
+
+def epoch_files(files: list[ShardFile], seed: int, epoch: int) -> list[ShardFile]:
+    """The epoch's file order: a permutation seeded by (seed, epoch)."""
+    order = list(files)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def is_heldout(sample_id: str, fraction: float) -> bool:
+    """Stable held-out membership by sample id (sha1 bucket out of 10,000)."""
+    if fraction <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.sha1(sample_id.encode()).digest()[:4], "big") % 10_000
+    return bucket < fraction * 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class LightRow:
+    """A row's id and length only: what batching needs, for counting batches without decoding."""
+
+    sample_id: str
+    input_ids: range
+
+
+def light_rows(shard: ShardFile):
+    table = pq.read_table(Path(shard.directory) / shard.name, columns=["sample_id", "input_ids"])
+    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    for sample_id, length in zip(table.column("sample_id").to_pylist(), lengths):
+        yield LightRow(sample_id, range(length))
+
+
+@dataclasses.dataclass
+class DataSettings:
+    batch_size: int = 8
+    max_length: int = 1024
+    packing: bool = False
+    shuffle_buffer: int = 1024
+    bucket_batches: int = 16  # batches per length-sorted pool
+    heldout_fraction: float = 0.05
+    skip_bad_files: bool = False
+    student_vocab: int | None = None
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Batches of one rank's share of the training (or held-out) rows for one epoch."""
+
+    def __init__(self, files: list[ShardFile], settings: DataSettings, *, seed: int, epoch: int = 0,
+                 rank: int = 0, world: int = 1, heldout: bool = False, shuffle: bool = True, skip_batches: int = 0,
+                 light: bool = False):
+        super().__init__()
+        self.files, self.settings = files, settings
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.heldout, self.shuffle, self.skip_batches, self.light = heldout, shuffle, skip_batches, light
+        self.bad_files: list[str] = []
+
+    def _rows(self, worker: int, workers: int) -> Iterator[tuple[TeacherRow, str]]:
+        s = self.settings
+        order = epoch_files(self.files, self.seed, self.epoch) if self.shuffle else self.files
+        per_rank = sum(f.rows for f in order) // self.world
+        index = 0
+        for shard in order:
+            path = f"{shard.directory}/{shard.name}"
+            file_start = index
+            try:
+                rows = light_rows(shard) if self.light else ShardReader(shard.directory, files=[shard.name])
+                for row in rows:
+                    i, index = index, index + 1
+                    if i // self.world >= per_rank:
+                        return
+                    mine = i % self.world == self.rank and (i // self.world) % workers == worker
+                    if mine and is_heldout(row.sample_id, s.heldout_fraction) == self.heldout:
+                        yield row, path
+            except (FormatError, OSError, ValueError) as exc:
+                if not s.skip_bad_files:
+                    if isinstance(exc, FormatError):
+                        raise
+                    raise FormatError(f"{path}: unreadable ({exc})") from exc
+                    raise
+                self.bad_files.append(f"{path}: {exc}")
+                index = file_start + shard.rows
+
+    def _shuffled(self, rows: Iterator, rng: random.Random) -> Iterator:
+        size = self.settings.shuffle_buffer if self.shuffle else 1
+        buffer = []
+        for item in rows:
+            buffer.append(item)
+            if len(buffer) >= size:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        yield from self.worker_batches(*((info.id, info.num_workers) if info else (0, 1)))
+
+    def worker_batches(self, worker: int, workers: int) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        s = self.settings
+        skip = len(range(worker, self.skip_batches, workers))  # batches are taken from workers in turn
+        pool: list = []
+        produced = 0
+        for item in self._shuffled(self._rows(worker, workers), rng):
+            pool.append(item)
+            if len(pool) >= s.batch_size * s.bucket_batches:
+                for batch in self._batches(pool, rng):
+                    produced += 1
+                    if produced > skip:
+                        yield batch
+                pool = []
+        for batch in self._batches(pool, rng):
+            produced += 1
+            if produced > skip:
+                yield batch
+
+    def _batches(self, pool: list, rng: random.Random) -> list[dict]:
+        if not pool:
+            return []
+        s = self.settings
+        pool = sorted(pool, key=lambda item: len(item[0].input_ids))
+        if s.packing:
+            groups = pack_rows(pool, s.max_length, s.batch_size)
+        else:
+            groups = [[[item] for item in pool[i : i + s.batch_size]] for i in range(0, len(pool), s.batch_size)]
+        if self.shuffle:
+            rng.shuffle(groups)
+        if self.light:
+            return [{"tokens": sum(len(r.input_ids) for items in g for r, _ in items)} for g in groups]
+        return [collate(group, s.max_length, s.student_vocab) for group in groups]
+
+
+def count_batches(files: list[ShardFile], settings: DataSettings, *, seed: int, epoch: int, world: int,
+                  workers: int) -> int:
+    """Training batches every process can take in ``epoch``: the minimum over ranks, counted exactly by
+    running the same partition, shuffle and batching over ids and lengths only."""
+    counts = []
+    for rank in range(world):
+        data = ShardBatches(files, settings, seed=seed, epoch=epoch, rank=rank, world=world, light=True)
+        counts.append(sum(1 for w in range(max(workers, 1)) for _ in data.worker_batches(w, max(workers, 1))))
+    return min(counts)
+
+
+def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:
+    """First-fit packing of rows (longest first) into ``batch_size`` rows of at most ``max_length``."""
+    bins: list[list] = []
+    lengths: list[int] = []
+    for item in sorted(pool, key=lambda item: -len(item[0].input_ids)):
+        size = min(len(item[0].input_ids), max_length)
+        for i, used in enumerate(lengths):
+            if used + size <= max_length:
+                bins[i].append(item)
+                lengths[i] += size
+                break
+        else:
+            bins.append([item])
+            lengths.append(size)
+    return [bins[i : i + batch_size] for i in range(0, len(bins), batch_size)]
+
+
+def collate(group: list[list], max_length: int, student_vocab: int | None) -> dict:
+    """Tensors for a batch; ``group`` is a list of batch rows, each a list of (TeacherRow, path)."""
+    lengths = [sum(min(len(r.input_ids), max_length) for r, _ in items) for items in group]
+    width = max(lengths)
+    packed = any(len(items) > 1 for items in group)
+    input_ids = torch.zeros(len(group), width, dtype=torch.long)
+    position_ids = torch.zeros(len(group), width, dtype=torch.long)
+    segment = torch.full((len(group), width), -1, dtype=torch.long)
+    rows, columns, topk_ids, topk_logprobs, targets, target_lp, masks, ids, paths = ([] for _ in range(9))
+    for b, items in enumerate(group):
+        offset = 0
+        for s, (row, path) in enumerate(items):
+            length = min(len(row.input_ids), max_length)
+            input_ids[b, offset : offset + length] = torch.from_numpy(row.input_ids[:length].astype(np.int64))
+            position_ids[b, offset : offset + length] = torch.arange(length)
+            segment[b, offset : offset + length] = s
+            keep = row.positions < length - 1
+            positions = row.positions[keep]
+            if student_vocab is not None and keep.any() and int(row.topk_ids[keep].max()) >= student_vocab:
+                raise FormatError(f"{path}: sample {row.sample_id!r} stores teacher id {int(row.topk_ids.max())}, "
+                                  f"outside the student head ({student_vocab} outputs)")
+            rows.append(np.full(len(positions), b))
+            columns.append(positions + offset)
+            topk_ids.append(row.topk_ids[keep].astype(np.int64))
+            topk_logprobs.append(row.topk_logprobs[keep])
+            targets.append(row.input_ids[positions + 1].astype(np.int64))
+            target_lp.append(row.target_logprob[keep])
+            masks.append(row.loss_mask[keep])
+            ids.append(row.sample_id)
+            paths.append(path)
+            offset += length
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "row": torch.from_numpy(np.concatenate(rows)).long(),
+        "column": torch.from_numpy(np.concatenate(columns)).long(),
+        "topk_ids": torch.from_numpy(np.concatenate(topk_ids)),
+        "topk_logprobs": torch.from_numpy(np.concatenate(topk_logprobs)),
+        "target_ids": torch.from_numpy(np.concatenate(targets)),
+        "target_logprob": torch.from_numpy(np.concatenate(target_lp)),
+        "mask": torch.from_numpy(np.concatenate(masks)),
+        "sample_ids": ids,
+        "files": sorted(set(paths)),
+        "tokens": sum(lengths),
+    }
+    if packed:  # block-diagonal causal mask: attention stays inside each packed sequence
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        batch["attention_mask"] = (same & causal & (segment[:, :, None] >= 0))[:, None]
+    else:
+        batch["attention_mask"] = (segment >= 0).long()
+    return batch

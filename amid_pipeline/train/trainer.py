@@ -1,0 +1,333 @@
+"""Stage two: train a student from teacher shards.
+
+    amid-pipeline distill -c stages/distill_jargon.toml
+    torchrun --nproc-per-node 2 -m amid_pipeline distill -c stages/distill_jargon.toml   # DDP
+
+Phases: (1) processes and devices, (2) shards, student and the compatibility checks, (3) optimiser,
+schedule and resume, (4) the step loop: micro-batches -> student hidden states at the stored
+positions -> KD loss (sparse head when allowed) -> clip -> step -> log / evaluate / checkpoint,
+(5) the final model, saved with ``save_pretrained`` beside its tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from amid_pipeline.config import save_config
+from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets
+from amid_pipeline.models import tokenizer_fingerprint
+from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
+
+
+class StudentPositions(nn.Module):
+    """The student up to its final hidden states, gathered at the stored positions: [N, H].
+
+    Wrapping this (not the whole CausalLM) in DDP lets the loss apply the LM head only where needed.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, row, column) -> torch.Tensor:
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return hidden[row, column]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    output: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    eval: dict[str, float]
+    heldout: str
+    bad_files: list[str]
+    sparse_head: bool
+
+
+def check_student(manifest_header: dict, tokenizer, model, config: DistillConfig) -> list[str]:
+    """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
+    shard_tok = manifest_header["tokenizer"]
+    student_tok = tokenizer_fingerprint(tokenizer)
+    head = model.get_output_embeddings().weight.shape[0]
+    if student_tok["fingerprint"] != shard_tok.get("fingerprint"):
+        raise TrainingError(
+            f"student tokenizer ({config.student}: {student_tok['vocab_size']} tokens, fingerprint "
+            f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header['teacher'].get('name_or_path')}: "
+            f"{shard_tok.get('vocab_size')} tokens, fingerprint {str(shard_tok.get('fingerprint'))[:12]}); "
+            f"the student must use the teacher's tokenizer"
+        )
+    if head < shard_tok.get("vocab_size", 0):
+        raise TrainingError(f"student head has {head} outputs but the tokenizer has {shard_tok['vocab_size']} tokens")
+    notes = []
+    if head > student_tok["vocab_size"]:
+        notes.append(f"student head has {head} outputs for {student_tok['vocab_size']} tokens (padded head: fine, "
+                     f"the extra outputs are never targets)")
+    if head < manifest_header["model_vocab_size"]:
+        notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head}: ids beyond the "
+                     f"student head would be refused per sample")
+    return notes
+
+
+def check_shard_dirs(directories: list[str]) -> dict:
+    headers = [(d, load_manifest(d).header) for d in directories]
+    first_dir, first = headers[0]
+    for directory, header in headers[1:]:
+        for key in ("k", "value_encoding"):
+            if header[key] != first[key]:
+                raise TrainingError(f"{directory}: {key} = {header[key]} differs from {first_dir} ({first[key]})")
+        if header["tokenizer"].get("fingerprint") != first["tokenizer"].get("fingerprint"):
+            raise TrainingError(f"{directory}: made with another tokenizer than {first_dir}")
+    return first
+
+
+def lr_factor(step: int, total: int, config: DistillConfig) -> float:
+    """Warm-up then cosine/linear/constant decay to ``min_lr_ratio``; ``step`` counts finished steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min((step - config.warmup_steps) / max(total - config.warmup_steps, 1), 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+
+
+def teacher_targets(batch: dict, device) -> TeacherTargets:
+    return TeacherTargets(batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), batch["target_ids"].to(device),
+                          batch["target_logprob"].to(device), batch["mask"].to(device))
+
+
+def student_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids", "row", "column")}
+
+
+def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch.Tensor | StudentHead:
+    """The loss's view of the student at the stored positions: the head itself, or its logits [N, V]."""
+    if sparse:
+        return StudentHead(hidden, head.weight, getattr(head, "bias", None))
+    return head(hidden)
+
+
+@torch.no_grad()
+def evaluate(student: StudentPositions, head: nn.Module, loss_fn: KDLoss, batches, device, autocast) -> dict[str, float]:
+    """Held-out KD loss, CE/perplexity on the actual tokens, top-1 agreement, student mass on the support."""
+    totals = {"kd": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0}
+    count = 0.0
+    for batch in batches:
+        teacher = teacher_targets(batch, device)
+        with autocast:
+            hidden = student(**student_inputs(batch, device))
+        mask = teacher.mask.float()
+        n = float(mask.sum())
+        if n == 0:
+            continue
+        kd = loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd
+        for a in range(0, hidden.shape[0], 1024):  # full logits for the metrics, 1024 positions at a time
+            b = a + 1024
+            logits = head(hidden[a:b]).float()
+            log_q = torch.log_softmax(logits, dim=-1)
+            m = mask[a:b]
+            totals["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
+            totals["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
+            totals["support_mass"] += float((log_q.gather(1, teacher.topk_ids[a:b].long()).exp().sum(-1) * m).sum())
+        totals["kd"] += float(kd) * n
+        count += n
+    metrics = {key: value / max(count, 1.0) for key, value in totals.items()}
+    metrics["perplexity"] = math.exp(min(metrics["ce"], 50.0))
+    metrics["positions"] = count
+    return metrics
+
+
+def distill(config: DistillConfig) -> RunSummary:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    output = Path(config.output)
+
+    # --- 1. processes and devices --------------------------------------------------------------
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    torch.manual_seed(config.seed)
+
+    # --- 2. shards, student, checks ------------------------------------------------------------
+    header = check_shard_dirs(config.shards)
+    files = list_files(config.shards)
+    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32).to(device)
+    notes = check_student(header, tokenizer, model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    head = model.get_output_embeddings()
+    loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
+    sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
+    settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
+                            shuffle_buffer=config.shuffle_buffer, heldout_fraction=config.heldout_fraction,
+                            skip_bad_files=config.skip_bad_files, student_vocab=head.weight.shape[0])
+    def epoch_batches(epoch: int) -> int:
+        return count_batches(files, settings, seed=config.seed, epoch=epoch, world=world, workers=config.num_data_workers)
+
+    batches_per_epoch = epoch_batches(0)
+    if batches_per_epoch == 0:
+        raise TrainingError(f"no training rows for {world} process(es) in {config.shards}")
+    total_steps = config.max_steps or max(batches_per_epoch * config.epochs // config.grad_accum, 1)
+
+    # --- 3. optimiser, schedule, resume ------------------------------------------------------------
+    student = StudentPositions(model)
+    wrapped = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, config))
+    step, epoch, consumed, tokens = 0, 0, 0, 0
+    checkpoints = output / "checkpoints"
+    if config.resume and (path := latest_checkpoint(checkpoints)) is not None:
+        state = load_trainer_state(path)
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if loss_fn.schedule is not None:
+            loss_fn.schedule.load_state_dict(state["loss_schedule"])
+        step, epoch, consumed, tokens = state["step"], state["epoch"], state["consumed"], state["tokens"]
+        set_rng_state(state["rng"])
+    elif rank == 0 and checkpoints.exists() and not config.resume and latest_checkpoint(checkpoints) is not None:
+        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(config, output / "distill_config.toml")
+        _trim_metrics(output / "metrics.jsonl", step)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
+              f"{world} process(es), loss {config.loss} ({config.support}), "
+              f"{'sparse head' if sparse else 'full logits'}, held out: sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
+
+    def train_batches(epoch: int, skip: int):
+        data = ShardBatches(files, settings, seed=config.seed, epoch=epoch, rank=rank, world=world, skip_batches=skip)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_data_workers)
+        return data, iter(loader)
+
+    def heldout_batches():
+        data = ShardBatches(files, settings, seed=config.seed, rank=rank, world=world, heldout=True, shuffle=False)
+        for index, batch in enumerate(data):
+            if index >= config.eval_batches:
+                break
+            yield batch
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(checkpoints, step, model, tokenizer, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "consumed": consumed, "tokens": tokens,
+                "loss_schedule": loss_fn.schedule.state_dict() if loss_fn.schedule else None,
+            }, config.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
+
+    # --- 4. the step loop ---------------------------------------------------------------------------
+    data, batches = train_batches(epoch, consumed)
+    batches_per_epoch = epoch_batches(epoch)
+    bar = tqdm(total=total_steps, initial=step, disable=not config.progress or rank != 0, unit="step", desc="distill")
+    metrics_file = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
+    try:
+        while step < total_steps:
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = step_kd = 0.0
+            for micro in range(config.grad_accum):
+                if consumed >= batches_per_epoch:  # every process ends its epoch after the same count
+                    epoch, consumed = epoch + 1, 0
+                    data, batches = train_batches(epoch, 0)
+                    batches_per_epoch = epoch_batches(epoch)
+                batch = next(batches)
+                consumed += 1
+                teacher = teacher_targets(batch, device)
+                sync = nullcontext() if world == 1 or micro == config.grad_accum - 1 else wrapped.no_sync()
+                with sync:
+                    with autocast:
+                        hidden = wrapped(**student_inputs(batch, device))
+                    out = loss_fn(student_output(hidden, head, sparse), teacher, progress=(step, total_steps))
+                    if not torch.isfinite(out.loss):
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1} (samples {batch['sample_ids'][:8]}, files "
+                            f"{batch['files']}); the last checkpoint in {checkpoints} is intact")
+                    (out.loss / config.grad_accum).backward()
+                step_loss += float(out.loss.detach()) / config.grad_accum
+                step_kd += float(out.kd.detach()) / config.grad_accum
+                tokens += batch["tokens"] * world
+                run_tokens += batch["tokens"] * world
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf")))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_fn.end_step(step, total_steps, step_kd)
+            last_loss = step_loss
+            speed = run_tokens / max(time.perf_counter() - run_started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{speed:,.0f}")
+            if metrics_file and (step % config.log_every == 0 or step == total_steps):
+                _log(metrics_file, {"step": step, "epoch": epoch, "loss": step_loss, "kd": step_kd,
+                                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
+                                    "tokens_per_s": speed})
+            if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
+                model.eval()
+                last_eval = evaluate(student, head, loss_fn, heldout_batches(), device, autocast)
+                if metrics_file:
+                    _log(metrics_file, {"step": step, "eval": last_eval})
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                checkpoint()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+
+    # --- 5. the final model ---------------------------------------------------------------------------
+    if rank == 0:
+        final = output / "model"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    if world > 1:
+        dist.barrier()
+    return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
+                      final_loss=last_loss, eval=last_eval, heldout=f"sample-id hash < {config.heldout_fraction:.0%}",
+                      bad_files=data.bad_files, sparse_head=sparse)
+
+
+def _log(file, payload: dict[str, Any]) -> None:
+    file.write(json.dumps(payload) + "\n")
+    file.flush()
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the curves have each step once."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))

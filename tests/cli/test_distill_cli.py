@@ -1,0 +1,34 @@
+"""CLI: distill and plot --help, a success and a failure."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from amid_pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_loss_settings():
+    result = runner.invoke(app, ["distill", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--shards", "--student", "--loss", "--loss-params", "--support", "--resume", "--packing"):
+        assert option in result.output
+    assert runner.invoke(app, ["plot", "--help"]).exit_code == 0
+
+
+def test_success_with_loss_params_from_the_command_line(tiny_shards, tiny_models, tmp_path):
+    result = runner.invoke(app, ["distill", "--shards", str(tiny_shards), "--student", str(tiny_models["student"]),
+                                 "--output", str(tmp_path / "run"), "--max-steps", "2", "--loss", "amid",
+                                 "--loss-params", "alpha=-5,lam=0.2,divergence=ab", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "eval top1_agreement" in result.output
+    assert "alpha = -5" in (tmp_path / "run" / "distill_config.toml").read_text()
+
+
+def test_bad_loss_parameter_and_missing_run_fail_in_one_line(tiny_shards, tiny_models, tmp_path):
+    result = runner.invoke(app, ["distill", "--shards", str(tiny_shards), "--student", str(tiny_models["student"]),
+                                 "--output", str(tmp_path / "run"), "--loss-params", "lam=3"])
+    assert result.exit_code == 1 and "lam must lie in [0, 1]" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["plot", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "metrics.jsonl: no such file" in result.output

@@ -1,0 +1,134 @@
+"""distill end to end on the tiny models: output, exact resume, refusals, corruption, NaN, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from amid_pipeline.config import load_config
+from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.trainer import TrainingError, distill
+from tests.conftest import ROOT
+
+
+def make_config(shards, student, output, **overrides):
+    settings = {"shards": [str(shards)], "student": str(student), "output": str(output), "batch_size": 4,
+                "max_steps": 6, "eval_every": 3, "save_every": 3, "eval_batches": 2, "progress": False,
+                "heldout_fraction": 0.2, "lr": 1e-3, **overrides}
+    return load_config(DistillConfig, None, settings)
+
+
+def weights(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def test_end_to_end_output_metrics_and_plot(tiny_shards, tiny_models, tmp_path):
+    summary = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="amid",
+                                  loss_params={"alpha": -3.0, "lam": 0.1}))
+    assert summary.steps == 6 and summary.sparse_head
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # loadable by transformers
+    assert model.config.vocab_size == 528
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    evals = [m["eval"] for m in lines if "eval" in m]
+    assert len(evals) == 2 and all(0 <= e["top1_agreement"] <= 1 and 0 < e["support_mass"] <= 1 for e in evals)
+    assert (tmp_path / "run" / "distill_config.toml").exists()
+    from typer.testing import CliRunner
+
+    from amid_pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])
+    assert result.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tiny_shards, tiny_models, tmp_path):
+    """Held-out KD loss after training is lower than after one step (same data, forward KL)."""
+    short = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "a", loss="forward_kl", max_steps=1))
+    long = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "b", loss="forward_kl", max_steps=30,
+                               eval_every=0, save_every=0))
+    assert long.eval["kd"] < short.eval["kd"] * 0.9
+
+
+@pytest.mark.parametrize("settings", [{"loss": "taid", "grad_accum": 2}, {"loss": "amid", "packing": True, "max_length": 200}])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_shards, tiny_models, tmp_path, monkeypatch, settings):
+    reference = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "ref", **settings))
+    from amid_pipeline.losses import KDLoss
+
+    original = KDLoss.end_step
+
+    def killed_during_step_five(self, step, total, kd_value):
+        if step == 5:  # after the checkpoint at step 3
+            raise KeyboardInterrupt
+        return original(self, step, total, kd_value)
+
+    monkeypatch.setattr(KDLoss, "end_step", killed_during_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
+    monkeypatch.setattr(KDLoss, "end_step", original)
+    with pytest.raises(TrainingError, match="use --resume"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
+    resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", resume=True, **settings))
+    assert resumed.steps == reference.steps == 6
+    a, b = weights(tmp_path / "ref" / "model"), weights(tmp_path / "run" / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_student_with_another_tokenizer_is_refused(tiny_shards, tiny_models, tmp_path):
+    from tests.conftest import _load_data_module
+
+    tiny = _load_data_module("tiny_models")
+    tokenizer = tiny.build_tokenizer(tmp_path / "tok", vocab_size=300)
+    other = tiny.build_model(tmp_path / "other", tokenizer, layers=1, seed=2)
+    with pytest.raises(TrainingError, match=r"student tokenizer .*300 tokens.* differs from the shards' .*512 tokens"):
+        distill(make_config(tiny_shards, other, tmp_path / "run"))
+
+
+def test_corrupted_shard_names_the_file_and_keeps_the_checkpoint(shards_copy, tiny_models, tmp_path):
+    victim = sorted((shards_copy / "data").glob("*.parquet"))[-1]
+    data = bytearray(victim.read_bytes())
+    data[100:4000] = bytes(3900)
+    victim.write_bytes(bytes(data))
+    from amid_pipeline.shards.schema import FormatError
+
+    with pytest.raises(FormatError, match=victim.name):
+        distill(make_config(shards_copy, tiny_models["student"], tmp_path / "run", max_steps=40, save_every=1))
+    assert (tmp_path / "run" / "checkpoints" / "latest.json").exists() or not (tmp_path / "run" / "checkpoints").exists()
+    summary = distill(make_config(shards_copy, tiny_models["student"], tmp_path / "skip", skip_bad_files=True))
+    assert summary.steps == 6 and any(victim.name in bad for bad in summary.bad_files)
+
+
+def test_non_finite_loss_stops_with_step_and_samples(tiny_shards, tiny_models, tmp_path, monkeypatch):
+    import amid_pipeline.train.trainer as trainer
+
+    original = trainer.student_output
+
+    def poisoned(hidden, head, sparse):  # a diverged student: its hidden states became NaN
+        return original(hidden * float("nan"), head, sparse)
+
+    monkeypatch.setattr(trainer, "student_output", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo(tiny_shards, tiny_models, tmp_path):
+    """torchrun with 2 CPU processes: same steps on both ranks, one final model."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               "-m", "amid_pipeline", "distill", "--shards", str(tiny_shards), "--student", str(tiny_models["student"]),
+               "--output", str(tmp_path / "ddp"), "--batch-size", "2", "--max-steps", "4", "--eval-every", "2",
+               "--save-every", "2", "--eval-batches", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (tmp_path / "ddp" / "model" / "config.json").exists()

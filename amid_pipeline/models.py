@@ -128,3 +128,32 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def init_student(teacher: str | os.PathLike, output: str | os.PathLike, *, keep_every: int = 3) -> dict[str, Any]:
+    """A student that shares the teacher's tokenizer: the teacher with every ``keep_every``-th decoder
+    layer (layers 0, n, 2n, ...), embeddings, final norm and head copied. Saved as an HF folder.
+
+    Works for decoder models whose layers live in ``model.layers`` (Llama, Qwen2, Mistral, Gemma...).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    base = getattr(model, model.base_model_prefix)
+    if not hasattr(base, "layers"):
+        raise ValueError(f"{teacher}: {type(model).__name__} keeps no .layers list; prune it by hand")
+    kept = list(range(0, len(base.layers), keep_every))
+    base.layers = torch.nn.ModuleList(base.layers[i] for i in kept)
+    for new_index, layer in enumerate(base.layers):
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(output)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"output": str(output), "layers_kept": kept, "parameters": parameters}

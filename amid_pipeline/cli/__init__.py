@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from amid_pipeline.cli import cache_teacher_cmd, distill_cmd
+from amid_pipeline.cli.init_student_cmd import init_student
 from amid_pipeline.cli.inspect_cmd import inspect
 from amid_pipeline.cli.plot_cmd import plot
 from amid_pipeline.cli.verify_cmd import verify
@@ -24,6 +25,7 @@ app.command()(verify)
 cache_teacher_cmd.register(app)
 distill_cmd.register(app)
 app.command()(plot)
+app.command("init-student")(init_student)
 
 
 def main() -> None:

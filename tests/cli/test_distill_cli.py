@@ -32,3 +32,18 @@ def test_bad_loss_parameter_and_missing_run_fail_in_one_line(tiny_shards, tiny_m
     assert result.exit_code == 1 and "lam must lie in [0, 1]" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["plot", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "metrics.jsonl: no such file" in result.output
+
+
+def test_init_student_keeps_every_nth_layer_and_the_tokenizer(tiny_models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    result = runner.invoke(app, ["init-student", str(tiny_models["teacher"]), str(tmp_path / "s"), "--keep-every", "2"])
+    assert result.exit_code == 0, result.output
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert student.config.num_hidden_layers == 1
+    torch.testing.assert_close(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    assert (tmp_path / "s" / "tokenizer.json").read_text() == (tiny_models["teacher"] / "tokenizer.json").read_text()
+    again = runner.invoke(app, ["init-student", str(tiny_models["teacher"]), str(tmp_path / "s")])
+    assert again.exit_code == 1 and "not empty" in again.output

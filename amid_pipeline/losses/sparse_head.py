@@ -20,6 +20,21 @@ def _chunks(n: int, chunk: int):
         yield start, min(start + chunk, n)
 
 
+def _gradient_buffers(ctx, hidden, weight, bias):
+    """Zeroed gradients for the inputs that need them: hidden in its dtype, weight and bias in float32."""
+    grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    wants_bias = bias is not None and ctx.needs_input_grad[2]
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wants_bias else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias):
+    return (grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None)
+
+
 class _SupportLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, chunk):
@@ -36,9 +51,7 @@ class _SupportLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, ids = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
         for a, b in _chunks(hidden.shape[0], ctx.chunk):
             g = grad_out[a:b]  # [c, k]
             chunk_ids = ids[a:b]
@@ -49,9 +62,7 @@ class _SupportLogits(torch.autograd.Function):
                 grad_weight.index_add_(0, chunk_ids.reshape(-1), contrib.reshape(-1, hidden.shape[1]))
             if grad_bias is not None:
                 grad_bias.index_add_(0, chunk_ids.reshape(-1), g.reshape(-1))
-        return (grad_hidden,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None)
+        return (*_cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias), None, None)
 
 
 def support_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
@@ -64,15 +75,18 @@ def support_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor
     return _SupportLogits.apply(hidden, weight, bias, ids.long(), chunk)
 
 
+def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The one [chunk, V] float32 block of full logits held at a time."""
+    logits = (hidden @ weight.T).float()
+    return logits + bias.float() if bias is not None else logits
+
+
 class _FullLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for a, b in _chunks(hidden.shape[0], chunk):
-            logits = (hidden[a:b] @ weight.T).float()  # the one [chunk, V] block
-            if bias is not None:
-                logits += bias.float()
-            out[a:b] = torch.logsumexp(logits, dim=-1)
+            out[a:b] = torch.logsumexp(_logits_block(hidden[a:b], weight, bias), dim=-1)
         ctx.save_for_backward(hidden, weight, bias, out)
         ctx.chunk = chunk
         return out
@@ -80,13 +94,9 @@ class _FullLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, lse = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
         for a, b in _chunks(hidden.shape[0], ctx.chunk):
-            logits = (hidden[a:b] @ weight.T).float()
-            if bias is not None:
-                logits += bias.float()
+            logits = _logits_block(hidden[a:b], weight, bias)
             probs = torch.exp(logits - lse[a:b, None]) * grad_out[a:b, None]  # d lse / d logits, scaled
             if grad_hidden is not None:
                 grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -94,9 +104,7 @@ class _FullLogSumExp(torch.autograd.Function):
                 grad_weight += probs.T @ hidden[a:b].float()
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
-        return (grad_hidden,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None, None)
+        return (*_cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias), None)
 
 
 def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

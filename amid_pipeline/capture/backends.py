@@ -64,6 +64,19 @@ class HFBackend:
             out.extend(self._score_batch(batch))
         return out
 
+    @torch.no_grad()
+    def generate(self, prompt: np.ndarray, config, *, seed: int, eos_token_id: int | None) -> list[np.ndarray]:
+        """``config.num_generations`` sampled responses to ``prompt`` (each ends at EOS, kept)."""
+        torch.manual_seed(seed)
+        sample = config.temperature > 0
+        out = self.model.generate(
+            torch.as_tensor(prompt[None].astype(np.int64), device=self.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=self.device),
+            do_sample=sample, temperature=config.temperature if sample else None, top_p=config.top_p if sample else None,
+            top_k=None, max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_generations,
+            eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0)
+        return [_cut_at_eos(seq[len(prompt):].cpu().numpy().astype(np.int32), eos_token_id) for seq in out]
+
     def _score_batch(self, batch: list[np.ndarray]) -> list[Scores]:
         longest = max(len(s) for s in batch)
         ids = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -88,6 +101,14 @@ class HFBackend:
                 )
             )
         return results
+
+
+def _cut_at_eos(tokens: np.ndarray, eos_token_id: int | None) -> np.ndarray:
+    """The response up to and including its first EOS (generation pads after it)."""
+    if eos_token_id is None:
+        return tokens
+    hits = np.flatnonzero(tokens == eos_token_id)
+    return tokens[: hits[0] + 1] if len(hits) else tokens
 
 
 def vllm_available() -> bool:
@@ -130,6 +151,17 @@ class VLLMBackend:
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in seq]) for seq in sequences]
         outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
         return [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
+
+    def generate(self, prompt: np.ndarray, config, *, seed: int, eos_token_id: int | None) -> list[np.ndarray]:
+        """``config.num_generations`` sampled responses to ``prompt`` (stopping at EOS, kept)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                                max_tokens=config.max_new_tokens, seed=seed, detokenize=False,
+                                stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
+        (output,) = self.engine.generate([TokensPrompt(prompt_token_ids=[int(t) for t in prompt])], params, use_tqdm=False)
+        return [_cut_at_eos(np.asarray(c.token_ids, dtype=np.int32), eos_token_id) for c in output.outputs]
 
     def _convert(self, flat, length: int) -> Scores:
         """Flat logprobs -> arrays, vectorised. vLLM index t + 1 is our prediction position t.

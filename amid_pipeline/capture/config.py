@@ -44,11 +44,19 @@ class CaptureConfig:
     rows_per_file: int = setting(2048, "Source rows per Parquet file (the unit of resume).", minimum=1)
     num_workers: int = setting(1, "Number of independent worker processes writing this directory.", minimum=1)
     worker_index: int = setting(0, "This worker's index in [0, num_workers).", minimum=0)
+    generate: bool = setting(False, "Sample the teacher's own responses to the prompts (instead of teacher-forcing the dataset's) and store those, response positions supervised.")
+    num_generations: int = setting(1, "Responses sampled per prompt with --generate.", minimum=1)
+    max_new_tokens: int = setting(256, "Longest generated response.", minimum=1)
+    temperature: float = setting(1.0, "Sampling temperature for --generate (0 = greedy).", minimum=0.0)
+    top_p: float = setting(1.0, "Nucleus sampling mass for --generate.", minimum=0.0, maximum=1.0)
+    seed: int = setting(0, "Sampling seed for --generate (row i uses seed + i).")
     overwrite: bool = setting(False, "Delete an existing output directory written with other settings instead of refusing.")
     progress: bool = setting(True, "Show a progress bar.")
 
     def check(self) -> list[str]:
         errors = []
+        if self.generate and self.max_new_tokens >= self.max_length:
+            errors.append(f"max_new_tokens: {self.max_new_tokens} leaves no room for a prompt within max_length {self.max_length}")
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
         return errors

@@ -119,6 +119,43 @@ def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: C
     return windows
 
 
+def row_prompt(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> np.ndarray:
+    """The prompt of a row for ``--generate``: the prompt field, the conversation before its last
+    assistant turns (with the generation prompt), the text, or the pre-tokenized ids."""
+    if fmt == "prompt_response":
+        prompt = row[config.prompt_field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SkipRow("empty or whitespace prompt")
+        return np.asarray(tokenizer(prompt).input_ids, dtype=np.int32)
+    if fmt == "messages":
+        messages = list(row[config.messages_field] or [])
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        if not messages:
+            raise SkipRow("no prompt messages")
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return np.asarray(out["input_ids"] if hasattr(out, "keys") else out, dtype=np.int32)
+    if fmt == "text":
+        text = row[config.text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise SkipRow("empty or whitespace text")
+        return np.asarray(tokenizer(text).input_ids, dtype=np.int32)
+    return np.asarray(row[config.input_ids_field], dtype=np.int32)
+
+
+def generated_examples(sample_id: str, prompt: np.ndarray, responses: list[np.ndarray]) -> list[Example]:
+    """One example per sampled response: prompt + response, the response tokens supervised."""
+    out = []
+    for j, response in enumerate(responses):
+        if len(response) == 0:
+            continue
+        ids = np.concatenate([prompt, np.asarray(response, dtype=np.int32)])
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[len(prompt) :] = True
+        out.append(Example(f"{sample_id}#g{j}", ids, mask))
+    return out
+
+
 def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "text":
         text = row[config.text_field]
@@ -179,11 +216,21 @@ def _tokenize_chat(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: CaptureConfig,
-                  skipped: dict[str, int]) -> Iterator[list[Example]]:
-    """The examples of each row (``indices``: the rows' positions in the selected range); skips are counted."""
+                  skipped: dict[str, int], backend=None) -> Iterator[list[Example]]:
+    """The examples of each row (``indices``: the rows' positions in the selected range); skips are
+    counted. With ``config.generate`` the backend samples the responses."""
     for index, row in zip(indices, rows):
         try:
-            yield row_examples(row, config.start + index, fmt, tokenizer, config)
+            if not config.generate:
+                yield row_examples(row, config.start + index, fmt, tokenizer, config)
+                continue
+            prompt = row_prompt(row, fmt, tokenizer, config)
+            if len(prompt) + config.max_new_tokens > config.max_length:
+                raise SkipRow("prompt + max_new_tokens longer than max_length")
+            responses = backend.generate(prompt, config, seed=config.seed + config.start + index,
+                                         eos_token_id=tokenizer.eos_token_id)
+            sample_id = str(row[config.id_field]) if config.id_field else f"row-{config.start + index}"
+            yield generated_examples(sample_id, prompt, responses)
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             yield []

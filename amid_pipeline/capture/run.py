@@ -221,7 +221,8 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
             stats = {"chunk": chunk_index, "rows": len(chunk_rows), "skipped": {}, "truncated": 0, "tokens": 0, "sequences": 0}
             writer.next_index = chunk_index
             batch: list[Example] = []
-            for examples in iter_examples(rows.select(chunk_rows), chunk_rows, fmt, tokenizer, config, stats["skipped"]):
+            for examples in iter_examples(rows.select(chunk_rows), chunk_rows, fmt, tokenizer, config, stats["skipped"],
+                                          backend):
                 batch.extend(examples)
                 bar.update(1)
                 if sum(len(e.input_ids) for e in batch) >= 4 * config.batch_tokens:

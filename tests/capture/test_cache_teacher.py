@@ -173,3 +173,35 @@ def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
         np.testing.assert_allclose(a.target_logprob, b.target_logprob, atol=1e-4)
         np.testing.assert_array_equal(a.target_rank, b.target_rank)
+
+
+def test_generate_stores_the_teachers_own_responses(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
+    summary = capture(tiny_models, tmp_path, data, generate=True, num_generations=2, max_new_tokens=12,
+                      temperature=1.0, seed=3, max_length=64)
+    rows = list(ShardReader(tmp_path / "out"))
+    assert summary.sequences == 4 and [r.sample_id for r in rows] == ["row-0#g0", "row-0#g1", "row-1#g0", "row-1#g1"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    prompt = tokenizer(PAIRS[0]["prompt"]).input_ids
+    for row in rows[:2]:
+        np.testing.assert_array_equal(row.input_ids[: len(prompt)], prompt)
+        np.testing.assert_array_equal(row.positions, np.arange(len(prompt) - 1, len(row.input_ids) - 1))
+        assert 0 < len(row.input_ids) - len(prompt) <= 12
+    assert not np.array_equal(rows[0].input_ids, rows[1].input_ids)  # two samples, not one repeated
+    again = capture(tiny_models, tmp_path / "again", data, generate=True, num_generations=2, max_new_tokens=12,
+                    temperature=1.0, seed=3, max_length=64)
+    assert again.sequences == 4
+    for a, b in zip(rows, ShardReader(tmp_path / "again" / "out")):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)  # seeded: reproducible
+
+
+@pytest.mark.slow
+def test_generate_through_vllm(tiny_models, tmp_path):
+    pytest.importorskip("vllm")
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
+    summary = capture(tiny_models, tmp_path, data, backend="vllm", generate=True, num_generations=2,
+                      max_new_tokens=10, seed=1, max_length=64)
+    assert summary.sequences == 4
+    assert verify_directory(tmp_path / "out").ok
+    rows = list(ShardReader(tmp_path / "out"))
+    assert all(0 < len(r.positions) <= 10 for r in rows)

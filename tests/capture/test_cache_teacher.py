@@ -205,3 +205,16 @@ def test_generate_through_vllm(tiny_models, tmp_path):
     assert verify_directory(tmp_path / "out").ok
     rows = list(ShardReader(tmp_path / "out"))
     assert all(0 < len(r.positions) <= 10 for r in rows)
+
+
+def test_tokenizer_larger_than_the_model_head_is_explained(tiny_models, tmp_path):
+    from tests.conftest import _load_data_module
+
+    tiny = _load_data_module("tiny_models")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    mismatched = tiny.build_model(tmp_path / "bad", tokenizer, layers=1, seed=0, head_padding=-12)
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}])
+    with pytest.raises(ValueError, match=r"has 512 tokens but the model head only 500 outputs"):
+        run_capture(load_config(CaptureConfig, None, {"teacher": str(mismatched), "dataset": str(data),
+                                                       "output": str(tmp_path / "out"), "backend": "hf", "k": 4}))
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -188,6 +189,14 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     output = Path(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)
+    manifest_name = MANIFEST_NAME if config.num_workers == 1 else worker_manifest_name(config.worker_index, config.num_workers)
+    chunk_count = math.ceil(len(range(config.worker_index, len(rows), config.num_workers)) / config.rows_per_file)
+    if (output / manifest_name).exists() and len(_kept_chunks(output, entries)) == chunk_count:
+        summary = CaptureSummary(output=output, backend="(finished earlier: nothing to do)", resumed_chunks=chunk_count)
+        for entry in entries:
+            _add_chunk_stats(summary, entry)
+        summary.seconds = time.perf_counter() - started
+        return summary
     fmt = resolve_format(config, list(rows.column_names))
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     backend = backend or make_backend(config)
@@ -241,8 +250,7 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
         bar.close()
 
     files = [FileRecord(**e["file"]) for e in _read_journal_entries(journal) if e.get("file")]
-    name = MANIFEST_NAME if config.num_workers == 1 else worker_manifest_name(config.worker_index, config.num_workers)
-    write_manifest(output, header, files, name=name, stats={"skipped": summary.skipped, "truncated": summary.truncated})
+    write_manifest(output, header, files, name=manifest_name, stats={"skipped": summary.skipped, "truncated": summary.truncated})
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from amid_pipeline.cli import cache_teacher_cmd, distill_cmd
+from amid_pipeline.cli.eval_cmd import eval_model
 from amid_pipeline.cli.init_student_cmd import init_student
 from amid_pipeline.cli.inspect_cmd import inspect
 from amid_pipeline.cli.plot_cmd import plot
+from amid_pipeline.cli.quickstart_cmd import quickstart
 from amid_pipeline.cli.verify_cmd import verify
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ cache_teacher_cmd.register(app)
 distill_cmd.register(app)
 app.command()(plot)
 app.command("init-student")(init_student)
+app.command("eval")(eval_model)
+app.command()(quickstart)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ class DistillConfig:
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
     seed: int = setting(0, "Seed for data order, shuffling and initialisation.")
     shuffle_buffer: int = setting(1024, "Rows held in the shuffle buffer.", minimum=1)
+    eval_shards: list = setting([], "Shard directories evaluated instead of a held-out fraction of --shards (all their rows).")
     heldout_fraction: float = setting(0.05, "Fraction of sample ids held out for evaluation (stable hash of the id).", minimum=0.0, maximum=0.5)
     eval_every: int = setting(50, "Evaluate every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
     eval_batches: int = setting(16, "Held-out batches per evaluation.", minimum=1)

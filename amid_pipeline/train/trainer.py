@@ -192,6 +192,13 @@ def distill(config: DistillConfig) -> RunSummary:
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             shuffle_buffer=config.shuffle_buffer, heldout_fraction=config.heldout_fraction,
                             skip_bad_files=config.skip_bad_files, student_vocab=head.weight.shape[0])
+    if config.eval_shards:  # evaluate on those; train on every row of --shards
+        check_shard_dirs([*config.shards, *config.eval_shards])
+        settings = dataclasses.replace(settings, heldout_fraction=0.0)
+    eval_files = list_files(config.eval_shards) if config.eval_shards else files
+    heldout = (f"all rows of {', '.join(config.eval_shards)}" if config.eval_shards
+               else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
+
     def epoch_batches(epoch: int) -> int:
         return count_batches(files, settings, seed=config.seed, epoch=epoch, world=world, workers=config.num_data_workers)
 
@@ -226,7 +233,7 @@ def distill(config: DistillConfig) -> RunSummary:
             print(f"note: {note}")
         print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
               f"{world} process(es), loss {config.loss} ({config.support}), "
-              f"{'sparse head' if sparse else 'full logits'}, held out: sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
+              f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}")
 
     def train_batches(epoch: int, skip: int):
         data = ShardBatches(files, settings, seed=config.seed, epoch=epoch, rank=rank, world=world, skip_batches=skip)
@@ -234,7 +241,8 @@ def distill(config: DistillConfig) -> RunSummary:
         return data, iter(loader)
 
     def heldout_batches():
-        data = ShardBatches(files, settings, seed=config.seed, rank=rank, world=world, heldout=True, shuffle=False)
+        data = ShardBatches(eval_files, settings, seed=config.seed, rank=rank, world=world,
+                            heldout=not config.eval_shards, shuffle=False)
         for index, batch in enumerate(data):
             if index >= config.eval_batches:
                 break
@@ -316,7 +324,7 @@ def distill(config: DistillConfig) -> RunSummary:
     if world > 1:
         dist.barrier()
     return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
-                      final_loss=last_loss, eval=last_eval, heldout=f"sample-id hash < {config.heldout_fraction:.0%}",
+                      final_loss=last_loss, eval=last_eval, heldout=heldout,
                       bad_files=data.bad_files, sparse_head=sparse)
 
 

@@ -120,6 +120,8 @@ def test_kill_and_resume_gives_every_row_once(tiny_models, tmp_path, monkeypatch
     monkeypatch.setattr(run_module, "_score_and_write", original)
     resumed = capture(tiny_models, tmp_path / "run", data, rows_per_file=2)
     assert resumed.resumed_chunks == 2 and resumed.sequences == 9
+    again = capture(tiny_models, tmp_path / "run", data, rows_per_file=2)  # finished: nothing recomputed
+    assert again.resumed_chunks == 5 and again.sequences == 9 and "nothing to do" in again.backend
     ids = [r.sample_id for r in ShardReader(out)]
     assert sorted(ids) == sorted(f"row-{i}" for i in range(9)) and len(set(ids)) == 9
     ref = {r.sample_id: r for r in ShardReader(tmp_path / "ref" / "out")}

@@ -132,3 +132,13 @@ def test_two_processes_with_gloo(tiny_shards, tiny_models, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert (tmp_path / "ddp" / "model" / "config.json").exists()
+
+
+def test_eval_shards_replace_the_heldout_fraction(tiny_shards, tiny_models, tmp_path):
+    summary = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=2,
+                                  eval_shards=[str(tiny_shards)], eval_batches=100))
+    assert summary.heldout.startswith("all rows of")
+    from amid_pipeline.shards.reader import ShardReader
+
+    supervised = sum(int(r.loss_mask.sum()) for r in ShardReader(tiny_shards))
+    assert summary.eval["positions"] == supervised  # every supervised position of the eval shards

@@ -1,0 +1,38 @@
+"""`amid-pipeline quickstart`: the whole pipeline on the real offline teacher and the shipped data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from amid_pipeline.cli.options import run_guarded
+
+
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Folder for everything the quickstart writes (reused by a second run).")] = Path("runs/quickstart"),
+    train_rows: Annotated[int, typer.Option(help="Training pairs sent through the teacher.")] = 400,
+    heldout_rows: Annotated[int, typer.Option(help="Held-out pairs for the evaluation.")] = 100,
+    steps: Annotated[int, typer.Option(help="Distillation steps (batch 8 x <= 256 tokens).")] = 60,
+    rouge_prompts: Annotated[int, typer.Option(help="Held-out prompts answered greedily and scored with ROUGE-L (0 = skip).")] = 20,
+    backend: Annotated[str, typer.Option(help="Teacher engine for stage one: auto, vllm or hf.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Cache SmolLM2-135M-Instruct's top-64 on the shipped data, distill a 10-layer student with AMiD,
+    and compare teacher, student before and student after on held-out pairs."""
+
+    def run() -> None:
+        from amid_pipeline.quickstart import COLUMNS, run_quickstart
+
+        result = run_quickstart(output, train_rows=train_rows, heldout_rows=heldout_rows, steps=steps,
+                                rouge_prompts=rouge_prompts, backend=backend, progress=progress)
+        typer.echo(f"\nEverything is under {result.output}\n")
+        columns = [c for c in COLUMNS if any(c in m for m in result.table.values())]
+        typer.echo("| model | " + " | ".join(columns) + " |")
+        typer.echo("|---|" + "---|" * len(columns))
+        for name, metrics in result.table.items():
+            typer.echo(f"| {name} | " + " | ".join(f"{metrics[c]:.4g}" for c in columns) + " |")
+        typer.echo("\n" + ", ".join(f"{phase}: {s:.0f} s" for phase, s in result.seconds.items()))
+
+    run_guarded(run)

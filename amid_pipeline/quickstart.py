@@ -1,0 +1,76 @@
+"""The quickstart recipe: the whole job end to end on an embedded default.
+
+Real offline teacher (SmolLM2-135M-Instruct, converted once and cached), a student made of every third
+teacher layer, the shipped Jargon File instruction pairs (train and held-out splits): cache-teacher on
+both splits, distill with AMiD's defaults, then evaluate the teacher, the student before and the student
+after on the held-out split. Everything goes under one output folder; a second run reuses the teacher
+shards (and the finished distill run). The stage settings come from stages/quickstart_*.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.capture.run import run_capture
+from amid_pipeline.config import load_config
+from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts
+from amid_pipeline.models import init_student, smollm2_teacher
+from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.trainer import distill
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
+
+
+@dataclasses.dataclass
+class QuickstartResult:
+    output: Path
+    table: dict[str, dict[str, float]]  # model -> metrics
+    seconds: dict[str, float]
+
+
+def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: int, rouge_prompts: int,
+                   backend: str = "auto", progress: bool = True) -> QuickstartResult:
+    import time
+
+    data = ROOT / "data" / "jargon"
+    stages = ROOT / "stages"
+    if not (data / "train.jsonl").exists() or not stages.is_dir():
+        raise FileNotFoundError(f"the quickstart needs a source checkout (data/jargon and stages/ under {ROOT})")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    teacher = smollm2_teacher()
+    student_init = output / "student-init"
+    if not (student_init / "config.json").exists():
+        init_student(teacher, student_init, keep_every=3)
+    seconds["teacher and student folders"] = time.perf_counter() - clock
+
+    shards = {}
+    for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
+        clock = time.perf_counter()
+        shards[split] = output / f"shards-{split}"
+        run_capture(load_config(CaptureConfig, stages / "quickstart_cache_teacher.toml", {
+            "teacher": str(teacher), "dataset": str(data / f"{split}.jsonl"), "output": str(shards[split]),
+            "limit": rows, "backend": backend, "progress": progress}))
+        seconds[f"cache-teacher ({split}, {rows} rows)"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    run = output / "distill"
+    distill(load_config(DistillConfig, stages / "quickstart_distill.toml", {
+        "shards": [str(shards["train"])], "student": str(student_init), "output": str(run), "max_steps": steps,
+        "resume": True, "progress": progress}))
+    seconds[f"distill ({steps} steps)"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    table = {}
+    for name, path in (("teacher", teacher), ("student before", student_init), ("student after", run / "model")):
+        model, tokenizer = load_model(path)
+        metrics = evaluate_on_shards(model, shards["heldout"])
+        if rouge_prompts:
+            metrics.update(rouge_l_on_prompts(model, tokenizer, data / "heldout.jsonl", limit=rouge_prompts))
+        table[name] = metrics
+    seconds["evaluation"] = time.perf_counter() - clock
+    return QuickstartResult(output=output, table=table, seconds=seconds)

@@ -45,7 +45,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(STAGES.glob("*.toml")), ids=lambda p: p.name)
 def test_every_stage_config_loads(path):
-    cls = next(cls for prefix, cls in CONFIG_CLASSES.items() if path.name.startswith(prefix))
+    cls = next(cls for stage, cls in CONFIG_CLASSES.items() if stage in path.name)
     load_config(cls, path)
 
 

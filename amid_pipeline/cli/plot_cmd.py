@@ -29,13 +29,15 @@ def plot(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = ["kd", "perplexity", "top1_agreement", "support_mass"]
+        keys = [k for k in ("kd", "kl_to_teacher", "perplexity", "top1_agreement", "support_mass") if evals and k in evals[0]["eval"]]
         fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.5))
         axes[0].plot([m["step"] for m in train], [m["loss"] for m in train])
         axes[0].set_title("train loss")
         for axis, key in zip(axes[1:], keys):
             axis.plot([m["step"] for m in evals], [m["eval"][key] for m in evals], marker="o")
             axis.set_title(f"held-out {key}")
+            if key == "perplexity":
+                axis.set_yscale("log")
         for axis in axes:
             axis.set_xlabel("step")
         fig.tight_layout()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from amid_pipeline.config import save_config
-from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets
+from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.models import tokenizer_fingerprint
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
@@ -131,8 +131,10 @@ def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch
 
 @torch.no_grad()
 def evaluate(student: StudentPositions, head: nn.Module, loss_fn: KDLoss, batches, device, autocast) -> dict[str, float]:
-    """Held-out KD loss, CE/perplexity on the actual tokens, top-1 agreement, student mass on the support."""
-    totals = {"kd": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0}
+    """Held-out metrics over supervised positions: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on
+    its renormalised top-k (``kl_to_teacher``, comparable across losses), CE/perplexity on the actual
+    tokens, top-1 agreement with the teacher, student mass on the teacher's support."""
+    totals = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0}
     count = 0.0
     for batch in batches:
         teacher = teacher_targets(batch, device)
@@ -150,7 +152,11 @@ def evaluate(student: StudentPositions, head: nn.Module, loss_fn: KDLoss, batche
             m = mask[a:b]
             totals["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
             totals["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
-            totals["support_mass"] += float((log_q.gather(1, teacher.topk_ids[a:b].long()).exp().sum(-1) * m).sum())
+            log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
+            totals["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
+            log_p = teacher.topk_logprobs[a:b].float()
+            kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
+            totals["kl_to_teacher"] += float((kl * m).sum())
         totals["kd"] += float(kd) * n
         count += n
     metrics = {key: value / max(count, 1.0) for key, value in totals.items()}

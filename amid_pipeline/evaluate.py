@@ -17,7 +17,7 @@ import torch
 
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
-from amid_pipeline.train.trainer import StudentPositions, evaluate
+from amid_pipeline.train.trainer import DistillModule, evaluate
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -34,8 +34,8 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
                             student_vocab=model.get_output_embeddings().weight.shape[0])
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
-    metrics = evaluate(StudentPositions(model), model.get_output_embeddings(), KDLoss("forward_kl"), batches,
-                       torch.device(device), nullcontext())
+    module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
+    metrics = evaluate(module, batches, torch.device(device), nullcontext())
     metrics.pop("kd")  # the same forward KL as kl_to_teacher here
     return metrics
 

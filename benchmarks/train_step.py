@@ -66,14 +66,14 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
     from transformers import AutoModelForCausalLM
 
     from amid_pipeline.losses import KDLoss
-    from amid_pipeline.train.trainer import StudentPositions, student_inputs, student_output, teacher_targets
+    from amid_pipeline.train.trainer import DistillModule, student_inputs, teacher_targets
 
     torch.manual_seed(0)
     data = batches(shards, batch_size, max_length, count=6)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    positions, head = StudentPositions(model), model.get_output_embeddings()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = KDLoss("amid", support="tail" if mode == "tail" else "renormalized")
+    module = DistillModule(model, loss_fn, sparse=mode != "dense")
     cursor = {"i": 0}
 
     def step() -> None:
@@ -85,8 +85,7 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
             picked = logits[batch["row"], batch["column"]]
             loss = torch.nn.functional.cross_entropy(picked.float(), batch["target_ids"])
         else:
-            hidden = positions(**student_inputs(batch, "cpu"))
-            loss = loss_fn(student_output(hidden, head, sparse=mode != "dense"), teacher_targets(batch, "cpu")).loss
+            loss = module(student_inputs(batch, "cpu"), teacher_targets(batch, "cpu")).loss
         loss.backward()
         optimizer.step()
 

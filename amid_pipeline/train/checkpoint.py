@@ -35,13 +35,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` under ``directory`` and make it the latest; prune to ``keep``."""
+def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int,
+                    weights: dict | None = None) -> Path:
+    """Write checkpoint ``step`` under ``directory`` and make it the latest; prune to ``keep``.
+    ``weights``: a gathered full state dict (FSDP); default: the model's own."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = directory / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
     final = directory / name

@@ -42,6 +42,7 @@ class DistillConfig:
     keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
     resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
     dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
+    parallel: str = setting("ddp", "Several processes (torchrun): ddp (a full student per process) or fsdp (student sharded across processes).", choices=("ddp", "fsdp"))
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")

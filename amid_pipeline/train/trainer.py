@@ -2,6 +2,7 @@
 
     amid-pipeline distill -c stages/distill_jargon.toml
     torchrun --nproc-per-node 2 -m amid_pipeline distill -c stages/distill_jargon.toml   # DDP
+    torchrun --nproc-per-node 8 -m amid_pipeline distill -c ... --parallel fsdp           # sharded student
 
 Phases: (1) processes and devices, (2) shards, student and the compatibility checks, (3) optimiser,
 schedule and resume, (4) the step loop: micro-batches -> student hidden states at the stored
@@ -37,20 +38,26 @@ class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
 
 
-class StudentPositions(nn.Module):
-    """The student up to its final hidden states, gathered at the stored positions: [N, H].
+class DistillModule(nn.Module):
+    """The student and the KD loss in one forward, so that DDP and FSDP see every use of every parameter.
 
-    Wrapping this (not the whole CausalLM) in DDP lets the loss apply the LM head only where needed.
+    The LM head is applied only at the stored positions ([N, H] hidden states), and only at the stored
+    ids when ``sparse``. ``forward(...)`` returns the :class:`LossOutput`; with ``metrics=True`` it
+    returns the held-out metric sums of :func:`heldout_sums` instead.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_fn: KDLoss, sparse: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.loss_fn, self.sparse = model, loss_fn, sparse
 
-    def forward(self, input_ids, attention_mask, position_ids, row, column) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], teacher: TeacherTargets, progress=None, metrics: bool = False):
         base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return hidden[row, column]
+        hidden = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      position_ids=inputs["position_ids"]).last_hidden_state[inputs["row"], inputs["column"]]
+        head = self.model.get_output_embeddings()
+        if metrics:
+            return heldout_sums(hidden, head, teacher, self.loss_fn)
+        return self.loss_fn(student_output(hidden, head, self.sparse), teacher, progress=progress)
 
 
 @dataclasses.dataclass
@@ -129,38 +136,57 @@ def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch
     return head(hidden)
 
 
+def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss) -> dict[str, float]:
+    """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
+    renormalised top-k (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
+    agreement with the teacher, student mass on the teacher's support; and their count."""
+    mask = teacher.mask.float()
+    sums = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
+            "positions": float(mask.sum())}
+    if sums["positions"] == 0:
+        return sums
+    sums["kd"] = float(loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd) * sums["positions"]
+    for a in range(0, hidden.shape[0], 1024):  # full logits for the metrics, 1024 positions at a time
+        b = a + 1024
+        logits = head(hidden[a:b]).float()
+        log_q = torch.log_softmax(logits, dim=-1)
+        m = mask[a:b]
+        sums["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
+        sums["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
+        log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
+        sums["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
+        log_p = teacher.topk_logprobs[a:b].float()
+        kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
+        sums["kl_to_teacher"] += float((kl * m).sum())
+    return sums
+
+
 @torch.no_grad()
-def evaluate(student: StudentPositions, head: nn.Module, loss_fn: KDLoss, batches, device, autocast) -> dict[str, float]:
-    """Held-out metrics over supervised positions: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on
-    its renormalised top-k (``kl_to_teacher``, comparable across losses), CE/perplexity on the actual
-    tokens, top-1 agreement with the teacher, student mass on the teacher's support."""
-    totals = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0}
-    count = 0.0
+def evaluate(module: nn.Module, batches, device, autocast) -> dict[str, float]:
+    """Held-out metrics (see :func:`heldout_sums`) averaged over supervised positions, plus perplexity.
+
+    Under several processes every rank runs the same number of batches (the smallest share: forward
+    passes are collective under FSDP and DDP) and the sums are added across ranks.
+    """
+    batches = list(batches)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        count = torch.tensor(len(batches))
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        batches = batches[: int(count)]
+    totals = dict.fromkeys(("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", "positions"), 0.0)
     for batch in batches:
-        teacher = teacher_targets(batch, device)
         with autocast:
-            hidden = student(**student_inputs(batch, device))
-        mask = teacher.mask.float()
-        n = float(mask.sum())
-        if n == 0:
-            continue
-        kd = loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd
-        for a in range(0, hidden.shape[0], 1024):  # full logits for the metrics, 1024 positions at a time
-            b = a + 1024
-            logits = head(hidden[a:b]).float()
-            log_q = torch.log_softmax(logits, dim=-1)
-            m = mask[a:b]
-            totals["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
-            totals["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
-            log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
-            totals["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
-            log_p = teacher.topk_logprobs[a:b].float()
-            kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
-            totals["kl_to_teacher"] += float((kl * m).sum())
-        totals["kd"] += float(kd) * n
-        count += n
+            sums = module(student_inputs(batch, device), teacher_targets(batch, device), metrics=True)
+        for key, value in sums.items():
+            totals[key] += value
+    if distributed:
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64)
+        dist.all_reduce(summed)
+        totals = dict(zip(totals, summed.tolist()))
+    count = totals.pop("positions")
     metrics = {key: value / max(count, 1.0) for key, value in totals.items()}
-    metrics["perplexity"] = math.exp(min(metrics["ce"], 50.0))
+    metrics["perplexity"] = math.exp(min(metrics.get("ce", 0.0), 50.0))
     metrics["positions"] = count
     return metrics
 
@@ -188,14 +214,18 @@ def distill(config: DistillConfig) -> RunSummary:
     header = check_shard_dirs(config.shards)
     files = list_files(config.shards)
     tokenizer = AutoTokenizer.from_pretrained(config.student)
-    model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32).to(device)
+    checkpoints = output / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if config.resume else None
+    if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
+        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    model = AutoModelForCausalLM.from_pretrained(resume_from or config.student, dtype=torch.float32).to(device)
     notes = check_student(header, tokenizer, model, config)
     if config.support == "renormalized" and config.kd_ratio == 1.0:
         notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
                      "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # read for its size only; used inside DistillModule
     loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
     sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
@@ -216,24 +246,27 @@ def distill(config: DistillConfig) -> RunSummary:
         raise TrainingError(f"no training rows for {world} process(es) in {config.shards}")
     total_steps = config.max_steps or max(batches_per_epoch * config.epochs // config.grad_accum, 1)
 
-    # --- 3. optimiser, schedule, resume ------------------------------------------------------------
-    student = StudentPositions(model)
-    wrapped = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    # --- 3. parallel wrapping, optimiser, schedule, resume ---------------------------------------------
+    module = DistillModule(model, loss_fn, sparse)
+    fsdp = world > 1 and config.parallel == "fsdp"
+    if fsdp:  # shard every decoder layer, then the rest; the loss runs inside the sharded forward
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model, model.base_model_prefix).layers:
+            fully_shard(layer)
+        fully_shard(module)
+    wrapped = nn.parallel.DistributedDataParallel(module) if world > 1 and not fsdp else module
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, config))
     step, epoch, consumed, tokens = 0, 0, 0, 0
-    checkpoints = output / "checkpoints"
-    if config.resume and (path := latest_checkpoint(checkpoints)) is not None:
-        state = load_trainer_state(path)
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        load_optimizer_state(module, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         if loss_fn.schedule is not None:
             loss_fn.schedule.load_state_dict(state["loss_schedule"])
         step, epoch, consumed, tokens = state["step"], state["epoch"], state["consumed"], state["tokens"]
         set_rng_state(state["rng"])
-    elif rank == 0 and checkpoints.exists() and not config.resume and latest_checkpoint(checkpoints) is not None:
-        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "distill_config.toml")
@@ -258,12 +291,13 @@ def distill(config: DistillConfig) -> RunSummary:
             yield batch
 
     def checkpoint() -> None:
+        weights, optimizer_state = full_states(module, optimizer, fsdp)  # collective under FSDP
         if rank == 0:
             save_checkpoint(checkpoints, step, model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "consumed": consumed, "tokens": tokens,
                 "loss_schedule": loss_fn.schedule.state_dict() if loss_fn.schedule else None,
-            }, config.keep_checkpoints)
+            }, config.keep_checkpoints, weights=weights)
         if world > 1:
             dist.barrier()
 
@@ -286,11 +320,11 @@ def distill(config: DistillConfig) -> RunSummary:
                 batch = next(batches)
                 consumed += 1
                 teacher = teacher_targets(batch, device)
-                sync = nullcontext() if world == 1 or micro == config.grad_accum - 1 else wrapped.no_sync()
+                last_micro = micro == config.grad_accum - 1
+                sync = wrapped.no_sync() if world > 1 and not fsdp and not last_micro else nullcontext()
                 with sync:
                     with autocast:
-                        hidden = wrapped(**student_inputs(batch, device))
-                    out = loss_fn(student_output(hidden, head, sparse), teacher, progress=(step, total_steps))
+                        out = wrapped(student_inputs(batch, device), teacher, progress=(step, total_steps))
                     if not torch.isfinite(out.loss):
                         raise TrainingError(
                             f"non-finite loss at step {step + 1} (samples {batch['sample_ids'][:8]}, files "
@@ -315,7 +349,7 @@ def distill(config: DistillConfig) -> RunSummary:
                                     "tokens_per_s": speed})
             if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
                 model.eval()
-                last_eval = evaluate(student, head, loss_fn, heldout_batches(), device, autocast)
+                last_eval = evaluate(wrapped, heldout_batches(), device, autocast)
                 if metrics_file:
                     _log(metrics_file, {"step": step, "eval": last_eval})
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
@@ -326,15 +360,40 @@ def distill(config: DistillConfig) -> RunSummary:
             metrics_file.close()
 
     # --- 5. the final model ---------------------------------------------------------------------------
+    weights, _ = full_states(module, None, fsdp)
     if rank == 0:
         final = output / "model"
-        model.save_pretrained(final)
+        model.save_pretrained(final, state_dict=weights)
         tokenizer.save_pretrained(final)
     if world > 1:
         dist.barrier()
     return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
                       final_loss=last_loss, eval=last_eval, heldout=heldout,
                       bad_files=data.bad_files, sparse_head=sparse)
+
+
+def full_states(module: DistillModule, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
+    """(full model state dict for ``save_pretrained`` or None = the model's own, optimizer state).
+
+    Under FSDP both are gathered from the shards (every rank must call this) into rank 0's CPU memory.
+    """
+    if not fsdp:
+        return None, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer is not None else None
+    return weights, optimizer_state
+
+
+def load_optimizer_state(module: DistillModule, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _log(file, payload: dict[str, Any]) -> None:

@@ -120,18 +120,29 @@ def test_non_finite_loss_stops_with_step_and_samples(tiny_shards, tiny_models, t
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run"))
 
 
-@pytest.mark.slow
-def test_two_processes_with_gloo(tiny_shards, tiny_models, tmp_path):
-    """torchrun with 2 CPU processes: same steps on both ranks, one final model."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+def torchrun(tiny_shards, tiny_models, output, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29600 + hash(str(output)) % 300),
                "-m", "amid_pipeline", "distill", "--shards", str(tiny_shards), "--student", str(tiny_models["student"]),
-               "--output", str(tmp_path / "ddp"), "--batch-size", "2", "--max-steps", "4", "--eval-every", "2",
-               "--save-every", "2", "--eval-batches", "1", "--no-progress"]
+               "--output", str(output), "--batch-size", "2", "--max-steps", "4", "--eval-every", "2",
+               "--save-every", "2", "--eval-batches", "1", "--no-progress", "--seed", "3", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    assert (tmp_path / "ddp" / "model" / "config.json").exists()
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_and_fsdp_agree(tiny_shards, tiny_models, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP and FSDP take the same steps to the same weights."""
+    ddp = torchrun(tiny_shards, tiny_models, tmp_path / "ddp")
+    assert "2 process(es)" in ddp.stdout
+    torchrun(tiny_shards, tiny_models, tmp_path / "fsdp", "--parallel", "fsdp")
+    a, b = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "fsdp" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    resumed = torchrun(tiny_shards, tiny_models, tmp_path / "fsdp", "--parallel", "fsdp", "--resume")  # from step 4
+    assert resumed.returncode == 0 and (tmp_path / "fsdp" / "checkpoints" / "step-000004").is_dir()
 
 
 def test_eval_shards_replace_the_heldout_fraction(tiny_shards, tiny_models, tmp_path):

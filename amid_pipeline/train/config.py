@@ -46,6 +46,7 @@ class DistillConfig:
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")
+    tensorboard: bool = setting(True, "Also write TensorBoard events to RUN_DIR/tensorboard when the tensorboard package is installed.")
     log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
     progress: bool = setting(True, "Show a progress bar.")
 

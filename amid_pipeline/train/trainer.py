@@ -305,7 +305,7 @@ def distill(config: DistillConfig) -> RunSummary:
     data, batches = train_batches(epoch, consumed)
     batches_per_epoch = epoch_batches(epoch)
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress or rank != 0, unit="step", desc="distill")
-    metrics_file = open(output / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    metrics_file = MetricsLog(output, tensorboard=config.tensorboard) if rank == 0 else None
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
     try:
         while step < total_steps:
@@ -344,14 +344,14 @@ def distill(config: DistillConfig) -> RunSummary:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{speed:,.0f}")
             if metrics_file and (step % config.log_every == 0 or step == total_steps):
-                _log(metrics_file, {"step": step, "epoch": epoch, "loss": step_loss, "kd": step_kd,
+                metrics_file.write({"step": step, "epoch": epoch, "loss": step_loss, "kd": step_kd,
                                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
                                     "tokens_per_s": speed})
             if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
                 model.eval()
                 last_eval = evaluate(wrapped, heldout_batches(), device, autocast)
                 if metrics_file:
-                    _log(metrics_file, {"step": step, "eval": last_eval})
+                    metrics_file.write({"step": step, "eval": last_eval})
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
                 checkpoint()
     finally:
@@ -396,9 +396,34 @@ def load_optimizer_state(module: DistillModule, optimizer, state: dict, fsdp: bo
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _log(file, payload: dict[str, Any]) -> None:
-    file.write(json.dumps(payload) + "\n")
-    file.flush()
+class MetricsLog:
+    """``RUN_DIR/metrics.jsonl`` (one JSON object per line, always) and TensorBoard event files under
+    ``RUN_DIR/tensorboard`` when the ``tensorboard`` package is installed (``tensorboard`` setting on)."""
+
+    def __init__(self, output: Path, tensorboard: bool) -> None:
+        self.file = open(output / "metrics.jsonl", "a", encoding="utf-8")
+        self.board = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.board = SummaryWriter(str(output / "tensorboard"))
+
+    def write(self, payload: dict[str, Any]) -> None:
+        self.file.write(json.dumps(payload) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            scalars = payload.get("eval", payload)
+            prefix = "eval/" if "eval" in payload else "train/"
+            for key, value in scalars.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.board.add_scalar(prefix + key, value, payload["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -153,3 +153,28 @@ def test_eval_shards_replace_the_heldout_fraction(tiny_shards, tiny_models, tmp_
 
     supervised = sum(int(r.loss_mask.sum()) for r in ShardReader(tiny_shards))
     assert summary.eval["positions"] == supervised  # every supervised position of the eval shards
+
+
+def test_tensorboard_scalars_when_installed(tiny_shards, tiny_models, tmp_path, monkeypatch):
+    """With a SummaryWriter importable, train and eval scalars go to it beside metrics.jsonl."""
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=2, eval_every=2))
+    assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard")) and written[-1][0] == "closed"
+    assert ("train/loss", 1) in written and ("train/loss", 2) in written and ("eval/kl_to_teacher", 2) in written
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: JSON lines only
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "plain", max_steps=1))
+    assert (tmp_path / "plain" / "metrics.jsonl").exists()

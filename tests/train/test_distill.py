@@ -178,3 +178,34 @@ def test_tensorboard_scalars_when_installed(tiny_shards, tiny_models, tmp_path, 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: JSON lines only
     distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "plain", max_steps=1))
     assert (tmp_path / "plain" / "metrics.jsonl").exists()
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_shards, tiny_models, tmp_path, monkeypatch):
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=3, save_every=3))
+    import amid_pipeline.train.checkpoint as checkpoint
+
+    original = torch.save
+
+    def killed_while_writing(obj, path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies half way through the next checkpoint
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=6, save_every=3,
+                            resume=True))
+    monkeypatch.setattr(checkpoint.torch, "save", original)
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 3 and (tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.pt").exists()
+    resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=6, save_every=3,
+                                  resume=True))
+    assert resumed.steps == 6
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_shards, tiny_models, tmp_path):
+    plain = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "a", max_steps=2))
+    checkpointed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "b", max_steps=2,
+                                       gradient_checkpointing=True))
+    assert checkpointed.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

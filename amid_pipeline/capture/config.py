@@ -20,6 +20,7 @@ class CaptureConfig:
     dataset: Optional[str] = setting(None, "Dataset: a JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id.", required=True)
     output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
     split: str = setting("train", "Dataset split to read.")
+    dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
     start: int = setting(0, "First row of the split to use.", minimum=0)
     limit: Optional[int] = setting(None, "Use at most this many rows from --start (default: all).", minimum=1)
     data_format: str = setting("auto", "How rows become token sequences: text (all tokens supervised), prompt_response (response supervised), messages (chat template; assistant turns supervised), tokens (pre-tokenized input_ids with optional loss_mask); auto picks by the fields present.", choices=DATA_FORMATS)

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from amid_pipeline.capture.backends import make_backend
 from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
+from amid_pipeline.shards.card import write_dataset_card
 from amid_pipeline.shards.manifest import (
     FileRecord,
     fsync_dir,
@@ -35,7 +38,7 @@ from amid_pipeline.shards.manifest import (
     worker_manifest_name,
     write_manifest,
 )
-from amid_pipeline.shards.schema import MANIFEST_NAME, TeacherRow
+from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError, TeacherRow
 from amid_pipeline.shards.writer import ShardWriter
 
 
@@ -169,6 +172,7 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> d
             "limit": config.limit,
             "format": fmt,
             "fingerprint": getattr(rows, "_fingerprint", None),
+            "license": config.dataset_license,
         },
         positions=config.positions,
         config=comparable_settings(config),
@@ -250,7 +254,12 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
         bar.close()
 
     files = [FileRecord(**e["file"]) for e in _read_journal_entries(journal) if e.get("file")]
-    write_manifest(output, header, files, name=manifest_name, stats={"skipped": summary.skipped, "truncated": summary.truncated})
+    write_manifest(output, header, files, name=manifest_name,
+                   stats={"skipped": summary.skipped, "truncated": summary.truncated, "command": shlex.join(sys.argv)})
+    try:  # the card describes the whole directory: written by whichever worker completes it
+        write_dataset_card(output)
+    except FormatError:
+        pass  # other workers have not finished yet
     summary.seconds = time.perf_counter() - started
     return summary
 

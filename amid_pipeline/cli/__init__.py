@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from amid_pipeline.cli import cache_teacher_cmd, distill_cmd
+from amid_pipeline.cli.compat_cmd import compat
 from amid_pipeline.cli.eval_cmd import eval_model
 from amid_pipeline.cli.init_student_cmd import init_student
 from amid_pipeline.cli.inspect_cmd import inspect
@@ -30,6 +31,7 @@ app.command()(plot)
 app.command("init-student")(init_student)
 app.command("eval")(eval_model)
 app.command()(quickstart)
+app.command()(compat)
 
 
 def main() -> None:

@@ -73,27 +73,29 @@ class RunSummary:
     sparse_head: bool
 
 
-def check_student(manifest_header: dict, tokenizer, model, config: DistillConfig) -> list[str]:
+def check_student(manifest_header: dict, tokenizer, head_size: int, student_name: str) -> list[str]:
     """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
     shard_tok = manifest_header["tokenizer"]
     student_tok = tokenizer_fingerprint(tokenizer)
-    head = model.get_output_embeddings().weight.shape[0]
     if student_tok["fingerprint"] != shard_tok.get("fingerprint"):
         raise TrainingError(
-            f"student tokenizer ({config.student}: {student_tok['vocab_size']} tokens, fingerprint "
+            f"student tokenizer ({student_name}: {student_tok['vocab_size']} tokens, fingerprint "
             f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header['teacher'].get('name_or_path')}: "
             f"{shard_tok.get('vocab_size')} tokens, fingerprint {str(shard_tok.get('fingerprint'))[:12]}); "
             f"the student must use the teacher's tokenizer"
         )
-    if head < shard_tok.get("vocab_size", 0):
-        raise TrainingError(f"student head has {head} outputs but the tokenizer has {shard_tok['vocab_size']} tokens")
+    if head_size < shard_tok.get("vocab_size", 0):
+        raise TrainingError(f"student head has {head_size} outputs but the tokenizer has {shard_tok['vocab_size']} tokens")
     notes = []
-    if head > student_tok["vocab_size"]:
-        notes.append(f"student head has {head} outputs for {student_tok['vocab_size']} tokens (padded head: fine, "
+    if head_size > student_tok["vocab_size"]:
+        notes.append(f"student head has {head_size} outputs for {student_tok['vocab_size']} tokens (padded head: fine, "
                      f"the extra outputs are never targets)")
-    if head < manifest_header["model_vocab_size"]:
-        notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head}: ids beyond the "
+    if head_size < manifest_header["model_vocab_size"]:
+        notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head_size}: ids beyond the "
                      f"student head would be refused per sample")
+    if student_tok["chat_template_sha256"] != shard_tok.get("chat_template_sha256"):
+        notes.append("the student's chat template differs from the teacher's: fine for training on these shards, "
+                     "but prompt the student with the template the shards were rendered with")
     return notes
 
 
@@ -219,7 +221,7 @@ def distill(config: DistillConfig) -> RunSummary:
     if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
         raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
     model = AutoModelForCausalLM.from_pretrained(resume_from or config.student, dtype=torch.float32).to(device)
-    notes = check_student(header, tokenizer, model, config)
+    notes = check_student(header, tokenizer, model.get_output_embeddings().weight.shape[0], config.student)
     if config.support == "renormalized" and config.kd_ratio == 1.0:
         notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
                      "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")

@@ -220,3 +220,24 @@ def test_tokenizer_larger_than_the_model_head_is_explained(tiny_models, tmp_path
         run_capture(load_config(CaptureConfig, None, {"teacher": str(mismatched), "dataset": str(data),
                                                        "output": str(tmp_path / "out"), "backend": "hf", "k": 4}))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_dataset_card_and_datasets_loading(tiny_models, tmp_path):
+    import datasets
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    capture(tiny_models, tmp_path, data, dataset_license="cc0-1.0")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nlicense: cc0-1.0\n") and "path: data/*.parquet" in card
+    assert str(tiny_models["teacher"]) in card and "top-8" in card and "| rows | 4 |" in card
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert sorted(loaded["sample_id"]) == [r.sample_id for r in ShardReader(tmp_path / "out")]
+    assert verify_directory(tmp_path / "out").ok
+
+
+def test_the_last_worker_to_finish_writes_the_card(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(5)])
+    capture(tiny_models, tmp_path, data, num_workers=2, worker_index=1)
+    assert not (tmp_path / "out" / "README.md").exists()
+    capture(tiny_models, tmp_path, data, num_workers=2, worker_index=0)
+    assert "| rows | 5 |" in (tmp_path / "out" / "README.md").read_text()

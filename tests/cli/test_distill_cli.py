@@ -47,3 +47,16 @@ def test_init_student_keeps_every_nth_layer_and_the_tokenizer(tiny_models, tmp_p
     assert (tmp_path / "s" / "tokenizer.json").read_text() == (tiny_models["teacher"] / "tokenizer.json").read_text()
     again = runner.invoke(app, ["init-student", str(tiny_models["teacher"]), str(tmp_path / "s")])
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_compat_accepts_the_padded_student_and_refuses_another_tokenizer(tiny_shards, tiny_models, tmp_path):
+    result = runner.invoke(app, ["compat", str(tiny_shards), str(tiny_models["student"])])
+    assert result.exit_code == 0, result.output
+    assert "compatible:" in result.output and "padded head" in result.output
+    from tests.conftest import _load_data_module
+
+    tiny = _load_data_module("tiny_models")
+    other = tiny.build_model(tmp_path / "other", tiny.build_tokenizer(tmp_path / "tok", vocab_size=300), layers=1, seed=2)
+    result = runner.invoke(app, ["compat", str(tiny_shards), str(other)])
+    assert result.exit_code == 1
+    assert "incompatible: student tokenizer" in result.output and "300 tokens" in result.output and "512 tokens" in result.output

@@ -1,0 +1,95 @@
+"""The dataset card (README.md with the standard metadata header) of a finished shard directory.
+
+Generated from the manifest and a statistics pass, so that the directory can be shared as it is (for
+example uploaded to the HF Hub as a dataset) and read without this tool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amid_pipeline.shards.manifest import load_manifest, write_text_atomic
+from amid_pipeline.shards.schema import DATA_DIR, FORMAT_VERSION
+from amid_pipeline.shards.stats import collect_stats
+
+CARD_NAME = "README.md"
+
+
+def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    header, stats = manifest.header, collect_stats(directory, max_rows=max_rows).summary()
+    teacher, tokenizer, dataset = header["teacher"], header["tokenizer"], header.get("dataset", {})
+    licence = dataset.get("license") or "other"
+    command = manifest.stats.get("command", "(not recorded)")
+    quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
+    return f"""---
+license: {licence}
+tags:
+- knowledge-distillation
+- teacher-logits
+- amid-pipeline
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {DATA_DIR}/*.parquet
+---
+
+# Teacher top-{header['k']} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
+
+Cached teacher targets for offline knowledge distillation, written by amid-pipeline (shard format
+{header['format_version']}). One row per sequence: the token ids, the stored positions and their loss
+mask, and at each stored position the teacher's top-{header['k']} token ids with log-probabilities
+normalised over the full vocabulary, plus the log-probability and rank of the actual next token.
+
+| | |
+|---|---|
+| teacher | `{teacher.get('name_or_path')}` (weights fingerprint `{str(teacher.get('weights_sha256'))[:16]}`, dtype {teacher.get('dtype')}) |
+| tokenizer | fingerprint `{str(tokenizer.get('fingerprint'))[:16]}`, {tokenizer.get('vocab_size')} tokens; model head {header['model_vocab_size']} |
+| targets | top-{header['k']}, value encoding `{header['value_encoding']}`, {header.get('positions')} positions, max length {header.get('max_length')} |
+| capture backend | {header['backend'].get('name')} {header['backend'].get('version', '')} |
+| source data | `{dataset.get('source')}`, split `{dataset.get('split')}`, rows from {dataset.get('start')} (limit {dataset.get('limit')}), format {dataset.get('format')} |
+| source licence | {licence} |
+
+## Statistics
+
+| | |
+|---|---|
+| rows | {stats['rows']:,} |
+| stored positions | {stats['stored_positions']:,} (supervised {stats['supervised_positions']:,}) |
+| bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per top-k entry) |
+| teacher mass on the stored top-{header['k']} | mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles} |
+| actual next token outside the top-{header['k']} | {stats['target_outside_topk']:.2%} |
+
+## How it was made
+
+```bash
+{command}
+```
+
+## How to load
+
+With amid-pipeline (checks, decodes, streams):
+
+```python
+from amid_pipeline.shards.reader import ShardReader
+for row in ShardReader("."):   # row.topk_ids [P, k], row.topk_logprobs [P, k], ...
+    ...
+```
+
+```bash
+amid-pipeline verify .          # sha256 and value checks of every file
+amid-pipeline distill --shards . --student STUDENT --output RUN
+```
+
+With `datasets`: `load_dataset("parquet", data_files="{DATA_DIR}/*.parquet", split="train")`.
+With any Parquet reader: `pyarrow.parquet.read_table("{DATA_DIR}")`; decode `topk_logprobs` under
+`{header['value_encoding']}` as described in the amid-pipeline README (format {FORMAT_VERSION}, "Value encodings").
+"""
+
+
+def write_dataset_card(directory: str | Path) -> Path:
+    path = Path(directory) / CARD_NAME
+    write_text_atomic(path, dataset_card(directory))
+    return path

@@ -58,9 +58,8 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Ite
     for name in COLUMNS[1:]:
         column = table.column(name)
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        start = array.offsets[0].as_py() if len(array) else 0
-        offsets[name] = array.offsets.to_numpy() - start
-        flat[name] = array.flatten().to_numpy(zero_copy_only=False)
+        offsets[name] = array.offsets.to_numpy()  # indexes into .values (zero-copy, unlike flatten())
+        flat[name] = array.values.to_numpy(zero_copy_only=False)
     topk_logprobs = decode_topk_logprobs(flat["topk_logprobs"], k, encoding)
     target_logprob = decode_target_logprobs(flat["target_logprob"], encoding)
     ids = table.column("sample_id").to_pylist()

@@ -51,7 +51,7 @@ def field_type(cls: type, field: dataclasses.Field) -> tuple[type, bool]:
 def _check_value(cls: type, field: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
     base, optional = field_type(cls, field)
     meta = field.metadata
-    if value is None:
+    if value is None or (meta.get("required") and value in ([], {})):
         if meta.get("required"):
             return value, f"{field.name}: required ({meta['help']})"
         return value, None if optional else f"{field.name}: must be set"

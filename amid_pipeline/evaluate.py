@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from amid_pipeline.losses import KDLoss
+from amid_pipeline.models import model_source
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.trainer import DistillModule, evaluate
 
@@ -23,6 +24,7 @@ from amid_pipeline.train.trainer import DistillModule, evaluate
 def load_model(path: str | Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = model_source(path, "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 

@@ -30,6 +30,18 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def model_source(name: str | os.PathLike, role: str) -> str:
+    """``name`` as given to ``from_pretrained``, refusing a local-looking path that does not exist (which
+    transformers would otherwise report as a malformed hub id). ``role`` names it in the message."""
+    text = os.path.expanduser(str(name))
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1  # "org/name" may be a hub id
+    if looks_local and not Path(text).is_dir():
+        raise FileNotFoundError(f"{role} {name}: no such model folder")
+    if Path(text).is_dir() and not (Path(text) / "config.json").exists():
+        raise FileNotFoundError(f"{role} {name}: not an HF model folder (no config.json)")
+    return text
+
+
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     """Identity of a tokenizer: a hash over its vocabulary (token -> id) and special tokens.
 
@@ -141,6 +153,7 @@ def init_student(teacher: str | os.PathLike, output: str | os.PathLike, *, keep_
 
     if keep_every < 1:
         raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    teacher = model_source(teacher, "teacher")
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     base = getattr(model, model.base_model_prefix)
     if not hasattr(base, "layers"):

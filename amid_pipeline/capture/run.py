@@ -28,7 +28,7 @@ from typing import Any
 from amid_pipeline.capture.backends import make_backend
 from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
-from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
+from amid_pipeline.models import model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import write_dataset_card
 from amid_pipeline.shards.manifest import (
     FileRecord,
@@ -188,8 +188,8 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    config = dataclasses.replace(config, **{name: os.path.expanduser(getattr(config, name))
-                                            for name in ("teacher", "dataset", "output")})
+    config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
+                                 **{name: os.path.expanduser(getattr(config, name)) for name in ("dataset", "output")})
     output = Path(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)

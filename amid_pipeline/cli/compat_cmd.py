@@ -25,9 +25,12 @@ def compat(
         from amid_pipeline.train.trainer import TrainingError, check_student
 
         header = load_manifest(shards).header
+        from amid_pipeline.models import model_source
+
+        source = model_source(student, "student")  # a missing folder is reported as such
         try:
-            tokenizer = AutoTokenizer.from_pretrained(student)
-            config = AutoConfig.from_pretrained(student)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
         except OSError as exc:
             raise UserError(f"cannot read student {student}: {exc}") from exc
         head = int(config.get_text_config().vocab_size)

@@ -28,8 +28,11 @@ def eval_model(
 
         if generate and data is None:
             raise UserError("--generate needs --data (a JSONL file with prompt and response fields)")
+        from amid_pipeline.models import model_source
+
+        source = model_source(model, "model")  # a missing folder is reported as such
         try:
-            loaded, tokenizer = load_model(model)
+            loaded, tokenizer = load_model(source)
         except OSError as exc:
             raise UserError(f"cannot load model {model}: {exc}") from exc
         metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches)

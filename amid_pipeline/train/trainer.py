@@ -27,7 +27,7 @@ from torch import nn
 
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
-from amid_pipeline.models import tokenizer_fingerprint
+from amid_pipeline.models import model_source, tokenizer_fingerprint
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import DistillConfig
@@ -215,7 +215,7 @@ def distill(config: DistillConfig) -> RunSummary:
     # --- 2. shards, student, checks ------------------------------------------------------------
     header = check_shard_dirs(config.shards)
     files = list_files(config.shards)
-    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(config.student, "student"))
     checkpoints = output / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:

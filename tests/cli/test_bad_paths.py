@@ -1,0 +1,26 @@
+"""A missing or wrong path, or a missing required setting: one line naming it, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from amid_pipeline.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["distill", "--student", "{student}", "--output", "{tmp}/run"], "shards: required"),
+    (["distill", "--shards", "{shards}", "--student", "{tmp}/nope", "--output", "{tmp}/run"], "student {tmp}/nope: no such model folder"),
+    (["cache-teacher", "--teacher", "{tmp}/nope", "--dataset", "{tmp}/d.jsonl", "--output", "{tmp}/o"], "teacher {tmp}/nope: no such model folder"),
+    (["cache-teacher", "--teacher", "{tmp}", "--dataset", "{tmp}/d.jsonl", "--output", "{tmp}/o"], "not an HF model folder (no config.json)"),
+    (["eval", "{tmp}/nope", "--shards", "{shards}"], "model {tmp}/nope: no such model folder"),
+    (["compat", "{shards}", "{tmp}/nope"], "student {tmp}/nope: no such model folder"),
+    (["init-student", "{tmp}/nope", "{tmp}/s"], "teacher {tmp}/nope: no such model folder"),
+])
+def test_bad_paths_fail_in_one_line(tiny_shards, tiny_models, tmp_path, args, message):
+    fill = {"student": str(tiny_models["student"]), "shards": str(tiny_shards), "tmp": str(tmp_path)}
+    result = runner.invoke(app, [a.format(**fill) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message.format(**fill) in result.output and "Traceback" not in result.output

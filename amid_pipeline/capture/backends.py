@@ -66,17 +66,23 @@ class HFBackend:
         return out
 
     @torch.no_grad()
-    def generate(self, prompt: np.ndarray, config, *, seed: int, eos_token_id: int | None) -> list[np.ndarray]:
-        """``config.num_generations`` sampled responses to ``prompt`` (each ends at EOS, kept)."""
-        torch.manual_seed(seed)
+    def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
+                 eos_token_id: int | None) -> list[list[np.ndarray]]:
+        """``config.num_generations`` sampled responses per prompt (each ends at EOS, kept); prompt i is
+        sampled with ``seeds[i]``, one prompt at a time (the reference backend)."""
+        out = []
         sample = config.temperature > 0
-        out = self.model.generate(
-            torch.as_tensor(prompt[None].astype(np.int64), device=self.device),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=self.device),
-            do_sample=sample, temperature=config.temperature if sample else None, top_p=config.top_p if sample else None,
-            top_k=None, max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_generations,
-            eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0)
-        return [_cut_at_eos(seq[len(prompt):].cpu().numpy().astype(np.int32), eos_token_id) for seq in out]
+        for prompt, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)
+            sequences = self.model.generate(
+                torch.as_tensor(prompt[None].astype(np.int64), device=self.device),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=self.device),
+                do_sample=sample, temperature=config.temperature if sample else None,
+                top_p=config.top_p if sample else None, top_k=None, max_new_tokens=config.max_new_tokens,
+                num_return_sequences=config.num_generations, eos_token_id=eos_token_id,
+                pad_token_id=eos_token_id if eos_token_id is not None else 0)
+            out.append([_cut_at_eos(seq[len(prompt):].cpu().numpy().astype(np.int32), eos_token_id) for seq in sequences])
+        return out
 
     def _score_batch(self, batch: list[np.ndarray]) -> list[Scores]:
         longest = max(len(s) for s in batch)
@@ -161,16 +167,21 @@ class VLLMBackend:
         outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
         return [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
 
-    def generate(self, prompt: np.ndarray, config, *, seed: int, eos_token_id: int | None) -> list[np.ndarray]:
-        """``config.num_generations`` sampled responses to ``prompt`` (stopping at EOS, kept)."""
+    def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
+                 eos_token_id: int | None) -> list[list[np.ndarray]]:
+        """``config.num_generations`` sampled responses per prompt (stopping at EOS, kept), all prompts in
+        one engine call so that vLLM batches them; prompt i is sampled with ``seeds[i]``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-                                max_tokens=config.max_new_tokens, seed=seed, detokenize=False,
-                                stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
-        (output,) = self.engine.generate([TokensPrompt(prompt_token_ids=[int(t) for t in prompt])], params, use_tqdm=False)
-        return [_cut_at_eos(np.asarray(c.token_ids, dtype=np.int32), eos_token_id) for c in output.outputs]
+        params = [SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                                 max_tokens=config.max_new_tokens, seed=seed, detokenize=False,
+                                 stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
+                  for seed in seeds]
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompt]) for prompt in prompts]
+        outputs = self.engine.generate(requests, params, use_tqdm=False)
+        return [[_cut_at_eos(np.asarray(c.token_ids, dtype=np.int32), eos_token_id) for c in output.outputs]
+                for output in outputs]
 
     def _convert(self, flat, length: int) -> Scores:
         """Flat logprobs -> arrays, vectorised. vLLM index t + 1 is our prediction position t.

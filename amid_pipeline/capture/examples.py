@@ -218,19 +218,32 @@ def _tokenize_chat(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
 def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: CaptureConfig,
                   skipped: dict[str, int], backend=None) -> Iterator[list[Example]]:
     """The examples of each row (``indices``: the rows' positions in the selected range); skips are
-    counted. With ``config.generate`` the backend samples the responses."""
+    counted. With ``config.generate`` the backend samples the responses of all these rows in one call."""
+    if config.generate:
+        yield from _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend)
+        return
     for index, row in zip(indices, rows):
         try:
-            if not config.generate:
-                yield row_examples(row, config.start + index, fmt, tokenizer, config)
-                continue
-            prompt = row_prompt(row, fmt, tokenizer, config)
-            if len(prompt) + config.max_new_tokens > config.max_length:
-                raise SkipRow("prompt + max_new_tokens longer than max_length")
-            responses = backend.generate(prompt, config, seed=config.seed + config.start + index,
-                                         eos_token_id=tokenizer.eos_token_id)
-            sample_id = str(row[config.id_field]) if config.id_field else f"row-{config.start + index}"
-            yield generated_examples(sample_id, prompt, responses)
+            yield row_examples(row, config.start + index, fmt, tokenizer, config)
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             yield []
+
+
+def _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend) -> Iterator[list[Example]]:
+    prompts: list[tuple[int, str, np.ndarray] | None] = []
+    for index, row in zip(indices, rows):
+        try:
+            prompt = row_prompt(row, fmt, tokenizer, config)
+            if len(prompt) + config.max_new_tokens > config.max_length:
+                raise SkipRow("prompt + max_new_tokens longer than max_length")
+            sample_id = str(row[config.id_field]) if config.id_field else f"row-{config.start + index}"
+            prompts.append((config.start + index, sample_id, prompt))
+        except SkipRow as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+            prompts.append(None)
+    kept = [p for p in prompts if p is not None]
+    responses = iter(backend.generate([p[2] for p in kept], config, seeds=[config.seed + p[0] for p in kept],
+                                      eos_token_id=tokenizer.eos_token_id) if kept else [])
+    for item in prompts:
+        yield [] if item is None else generated_examples(item[1], item[2], next(responses))

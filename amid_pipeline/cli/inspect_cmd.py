@@ -22,9 +22,7 @@ def inspect(
 
     def run() -> None:
         stats = collect_stats(directory, max_rows=max_rows)
-        from amid_pipeline.shards.manifest import load_manifest
-
-        header = load_manifest(directory).header
+        header = stats.header
         summary = {
             "teacher": header["teacher"].get("name_or_path"),
             "backend": f"{header['backend'].get('name')} {header['backend'].get('version', '')}".strip(),

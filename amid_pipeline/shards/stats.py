@@ -19,8 +19,10 @@ QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 @dataclasses.dataclass
 class ShardStats:
+    header: dict
     rows: int
-    tokens: int
+    rows_read: int  # rows the coverage and rank statistics were computed on (all, or the first --max-rows)
+    tokens_read: int
     positions: int
     supervised: int
     bytes: int
@@ -46,7 +48,8 @@ class ShardStats:
         ) else {}
         return {
             "rows": self.rows,
-            "tokens": self.tokens,
+            "rows_read_for_statistics": self.rows_read,
+            "tokens_in_rows_read": self.tokens_read,
             "stored_positions": self.positions,
             "supervised_positions": self.supervised,
             "bytes": self.bytes,
@@ -63,17 +66,20 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
     """Stream the directory (or its first ``max_rows`` rows) and gather coverage and rank statistics."""
     reader = ShardReader(directory)
     coverage, ranks = [], []
-    tokens = 0
-    for index, row in enumerate(reader):
-        if max_rows is not None and index >= max_rows:
+    tokens = rows_read = 0
+    for row in reader:
+        if max_rows is not None and rows_read >= max_rows:
             break
+        rows_read += 1
         tokens += len(row.input_ids)
         coverage.append(np.exp(row.topk_logprobs.astype(np.float64)).sum(axis=1))
         ranks.append(row.target_rank)
     totals = reader.manifest.totals
     return ShardStats(
+        header=reader.manifest.header,
         rows=totals["rows"],
-        tokens=tokens,
+        rows_read=rows_read,
+        tokens_read=tokens,
         positions=totals["positions"],
         supervised=totals["supervised_tokens"],
         bytes=totals["bytes"],

@@ -26,7 +26,9 @@ def test_inspect_prints_summary_and_plot(shard_dir, tmp_path):
     assert plot.stat().st_size > 1000
     as_json = json.loads(runner.invoke(app, ["inspect", str(shard_dir), "--json"]).output)
     assert as_json["rows"] == 20 and as_json["k"] == 8
-    assert 0 < as_json["topk_mass_mean"] <= 1
+    assert 0 < as_json["topk_mass_mean"] <= 1 and as_json["rows_read_for_statistics"] == 20
+    sampled = json.loads(runner.invoke(app, ["inspect", str(shard_dir), "--json", "--max-rows", "3"]).output)
+    assert sampled["rows"] == 20 and sampled["rows_read_for_statistics"] == 3
 
 
 def test_inspect_of_a_non_shard_directory_fails_in_one_line(tmp_path):

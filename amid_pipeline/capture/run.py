@@ -5,8 +5,8 @@ Partition and resume are pure functions of the settings:
 - worker ``I`` of ``N`` takes the rows whose index in the selected range is ``I (mod N)``;
 - its ``j``-th chunk is partition rows ``[j * rows_per_file, (j + 1) * rows_per_file)`` and becomes
   ``data/part-wIIIII-jjjjj.parquet``;
-- after each committed file a line is appended (and fsynced) to ``progress.wIIIII-of-NNNNN.jsonl``,
-  whose first line holds the settings. A rerun keeps the chunks listed there whose files are intact
+- after each committed file a line is added to ``progress.wIIIII-of-NNNNN.jsonl`` (the journal is
+  replaced atomically, which works on object stores too), whose first line holds the settings. A rerun keeps the chunks listed there whose files are intact
   and redoes the rest; settings that differ are refused by name (unless ``overwrite``).
 - the manifest (``manifest.json``, or one ``manifest.wIIIII-of-NNNNN.json`` per worker) is written
   last, only when the worker has finished every chunk.
@@ -18,8 +18,8 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,16 +30,12 @@ from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.models import model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import write_dataset_card
-from amid_pipeline.shards.manifest import (
-    FileRecord,
-    fsync_dir,
-    make_header,
-    sha256_file,
-    worker_manifest_name,
-    write_manifest,
-)
+from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError, TeacherRow
+from amid_pipeline.shards.storage import Store, is_url, open_store
 from amid_pipeline.shards.writer import ShardWriter
+
+JOURNAL = re.compile(r"^progress\.w\d{5}-of-\d{5}\.jsonl$")
 
 
 class SettingsMismatch(ValueError):
@@ -48,7 +44,7 @@ class SettingsMismatch(ValueError):
 
 @dataclasses.dataclass
 class CaptureSummary:
-    output: Path
+    output: str
     backend: str
     rows: int = 0
     sequences: int = 0
@@ -83,65 +79,66 @@ def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_SETTINGS}
 
 
-def journal_path(output: Path, config: CaptureConfig) -> Path:
-    return output / f"progress.w{config.worker_index:05d}-of-{config.num_workers:05d}.jsonl"
+def journal_name(config: CaptureConfig) -> str:
+    return f"progress.w{config.worker_index:05d}-of-{config.num_workers:05d}.jsonl"
 
 
-def prepare_output(output: Path, config: CaptureConfig) -> list[dict[str, Any]]:
+def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]:
     """Check or clear the output directory; return this worker's journal entries (chunks done)."""
     settings = comparable_settings(config)
-    journals = sorted(output.glob("progress.w*-of-*.jsonl")) if output.is_dir() else []
+    journals = [name for name in output.list() if JOURNAL.match(name)]
     for journal in journals:
-        with open(journal, encoding="utf-8") as f:
-            first = f.readline()
+        first = output.read_text(journal).split("\n", 1)[0]
         saved = json.loads(first)["settings"] if first else {}
         saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
         differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
-            raise SettingsMismatch(f"{output} was written with other settings ({detail}); "
+            raise SettingsMismatch(f"{output.url} was written with other settings ({detail}); "
                                    f"use another --output or --overwrite")
         if differing:
-            _clear(output)
+            output.clear()
             return []
-    if output.is_dir() and not journals and any(output.iterdir()):
+    if not journals and not output.is_empty():
         if not config.overwrite:
-            raise SettingsMismatch(f"{output} is not empty and holds no resumable capture; use --overwrite to replace it")
-        _clear(output)
-    journal = journal_path(output, config)
-    if not journal.exists():
+            raise SettingsMismatch(f"{output.url} is not empty and holds no resumable capture; use --overwrite to replace it")
+        output.clear()
+    journal = journal_name(config)
+    if journal not in journals:
         return []
     entries = []
-    with open(journal, encoding="utf-8") as f:
-        for line in list(f)[1:]:
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: that chunk is redone
+    for line in output.read_text(journal).split("\n")[1:]:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: that chunk is redone
     return entries
 
 
-def _clear(output: Path) -> None:
-    for path in output.iterdir():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _kept_chunks(output: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The leading journal entries whose files are intact; later chunks will be rewritten."""
+def _kept_chunks(output: Store, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leading journal entries whose files are intact (same sha256 locally; same size on object stores,
+    where an object is either completely uploaded or absent); later chunks will be rewritten."""
     kept = []
     for entry in entries:
         record = entry.get("file")
-        if record and (not (output / record["name"]).exists() or sha256_file(output / record["name"]) != record["sha256"]):
+        if record and not _file_intact(output, record):
             break
         kept.append(entry)
     return kept
 
 
-def _append_journal(path: Path, payload: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(payload, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _file_intact(output: Store, record: dict[str, Any]) -> bool:
+    if not output.exists(record["name"]):
+        return False
+    if output.local:
+        return output.sha256(record["name"]) == record["sha256"]
+    return output.size(record["name"]) == record["bytes"]
+
+
+def _write_journal(output: Store, config: CaptureConfig, entries: list[dict[str, Any]]) -> None:
+    """Replace this worker's journal (settings line, then one line per finished chunk) atomically."""
+    lines = [{"settings": comparable_settings(config)}, *entries]
+    output.write_text(journal_name(config), "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
 
 
 def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> dict[str, Any]:
@@ -189,14 +186,14 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
 
     started = time.perf_counter()
     config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
-                                 **{name: os.path.expanduser(getattr(config, name)) for name in ("dataset", "output")})
-    output = Path(config.output)
+                                 **{name: _expand(getattr(config, name)) for name in ("dataset", "output")})
+    output = open_store(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)
     manifest_name = MANIFEST_NAME if config.num_workers == 1 else worker_manifest_name(config.worker_index, config.num_workers)
     chunk_count = math.ceil(len(range(config.worker_index, len(rows), config.num_workers)) / config.rows_per_file)
-    if (output / manifest_name).exists() and len(_kept_chunks(output, entries)) == chunk_count:
-        summary = CaptureSummary(output=output, backend="(finished earlier: nothing to do)", resumed_chunks=chunk_count)
+    if output.exists(manifest_name) and len(_kept_chunks(output, entries)) == chunk_count:
+        summary = CaptureSummary(output=output.url, backend="(finished earlier: nothing to do)", resumed_chunks=chunk_count)
         for entry in entries:
             _add_chunk_stats(summary, entry)
         summary.seconds = time.perf_counter() - started
@@ -205,24 +202,16 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     backend = backend or make_backend(config)
     header = build_header(config, backend, tokenizer, rows, fmt)
-    output.mkdir(parents=True, exist_ok=True)
-    journal = journal_path(output, config)
+    output.makedirs()
     kept = _kept_chunks(output, entries)
-    if len(kept) < len(entries) or not journal.exists():  # restart the journal at the last intact chunk
-        tmp = journal.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"settings": comparable_settings(config)}, sort_keys=True) + "\n")
-            for entry in kept:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-        os.replace(tmp, journal)
-        fsync_dir(output)
+    _write_journal(output, config, kept)  # restarted at the last intact chunk
 
-    summary = CaptureSummary(output=output, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept))
+    summary = CaptureSummary(output=output.url, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept))
     for entry in kept:
         _add_chunk_stats(summary, entry)
     partition = range(config.worker_index, len(rows), config.num_workers)
     chunks = range(0, len(partition), config.rows_per_file)
-    writer = ShardWriter(output, header=header, stem=f"part-w{config.worker_index:05d}", rows_per_file=1 << 62)
+    writer = ShardWriter(output.url, header=header, stem=f"part-w{config.worker_index:05d}", rows_per_file=1 << 62)
     bar = tqdm(total=len(partition), initial=min(len(kept) * config.rows_per_file, len(partition)),
                unit="row", disable=not config.progress, desc=f"cache-teacher [{backend.name}]")
     run_tokens = 0
@@ -244,8 +233,9 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
                     bar.set_postfix(tokens_per_s=round(run_tokens / (time.perf_counter() - started)))
             run_tokens += _score_and_write(batch, backend, writer, config, stats)
             record = writer.commit_file()
-            entry = {**stats, "file": dataclasses.asdict(record) if record else None}
-            _append_journal(journal, entry)
+            entry = {**stats, "file": record.to_json() if record else None}
+            kept.append(entry)
+            _write_journal(output, config, kept)
             _add_chunk_stats(summary, entry)
     except BaseException:
         writer.abort()
@@ -253,20 +243,19 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     finally:
         bar.close()
 
-    files = [FileRecord(**e["file"]) for e in _read_journal_entries(journal) if e.get("file")]
-    write_manifest(output, header, files, name=manifest_name,
+    files = [FileRecord(**e["file"]) for e in kept if e.get("file")]
+    write_manifest(output.url, header, files, name=manifest_name,
                    stats={"skipped": summary.skipped, "truncated": summary.truncated, "command": shlex.join(sys.argv)})
     try:  # the card describes the whole directory: written by whichever worker completes it
-        write_dataset_card(output)
+        write_dataset_card(output.url)
     except FormatError:
         pass  # other workers have not finished yet
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _read_journal_entries(journal: Path) -> list[dict[str, Any]]:
-    with open(journal, encoding="utf-8") as f:
-        return [json.loads(line) for line in list(f)[1:]]
+def _expand(location: str) -> str:
+    return location if is_url(location) else os.path.expanduser(location)
 
 
 def _add_chunk_stats(summary: CaptureSummary, entry: dict[str, Any]) -> None:

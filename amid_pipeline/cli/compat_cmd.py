@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from amid_pipeline.cli.options import UserError, echo_table, run_guarded
 
 
 def compat(
-    shards: Annotated[Path, typer.Argument(help="Teacher shard directory.")],
+    shards: Annotated[str, typer.Argument(help="Teacher shard directory (local path or URL).")],
     student: Annotated[str, typer.Argument(help="Student model folder (HF format); only its config and tokenizer are read.")],
 ) -> None:
     """Check tokenizer fingerprint, vocabulary and head sizes, special tokens and chat template; exit 1 if

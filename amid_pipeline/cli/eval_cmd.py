@@ -14,7 +14,7 @@ from amid_pipeline.cli.options import UserError, echo_table, run_guarded
 
 def eval_model(
     model: Annotated[str, typer.Argument(help="Model folder (HF format): a teacher, a student, a distill RUN_DIR/model.")],
-    shards: Annotated[Path, typer.Option(help="Teacher shards of the held-out data (from cache-teacher).")],
+    shards: Annotated[str, typer.Option(help="Teacher shards of the held-out data (from cache-teacher; local path or URL).")],
     data: Annotated[Optional[Path], typer.Option(help="Held-out JSONL with prompt/response fields, for ROUGE-L.")] = None,
     generate: Annotated[int, typer.Option(help="Greedy responses to the first N prompts of --data, scored with ROUGE-L (0 = skip).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated response.")] = 64,

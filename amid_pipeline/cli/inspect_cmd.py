@@ -13,7 +13,7 @@ from amid_pipeline.shards.stats import collect_stats, plot_stats
 
 
 def inspect(
-    directory: Annotated[Path, typer.Argument(help="Shard directory (holds manifest.json and part-*.parquet).")],
+    directory: Annotated[str, typer.Argument(help="Shard directory, local path or URL (holds manifest.json and data/*.parquet).")],
     plot: Annotated[Optional[Path], typer.Option(help="Also draw top-k mass and target-rank plots to this PNG.")] = None,
     max_rows: Annotated[Optional[int], typer.Option(help="Read only the first N rows for the statistics (fast look at a large directory).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,

@@ -18,13 +18,14 @@ import typer
 
 from amid_pipeline.config import ConfigError, field_type, load_config
 from amid_pipeline.shards.schema import FormatError
+from amid_pipeline.shards.storage import StorageError
 
 
 class UserError(Exception):
     """An expected failure whose message alone tells the user what to fix."""
 
 
-EXPECTED_ERRORS = (UserError, ConfigError, FormatError, FileNotFoundError)
+EXPECTED_ERRORS = (UserError, ConfigError, FormatError, FileNotFoundError, StorageError)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

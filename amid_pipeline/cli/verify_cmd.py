@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +11,7 @@ from amid_pipeline.shards.verify import verify_directory
 
 
 def verify(
-    directory: Annotated[Path, typer.Argument(help="Shard directory to check.")],
+    directory: Annotated[str, typer.Argument(help="Shard directory (local path or URL) to check.")],
     quick: Annotated[bool, typer.Option(help="Check sizes, hashes and headers only; skip decoding every row.")] = False,
 ) -> None:
     """Verify a shard directory: sha256, sizes, headers, row counts and value ranges of every file."""

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amid_pipeline.shards.manifest import load_manifest, write_text_atomic
+from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.schema import DATA_DIR, FORMAT_VERSION
 from amid_pipeline.shards.stats import collect_stats
+from amid_pipeline.shards.storage import open_store
 
 CARD_NAME = "README.md"
 
 
 def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
-    directory = Path(directory)
     manifest = load_manifest(directory)
     header, stats = manifest.header, collect_stats(directory, max_rows=max_rows).summary()
     teacher, tokenizer, dataset = header["teacher"], header["tokenizer"], header.get("dataset", {})
@@ -89,7 +89,8 @@ With any Parquet reader: `pyarrow.parquet.read_table("{DATA_DIR}")`; decode `top
 """
 
 
-def write_dataset_card(directory: str | Path) -> Path:
-    path = Path(directory) / CARD_NAME
-    write_text_atomic(path, dataset_card(directory))
-    return path
+def write_dataset_card(directory: str | Path) -> str:
+    """Write ``README.md`` into the directory (local or remote); returns where."""
+    store = open_store(directory)
+    store.write_text(CARD_NAME, dataset_card(directory))
+    return store.where(CARD_NAME)

@@ -7,18 +7,25 @@ supervised tokens, bytes, sha256) and is only written once those files are compl
 
 Several workers writing one directory without coordination each write ``manifest.wIIIII-of-NNNNN.json``;
 readers merge a complete set of them (same header, disjoint files) as if it were one manifest.
+
+A *view* manifest (written by ``amid-pipeline combine`` / ``subset``) lists files of other directories by
+relative path or URL, adds ``view.parts`` (the header each file was written under) and optionally
+``view.selection`` (a Parquet file of kept ``(file, row)`` pairs); no data is copied.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from amid_pipeline.shards.schema import (
     FORMAT_NAME,
@@ -28,6 +35,7 @@ from amid_pipeline.shards.schema import (
     FormatError,
     check_version,
 )
+from amid_pipeline.shards.storage import Store, open_store
 
 REQUIRED_HEADER_KEYS = ("teacher", "tokenizer", "model_vocab_size", "k", "value_encoding", "backend")
 WORKER_MANIFEST = re.compile(r"^manifest\.w(\d{5})-of-(\d{5})\.json$")
@@ -43,6 +51,10 @@ class FileRecord:
     supervised_tokens: int
     bytes: int
     sha256: str
+    part: int | None = None  # in a combined view: index of the header the file was written under
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def make_header(
@@ -97,41 +109,33 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         raise FormatError(f"{where}: k must be >= 1, got {header['k']}")
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Replace the local file ``path`` with ``payload`` as JSON (temporary file, fsync, rename)."""
+    path = Path(path)
+    Store(path.parent).write_text(path.name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def teacher_differences(header: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
+
+    Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, k and value
+    encoding are required; dataset, backend, dtype and lengths may differ.
+    """
+    reasons = []
+    teacher, theirs = header["teacher"], other["teacher"]
+    if teacher.get("weights_sha256") and theirs.get("weights_sha256"):
+        if teacher["weights_sha256"] != theirs["weights_sha256"]:
+            reasons.append(f"teacher weights differ ({teacher.get('name_or_path')} {teacher['weights_sha256'][:12]} vs "
+                           f"{theirs.get('name_or_path')} {theirs['weights_sha256'][:12]})")
+    elif teacher.get("name_or_path") != theirs.get("name_or_path"):
+        reasons.append(f"teacher differs ({teacher.get('name_or_path')} vs {theirs.get('name_or_path')})")
+    if header["tokenizer"].get("fingerprint") != other["tokenizer"].get("fingerprint"):
+        reasons.append(f"tokenizer differs (fingerprint {str(header['tokenizer'].get('fingerprint'))[:12]} vs "
+                       f"{str(other['tokenizer'].get('fingerprint'))[:12]})")
+    for key in ("model_vocab_size", "k", "value_encoding"):
+        if header[key] != other[key]:
+            reasons.append(f"{key} differs ({header[key]} vs {other[key]})")
+    return reasons
 
 
 def worker_manifest_name(worker_index: int, num_workers: int) -> str:
@@ -139,24 +143,31 @@ def worker_manifest_name(worker_index: int, num_workers: int) -> str:
 
 
 def write_manifest(
-    directory: str | os.PathLike,
+    location: str | os.PathLike,
     header: dict[str, Any],
     files: list[FileRecord],
     *,
     stats: dict[str, Any] | None = None,
     name: str = MANIFEST_NAME,
-) -> Path:
-    """Write the manifest for ``files`` atomically; call only after every file is committed."""
-    validate_header(header, str(directory))
+    view: dict[str, Any] | None = None,
+) -> str:
+    """Write the manifest for ``files`` atomically; call only after every file is committed.
+
+    ``view``: for a combined or subset directory (:mod:`amid_pipeline.shards.views`), the headers of the
+    parts its files come from and the name of its row selection.
+    """
+    store = open_store(location)
+    validate_header(header, store.url)
     payload = {
         **header,
-        "files": [dataclasses.asdict(record) for record in sorted(files, key=lambda r: r.name)],
+        "files": [record.to_json() for record in sorted(files, key=lambda r: r.name)],
         "totals": _totals(files),
         "stats": dict(stats or {}),
     }
-    path = Path(directory) / name
-    write_json_atomic(path, payload)
-    return path
+    if view is not None:
+        payload["view"] = view
+    store.write_text(name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return store.where(name)
 
 
 def _totals(files: list[FileRecord]) -> dict[str, int]:
@@ -171,13 +182,30 @@ def _totals(files: list[FileRecord]) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """A loaded manifest (one file, or a merged complete set of worker manifests)."""
+    """A loaded manifest (one file, or a merged complete set of worker manifests).
 
-    directory: Path
+    ``parts``: the headers the files were written under (one for a capture directory; several for a
+    combined view, indexed by ``FileRecord.part``). ``selection``: for views that keep only some rows,
+    the kept row indices per file name (ascending); ``None`` keeps every row.
+    """
+
+    store: Store
     header: dict[str, Any]
     files: tuple[FileRecord, ...]
     stats: dict[str, Any]
     sources: tuple[str, ...]
+    parts: tuple[dict[str, Any], ...]
+    selection: dict[str, np.ndarray] | None = None
+    view: dict[str, Any] | None = None
+
+    @property
+    def directory(self) -> str:
+        return self.store.url
+
+    @property
+    def is_view(self) -> bool:
+        """A combined or subset directory: a manifest pointing at other directories' files."""
+        return self.view is not None
 
     @property
     def totals(self) -> dict[str, int]:
@@ -191,64 +219,92 @@ class Manifest:
     def value_encoding(self) -> str:
         return self.header["value_encoding"]
 
+    def part_header(self, record: FileRecord) -> dict[str, Any]:
+        """The header ``record``'s file was written under (stored in its Parquet metadata)."""
+        return self.parts[record.part or 0]
+
 
 HEADER_COMPARE_SKIP = ("config",)
 
 
-def load_manifest(directory: str | os.PathLike) -> Manifest:
+def load_manifest(location: str | os.PathLike) -> Manifest:
     """Load ``manifest.json``, or merge a complete set of worker manifests; refuse anything else."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FormatError(f"{directory}: not a directory")
-    single = directory / MANIFEST_NAME
-    if single.exists():
-        payload = _read_json(single)
-        return _manifest_from(directory, [payload], (single.name,))
-    worker_paths = sorted(glob.glob(str(directory / "manifest.w*-of-*.json")))
-    if not worker_paths:
+    store = open_store(location)
+    if not store.is_dir():
+        raise FormatError(f"{store.url}: not a directory" + ("" if store.exists() else " (does not exist)"))
+    top = [name for name in store.list() if "/" not in name]
+    if MANIFEST_NAME in top:
+        return _manifest_from(store, [_read_json(store, MANIFEST_NAME)], (MANIFEST_NAME,))
+    worker_names = sorted(name for name in top if WORKER_MANIFEST.match(name))
+    if not worker_names:
         raise FormatError(
-            f"{directory}: no {MANIFEST_NAME} (the capture did not finish, or this is not a shard directory)"
+            f"{store.url}: no {MANIFEST_NAME} (the capture did not finish, or this is not a shard directory)"
         )
-    counts = {int(WORKER_MANIFEST.match(Path(p).name).group(2)) for p in worker_paths}
+    counts = {int(WORKER_MANIFEST.match(n).group(2)) for n in worker_names}
     if len(counts) != 1:
-        raise FormatError(f"{directory}: worker manifests disagree on the number of workers: {sorted(counts)}")
+        raise FormatError(f"{store.url}: worker manifests disagree on the number of workers: {sorted(counts)}")
     (num_workers,) = counts
-    found = {int(WORKER_MANIFEST.match(Path(p).name).group(1)) for p in worker_paths}
+    found = {int(WORKER_MANIFEST.match(n).group(1)) for n in worker_names}
     missing = sorted(set(range(num_workers)) - found)
     if missing:
         raise FormatError(
-            f"{directory}: workers {missing} of {num_workers} have not finished (no "
+            f"{store.url}: workers {missing} of {num_workers} have not finished (no "
             f"{worker_manifest_name(missing[0], num_workers)})"
         )
-    payloads = [_read_json(Path(p)) for p in worker_paths]
-    return _manifest_from(directory, payloads, tuple(Path(p).name for p in worker_paths))
+    payloads = [_read_json(store, n) for n in worker_names]
+    return _manifest_from(store, payloads, tuple(worker_names))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(store: Store, name: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+        return json.loads(store.read_text(name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{store.where(name)}: not valid JSON ({exc})") from exc
 
 
-def _manifest_from(directory: Path, payloads: list[dict[str, Any]], sources: tuple[str, ...]) -> Manifest:
-    header = {k: v for k, v in payloads[0].items() if k not in ("files", "totals", "stats")}
-    validate_header(header, str(directory / sources[0]))
+def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[str, ...]) -> Manifest:
+    own_keys = ("files", "totals", "stats", "view")
+    header = {k: v for k, v in payloads[0].items() if k not in own_keys}
+    validate_header(header, store.where(sources[0]))
     files: list[FileRecord] = []
     for source, payload in zip(sources, payloads):
-        other = {k: v for k, v in payload.items() if k not in ("files", "totals", "stats", *HEADER_COMPARE_SKIP)}
+        other = {k: v for k, v in payload.items() if k not in (*own_keys, *HEADER_COMPARE_SKIP)}
         base = {k: v for k, v in header.items() if k not in HEADER_COMPARE_SKIP}
         if other != base:
             differing = sorted(key for key in set(other) | set(base) if other.get(key) != base.get(key))
-            raise FormatError(f"{directory / source}: header differs from {sources[0]} in {differing}")
+            raise FormatError(f"{store.where(source)}: header differs from {sources[0]} in {differing}")
         try:
             files.extend(FileRecord(**record) for record in payload["files"])
         except (KeyError, TypeError) as exc:
-            raise FormatError(f"{directory / source}: malformed file record ({exc})") from exc
+            raise FormatError(f"{store.where(source)}: malformed file record ({exc})") from exc
     names = [record.name for record in files]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise FormatError(f"{directory}: files listed twice across manifests: {duplicated}")
+        raise FormatError(f"{store.url}: files listed twice across manifests: {duplicated}")
     stats = payloads[0].get("stats", {}) if len(payloads) == 1 else {}
-    return Manifest(directory, header, tuple(sorted(files, key=lambda r: r.name)), stats, sources)
+    view = payloads[0].get("view")
+    parts: tuple[dict[str, Any], ...] = (header,)
+    selection = None
+    if view is not None:
+        parts = tuple(view.get("parts") or (header,))
+        for i, part in enumerate(parts):
+            validate_header(part, f"{store.where(sources[0])} (view part {i})")
+        if any(not 0 <= (record.part or 0) < len(parts) for record in files):
+            raise FormatError(f"{store.where(sources[0])}: a file record names a part the view does not have")
+        if view.get("selection"):
+            selection = _read_selection(store, view["selection"], view.get("selection_sha256"))
+    return Manifest(store, header, tuple(sorted(files, key=lambda r: r.name)), stats, sources, parts, selection, view)
+
+
+def _read_selection(store: Store, name: str, sha256: str | None) -> dict[str, np.ndarray]:
+    """Kept row indices per file, from the view's ``selection.parquet`` (columns ``file``, ``row``)."""
+    data = store.read_bytes(name)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise FormatError(f"{store.where(name)}: sha256 differs from the manifest's (changed or corrupted)")
+    table = pq.read_table(pa.BufferReader(data))
+    files = table.column("file").to_pylist()
+    rows = table.column("row").to_numpy()
+    selection: dict[str, list[int]] = {}
+    for file, row in zip(files, rows):
+        selection.setdefault(file, []).append(int(row))
+    return {file: np.sort(np.asarray(found, dtype=np.int64)) for file, found in selection.items()}

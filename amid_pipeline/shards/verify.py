@@ -1,5 +1,6 @@
 """Check a shard directory against its manifest: every problem is reported by file name.
 
+Works on local directories, fsspec URLs and combined/subset views (whose rows counts are those selected).
 Checks, per listed file: present, byte size and sha256 as recorded, readable Parquet whose header
 matches the manifest's, row/position/supervised counts as recorded, and value ranges (ids in
 ``[0, model_vocab_size)``, log-probabilities <= 0 and finite or -inf, positions ascending inside the
@@ -10,18 +11,19 @@ sequence, target ranks >= 1). Files in the directory that no manifest lists are 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 
 import numpy as np
 
-from amid_pipeline.shards.manifest import HEADER_COMPARE_SKIP, FileRecord, Manifest, load_manifest, sha256_file
+from amid_pipeline.shards.manifest import HEADER_COMPARE_SKIP, FileRecord, Manifest, load_manifest
 from amid_pipeline.shards.reader import iter_file_rows, read_file_header
 from amid_pipeline.shards.schema import DATA_DIR, DATA_SUFFIX, FormatError
+from amid_pipeline.shards.storage import StorageError
 
 
 @dataclasses.dataclass
 class VerifyReport:
-    directory: Path
+    directory: str
     checked: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -31,25 +33,26 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_directory(directory: str | Path, *, deep: bool = True) -> VerifyReport:
-    """Verify every file of ``directory``; ``deep=False`` skips decoding rows (hashes and counts only)."""
-    directory = Path(directory)
-    report = VerifyReport(directory)
+def verify_directory(directory: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
+    """Verify every file of ``directory`` (local path or URL); ``deep=False`` skips decoding rows."""
+    report = VerifyReport(str(directory))
     try:
         manifest = load_manifest(directory)
-    except FormatError as exc:
+    except (FormatError, StorageError) as exc:
         report.problems.append(str(exc))
         return report
     listed = {record.name for record in manifest.files}
-    data_dir = directory / DATA_DIR
-    for path in sorted(data_dir.iterdir()) if data_dir.is_dir() else []:
-        name = f"{DATA_DIR}/{path.name}"
-        if path.name.endswith(DATA_SUFFIX) and name not in listed:
+    for name in manifest.store.list(DATA_DIR) if not manifest.is_view else []:
+        base = name.removeprefix(f"{DATA_DIR}/")
+        if base.endswith(DATA_SUFFIX) and name not in listed:
             report.problems.append(f"{name}: not listed in the manifest")
-        elif path.name.endswith(".tmp") and path.name.startswith("."):
+        elif base.endswith(".tmp") and base.startswith("."):
             report.notes.append(f"{name}: unfinished file of an interrupted run (ignored)")
     for record in manifest.files:
-        problem = _verify_file(manifest, record, deep)
+        try:
+            problem = _verify_file(manifest, record, deep)
+        except StorageError as exc:
+            problem = f"unreachable ({exc})"
         if problem:
             report.problems.append(f"{record.name}: {problem}")
         else:
@@ -58,33 +61,36 @@ def verify_directory(directory: str | Path, *, deep: bool = True) -> VerifyRepor
 
 
 def _verify_file(manifest: Manifest, record: FileRecord, deep: bool) -> str | None:
-    path = manifest.directory / record.name
-    if not path.exists():
+    store = manifest.store
+    if not store.exists(record.name):
         return "missing"
-    size = path.stat().st_size
+    size = store.size(record.name)
     if size != record.bytes:
         return f"size {size} bytes, manifest says {record.bytes} (truncated or replaced)"
-    digest = sha256_file(path)
+    digest = store.sha256(record.name)
     if digest != record.sha256:
         return f"sha256 {digest[:16]}… differs from the manifest's {record.sha256[:16]}… (corrupted)"
     try:
-        header = read_file_header(path)
-        expected = {k: v for k, v in manifest.header.items() if k not in HEADER_COMPARE_SKIP}
+        header = read_file_header(store, record.name)
+        expected = {k: v for k, v in manifest.part_header(record).items() if k not in HEADER_COMPARE_SKIP}
         found = {k: v for k, v in header.items() if k not in HEADER_COMPARE_SKIP}
         if found != expected:
             differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
             return f"Parquet header differs from the manifest in {differing}"
         if deep:
-            return _check_rows(path, manifest, record)
+            return _check_rows(manifest, record)
+    except StorageError:
+        raise
     except (FormatError, OSError, ValueError) as exc:
         return f"unreadable ({exc})"
     return None
 
 
-def _check_rows(path: Path, manifest: Manifest, record: FileRecord) -> str | None:
+def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
     vocab = int(manifest.header["model_vocab_size"])
+    keep = None if manifest.selection is None else manifest.selection.get(record.name, np.zeros(0, np.int64))
     rows = positions = supervised = 0
-    for row in iter_file_rows(path, manifest.k, manifest.value_encoding):
+    for row in iter_file_rows(manifest.store, record.name, manifest.k, manifest.value_encoding, keep=keep):
         try:
             row.check(manifest.k, vocab)
         except ValueError as exc:
@@ -99,5 +105,6 @@ def _check_rows(path: Path, manifest: Manifest, record: FileRecord) -> str | Non
     counted = (rows, positions, supervised)
     recorded = (record.rows, record.positions, record.supervised_tokens)
     if counted != recorded:
-        return f"(rows, positions, supervised) = {counted}, manifest says {recorded}"
+        what = "selected rows" if keep is not None else "rows"
+        return f"({what}, positions, supervised) = {counted}, manifest says {recorded}"
     return None

@@ -1,22 +1,23 @@
 """ShardWriter: rows -> zstd Parquet files, each committed by rename only when complete.
 
-Files go to ``DIR/data/``. A file is written as ``data/.NAME.parquet.tmp``, flushed, fsynced, hashed and renamed to ``NAME.parquet``;
-the manifest (see :mod:`amid_pipeline.shards.manifest`) is written by the caller after the last file.
-A crash leaves at most a ``.tmp`` file, which readers and ``verify`` never take for data.
+Files go to ``DIR/data/``. A file is written as ``data/.NAME.parquet.tmp``, flushed, fsynced, hashed and renamed
+to ``NAME.parquet``; on remote storage (an fsspec URL) it is written to a local temporary file, hashed and then
+uploaded in one piece (see :mod:`amid_pipeline.shards.storage`). The manifest (see
+:mod:`amid_pipeline.shards.manifest`) is written by the caller after the last file. A crash leaves at most a
+``.tmp`` file, which readers and ``verify`` never take for data.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, fsync_dir, sha256_file, validate_header
+from amid_pipeline.shards.manifest import FileRecord, validate_header
 from amid_pipeline.shards.schema import (
     COLUMN_ENCODINGS,
     DATA_DIR,
@@ -27,6 +28,7 @@ from amid_pipeline.shards.schema import (
     encode_target_logprobs,
     encode_topk_logprobs,
 )
+from amid_pipeline.shards.storage import open_store, sha256_of
 
 
 class ShardWriter:
@@ -55,9 +57,8 @@ class ShardWriter:
         validate_header(header, "ShardWriter header")
         if rows_per_file < 1 or rows_per_group < 1:
             raise ValueError("rows_per_file and rows_per_group must be >= 1")
-        self.directory = Path(directory)
-        self.data_dir = self.directory / DATA_DIR
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(directory)
+        self.store.makedirs(DATA_DIR)
         self.header = header
         self.k = int(header["k"])
         self.encoding = header["value_encoding"]
@@ -94,18 +95,17 @@ class ShardWriter:
         self._file = None
         name = self._file_name(self.next_index)
         tmp = self._tmp_path(self.next_index)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            digest = sha256_of(f)
         record = FileRecord(
-            name=f"{DATA_DIR}/{name}",
+            name=name,
             rows=self._file_rows,
             positions=self._file_positions,
             supervised_tokens=self._file_supervised,
-            bytes=tmp.stat().st_size,
-            sha256=sha256_file(tmp),
+            bytes=os.path.getsize(tmp),
+            sha256=digest,
         )
-        os.replace(tmp, self.data_dir / name)
-        fsync_dir(self.data_dir)
+        self.store.commit(tmp, name)
         self.committed.append(record)
         self.next_index += 1
         self._file_rows = self._file_positions = self._file_supervised = 0
@@ -122,7 +122,9 @@ class ShardWriter:
             self._file.close()
             self._file = None
         self._pending.clear()
-        self._tmp_path(self.next_index).unlink(missing_ok=True)
+        tmp = self._tmp_path(self.next_index)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -134,10 +136,10 @@ class ShardWriter:
             self.abort()
 
     def _file_name(self, index: int) -> str:
-        return f"{self.stem}-{index:05d}{DATA_SUFFIX}"
+        return f"{DATA_DIR}/{self.stem}-{index:05d}{DATA_SUFFIX}"
 
-    def _tmp_path(self, index: int) -> Path:
-        return self.data_dir / f".{self._file_name(index)}.tmp"
+    def _tmp_path(self, index: int) -> str:
+        return self.store.staging_path(self._file_name(index))
 
     def _flush_group(self) -> None:
         if not self._pending:

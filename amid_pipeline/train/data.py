@@ -20,16 +20,16 @@ A batch is a dict of tensors (``B`` sequences of padded length ``T``, ``N`` stor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from amid_pipeline.shards.manifest import Manifest, load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError, TeacherRow
 
@@ -41,11 +41,16 @@ class ShardFile:
     rows: int
 
 
+@functools.lru_cache(maxsize=64)
+def cached_manifest(directory: str) -> Manifest:
+    """A directory's manifest, read once per process (every epoch and rank reopens its files)."""
+    return load_manifest(directory)
+
+
 def list_files(directories: list[str]) -> list[ShardFile]:
     files = []
     for directory in directories:
-        reader = ShardReader(directory)
-        files.extend(ShardFile(str(directory), record.name, record.rows) for record in reader.files)
+        files.extend(ShardFile(str(directory), record.name, record.rows) for record in cached_manifest(str(directory)).files)
     return files
 
 
@@ -73,10 +78,20 @@ class LightRow:
 
 
 def light_rows(shard: ShardFile):
-    table = pq.read_table(Path(shard.directory) / shard.name, columns=["sample_id", "input_ids"])
-    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
-    for sample_id, length in zip(table.column("sample_id").to_pylist(), lengths):
-        yield LightRow(sample_id, range(length))
+    reader = ShardReader(cached_manifest(shard.directory), files=[shard.name])
+    for table in reader.iter_file(reader.files[0], columns=("sample_id", "input_ids")):
+        lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+        for sample_id, length in zip(table.column("sample_id").to_pylist(), lengths):
+            yield LightRow(sample_id, range(length))
+
+
+def duplicate_ids(files: list[ShardFile]) -> dict[str, int]:
+    """Sample ids that occur more than once in ``files``, with their counts (reads the id column only)."""
+    counts: dict[str, int] = {}
+    for shard in files:
+        for row in light_rows(shard):
+            counts[row.sample_id] = counts.get(row.sample_id, 0) + 1
+    return {sample_id: n for sample_id, n in counts.items() if n > 1}
 
 
 @dataclasses.dataclass
@@ -112,7 +127,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             path = f"{shard.directory}/{shard.name}"
             file_start = index
             try:
-                rows = light_rows(shard) if self.light else ShardReader(shard.directory, files=[shard.name])
+                rows = light_rows(shard) if self.light else ShardReader(cached_manifest(shard.directory),
+                                                                         files=[shard.name])
                 for row in rows:
                     i, index = index, index + 1
                     if i // self.world >= per_rank:

@@ -28,10 +28,10 @@ from torch import nn
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.models import model_source, tokenizer_fingerprint
-from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.manifest import load_manifest, teacher_differences
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
+from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, duplicate_ids, list_files
 
 
 class TrainingError(RuntimeError):
@@ -100,14 +100,13 @@ def check_student(manifest_header: dict, tokenizer, head_size: int, student_name
 
 
 def check_shard_dirs(directories: list[str]) -> dict:
+    """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, k or encoding)."""
     headers = [(d, load_manifest(d).header) for d in directories]
     first_dir, first = headers[0]
     for directory, header in headers[1:]:
-        for key in ("k", "value_encoding"):
-            if header[key] != first[key]:
-                raise TrainingError(f"{directory}: {key} = {header[key]} differs from {first_dir} ({first[key]})")
-        if header["tokenizer"].get("fingerprint") != first["tokenizer"].get("fingerprint"):
-            raise TrainingError(f"{directory}: made with another tokenizer than {first_dir}")
+        reasons = teacher_differences(first, header)
+        if reasons:
+            raise TrainingError(f"{directory} cannot be trained on together with {first_dir}: {'; '.join(reasons)}")
     return first
 
 
@@ -225,6 +224,12 @@ def distill(config: DistillConfig) -> RunSummary:
     if config.support == "renormalized" and config.kd_ratio == 1.0:
         notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
                      "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
+    if len(config.shards) > 1:
+        repeated = duplicate_ids(files)
+        if repeated:
+            examples = ", ".join(repr(sample_id) for sample_id in list(repeated)[:5])
+            notes.append(f"{len(repeated)} sample ids occur more than once across --shards (e.g. {examples}); those rows "
+                         f"are trained on once per copy (`amid-pipeline combine --duplicates drop` writes a view without them)")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = model.get_output_embeddings()  # read for its size only; used inside DistillModule

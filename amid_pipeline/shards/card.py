@@ -83,6 +83,9 @@ amid-pipeline verify .          # sha256 and value checks of every file
 amid-pipeline distill --shards . --student STUDENT --output RUN
 ```
 
+The same commands take this directory's URL where it is published (`hf://datasets/ORG/NAME`,
+`s3://bucket/prefix`, ...): files are streamed a row group at a time.
+
 With `datasets`: `load_dataset("parquet", data_files="{DATA_DIR}/*.parquet", split="train")`.
 With any Parquet reader: `pyarrow.parquet.read_table("{DATA_DIR}")`; decode `topk_logprobs` under
 `{header['value_encoding']}` as described in the amid-pipeline README (format {FORMAT_VERSION}, "Value encodings").

@@ -106,10 +106,18 @@ class Store:
 
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url).rstrip("/") or "/"
-        self.fs, root = fsspec.core.url_to_fs(self.url, **SETTINGS.storage_options) if is_url(self.url) else (
+        self._fs, root = fsspec.core.url_to_fs(self.url, **SETTINGS.storage_options) if is_url(self.url) else (
             LocalFileSystem(), os.path.abspath(os.path.expanduser(self.url)))
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self._pid = os.getpid()
+        self.local = isinstance(self._fs, LocalFileSystem)
         self.root = root.rstrip("/") or "/"
+
+    @property
+    def fs(self):
+        """The fsspec filesystem; made anew in a forked process (DataLoader workers), as async clients need."""
+        if self._pid != os.getpid():
+            self._fs, self._pid = fsspec.core.url_to_fs(self.url, **SETTINGS.storage_options)[0], os.getpid()
+        return self._fs
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

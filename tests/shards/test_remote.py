@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 
 import fsspec
@@ -41,13 +47,29 @@ def assert_same_rows(found: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    """moto's S3 server in its own process on a free 127.0.0.1 port (kept out of this process: vLLM's module
+    scan trips over flask's context proxies)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except urllib.error.HTTPError:  # it answers: up
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.05)
+    else:
+        raise RuntimeError(f"moto server not answering on {endpoint}")
+    yield endpoint
+    server.terminate()
+    server.wait(10)
 
 
 @pytest.fixture
@@ -116,7 +138,7 @@ def test_capture_verify_combine_and_distill_through_an_s3_server(s3, s3_endpoint
     assert runner.invoke(app, [*options, "verify", f"{bucket}/view"]).exit_code == 0
 
     result = runner.invoke(app, [*options, "distill", "--shards", f"{bucket}/view", "--student",
-                                 str(tiny_models["student"]), "--output", str(tmp_path / "student"), "--max-steps", "2",
+                                 str(tiny_models["student"]), "--output", str(tmp_path / "student"), "--max-steps", "2", "--num-data-workers", "2",
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "student" / "model" / "config.json").exists()

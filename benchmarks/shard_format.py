@@ -114,7 +114,7 @@ def main() -> None:
         for k in (16, 64):
             entries = positions * k
             naive = write_naive(tmp / f"naive{k}.parquet", rows, k)
-            table.append([f"naive int32 + float32 + zstd", k, naive / positions, naive / entries, 0.0, 1.0])
+            table.append(["naive int32 + float32 + zstd", k, naive / positions, naive / entries, 0.0, 1.0])
             for encoding in ("q64-delta", "q64", "float32"):
                 directory = tmp / f"{encoding}-{k}"
                 size = write_v1(directory, rows, k, encoding, tokenizer, vocab)

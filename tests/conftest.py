@@ -84,6 +84,24 @@ def write_shards(directory: Path, rows, header: dict, rows_per_file: int = 7, ro
     return directory
 
 
+ROW_ARRAYS = ("input_ids", "positions", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "target_rank")
+
+
+def rows_by_id(location) -> dict:
+    """Every row of a shard directory (path, URL or view), by sample id."""
+    from amid_pipeline.shards.reader import ShardReader
+
+    return {row.sample_id: row for row in ShardReader(location)}
+
+
+def assert_same_rows(found: dict, expected: dict) -> None:
+    """The same sample ids, each with identical arrays."""
+    assert sorted(found) == sorted(expected)
+    for sample_id, row in expected.items():
+        for name in ROW_ARRAYS:
+            np.testing.assert_array_equal(getattr(found[sample_id], name), getattr(row, name), err_msg=f"{sample_id} {name}")
+
+
 @pytest.fixture
 def shard_dir(tmp_path) -> Path:
     """A committed directory of 20 synthetic rows (k=8, vocab 100) in three files."""

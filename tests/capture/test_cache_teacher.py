@@ -14,6 +14,7 @@ from amid_pipeline.capture.run import SettingsMismatch, run_capture
 from amid_pipeline.config import load_config
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.verify import verify_directory
+from tests.conftest import assert_same_rows, rows_by_id
 
 PAIRS = [
     {"prompt": "What is a kludge?", "response": "A clumsy but working solution."},
@@ -101,7 +102,7 @@ def test_overflow_truncate_and_split_are_counted(tiny_models, tmp_path):
 def test_kill_and_resume_gives_every_row_once(tiny_models, tmp_path, monkeypatch):
     rows = [{"text": f"line number {i} of the jargon"} for i in range(9)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    reference = capture(tiny_models, tmp_path / "ref", data, rows_per_file=2)
+    capture(tiny_models, tmp_path / "ref", data, rows_per_file=2)
     import amid_pipeline.capture.run as run_module
 
     original, calls = run_module._score_and_write, {"n": 0}
@@ -124,9 +125,7 @@ def test_kill_and_resume_gives_every_row_once(tiny_models, tmp_path, monkeypatch
     assert again.resumed_chunks == 5 and again.sequences == 9 and "nothing to do" in again.backend
     ids = [r.sample_id for r in ShardReader(out)]
     assert sorted(ids) == sorted(f"row-{i}" for i in range(9)) and len(set(ids)) == 9
-    ref = {r.sample_id: r for r in ShardReader(tmp_path / "ref" / "out")}
-    for row in ShardReader(out):
-        np.testing.assert_array_equal(row.topk_ids, ref[row.sample_id].topk_ids)
+    assert_same_rows(rows_by_id(out), rows_by_id(tmp_path / "ref" / "out"))  # identical to an uninterrupted run
     assert verify_directory(out).ok
 
 

@@ -14,7 +14,6 @@ import urllib.request
 import uuid
 
 import fsspec
-import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from typer.testing import CliRunner
@@ -28,21 +27,9 @@ from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.storage import StorageError, configure
-from tests.conftest import ROOT, random_rows, test_header, write_shards
+from tests.conftest import ROOT, assert_same_rows, random_rows, rows_by_id, test_header, write_shards
 
 runner = CliRunner()
-COLUMNS = ("input_ids", "positions", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "target_rank")
-
-
-def rows_by_id(location) -> dict:
-    return {row.sample_id: row for row in ShardReader(location)}
-
-
-def assert_same_rows(found: dict, expected: dict) -> None:
-    assert sorted(found) == sorted(expected)
-    for sample_id, row in expected.items():
-        for name in COLUMNS:
-            np.testing.assert_array_equal(getattr(found[sample_id], name), getattr(row, name), err_msg=name)
 
 
 @pytest.fixture(scope="session")

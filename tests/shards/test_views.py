@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -15,21 +14,9 @@ from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.verify import verify_directory
 from amid_pipeline.shards.views import combine_directories, subset_directory
-from tests.conftest import random_rows, test_header, write_shards
+from tests.conftest import assert_same_rows, random_rows, rows_by_id, test_header, write_shards
 
 runner = CliRunner()
-
-
-def rows_by_id(location) -> dict:
-    return {row.sample_id: row for row in ShardReader(location)}
-
-
-def assert_same_rows(found: dict, expected: dict) -> None:
-    assert sorted(found) == sorted(expected)
-    for sample_id, row in expected.items():
-        other = found[sample_id]
-        for name in ("input_ids", "positions", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "target_rank"):
-            np.testing.assert_array_equal(getattr(other, name), getattr(row, name))
 
 
 def header_for(source: str, **changes) -> dict:

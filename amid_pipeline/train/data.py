@@ -48,6 +48,8 @@ def cached_manifest(directory: str) -> Manifest:
 
 
 def list_files(directories: list[str]) -> list[ShardFile]:
+    """The files of ``directories`` in order; manifests are read afresh (a directory may have been rewritten)."""
+    cached_manifest.cache_clear()
     files = []
     for directory in directories:
         files.extend(ShardFile(str(directory), record.name, record.rows) for record in cached_manifest(str(directory)).files)

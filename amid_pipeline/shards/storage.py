@@ -106,8 +106,13 @@ class Store:
 
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url).rstrip("/") or "/"
-        self._fs, root = fsspec.core.url_to_fs(self.url, **SETTINGS.storage_options) if is_url(self.url) else (
-            LocalFileSystem(), os.path.abspath(os.path.expanduser(self.url)))
+        try:
+            self._fs, root = fsspec.core.url_to_fs(self.url, **SETTINGS.storage_options) if is_url(self.url) else (
+                LocalFileSystem(), os.path.abspath(os.path.expanduser(self.url)))
+        except ImportError as exc:  # e.g. s3:// without s3fs
+            raise StorageError(f"{self.url}: {exc} (pip install 'amid-pipeline[s3]' or '[gcs]')") from exc
+        except ValueError as exc:  # unknown protocol or bad option
+            raise StorageError(f"{self.url}: {exc}") from exc
         self._pid = os.getpid()
         self.local = isinstance(self._fs, LocalFileSystem)
         self.root = root.rstrip("/") or "/"

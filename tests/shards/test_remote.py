@@ -239,3 +239,9 @@ def test_transient_errors_are_retried_then_reported_by_file_name(flaky, tmp_path
         load_manifest("flaky://bucket/run")
     result = runner.invoke(app, ["--retries", "2", "inspect", "flaky://bucket/run"])
     assert result.exit_code == 1 and "failed 2 times" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_protocols_are_one_line_errors():
+    result = runner.invoke(app, ["inspect", "nope://bucket/shards"])
+    assert result.exit_code == 1 and "nope://bucket/shards: Protocol not known: nope" in result.output
+    assert "Traceback" not in result.output

@@ -213,16 +213,20 @@ class FlakyFileSystem(MemoryFileSystem):
 
 
 class FlakyReads(io.BytesIO):
+    bytes_read = 0
+
     def read(self, *args):
         FlakyFileSystem._maybe_fail()
-        return super().read(*args)
+        data = super().read(*args)
+        FlakyReads.bytes_read += len(data)
+        return data
 
 
 @pytest.fixture
 def flaky():
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     FlakyFileSystem.store.clear()
-    FlakyFileSystem.every, FlakyFileSystem.calls = 3, 0
+    FlakyFileSystem.every, FlakyFileSystem.calls, FlakyReads.bytes_read = 3, 0, 0
     configure(backoff=0.0, attempts=4)
     yield FlakyFileSystem
     configure()
@@ -239,6 +243,17 @@ def test_transient_errors_are_retried_then_reported_by_file_name(flaky, tmp_path
         load_manifest("flaky://bucket/run")
     result = runner.invoke(app, ["--retries", "2", "inspect", "flaky://bucket/run"])
     assert result.exit_code == 1 and "failed 2 times" in result.output and "Traceback" not in result.output
+
+
+def test_remote_reads_stream_row_groups_instead_of_whole_files(flaky):
+    flaky.every = 10**9  # no failures here
+    rows = random_rows(500, k=8, vocab=100, seed=8, max_len=80)
+    write_shards("flaky://bucket/run", rows, test_header(encoding="float32"), rows_per_file=500, rows_per_group=10)
+    (record,) = load_manifest("flaky://bucket/run").files
+    FlakyReads.bytes_read = 0
+    first = next(iter(ShardReader("flaky://bucket/run")))
+    assert first.sample_id == rows[0].sample_id
+    assert record.bytes > 400_000 and FlakyReads.bytes_read < record.bytes / 4  # tail with the footer + one row group
 
 
 def test_unknown_protocols_are_one_line_errors():

@@ -26,6 +26,7 @@ import random
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -50,6 +51,7 @@ def cached_manifest(directory: str) -> Manifest:
 def list_files(directories: list[str]) -> list[ShardFile]:
     """The files of ``directories`` in order; manifests are read afresh (a directory may have been rewritten)."""
     cached_manifest.cache_clear()
+    ids_and_lengths.cache_clear()
     files = []
     for directory in directories:
         files.extend(ShardFile(str(directory), record.name, record.rows) for record in cached_manifest(str(directory)).files)
@@ -80,11 +82,22 @@ class LightRow:
 
 
 def light_rows(shard: ShardFile):
+    sample_ids, lengths = ids_and_lengths(shard)
+    for sample_id, length in zip(sample_ids.to_pylist(), lengths.tolist()):
+        yield LightRow(sample_id, range(length))
+
+
+@functools.lru_cache(maxsize=None)
+def ids_and_lengths(shard: ShardFile) -> tuple[pa.Array, np.ndarray]:
+    """A file's sample ids (kept as a compact Arrow array) and sequence lengths, read once per process:
+    counting batches runs the partition for every rank and epoch, and remotely each read is a round trip."""
     reader = ShardReader(cached_manifest(shard.directory), files=[shard.name])
-    for table in reader.iter_file(reader.files[0], columns=("sample_id", "input_ids")):
-        lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
-        for sample_id, length in zip(table.column("sample_id").to_pylist(), lengths):
-            yield LightRow(sample_id, range(length))
+    tables = list(reader.iter_file(reader.files[0], columns=("sample_id", "input_ids")))
+    if not tables:
+        return pa.array([], pa.string()), np.zeros(0, np.int32)
+    table = pa.concat_tables(tables)
+    return (table.column("sample_id").combine_chunks(),
+            pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
 
 
 def duplicate_ids(files: list[ShardFile]) -> dict[str, int]:

@@ -83,6 +83,10 @@ def test_directories_of_another_teacher_tokenizer_or_k_are_refused(two_runs, tmp
     k4 = write_shards(tmp_path / "k4", random_rows(3, k=4, vocab=100, seed=9), {**header_for("z"), "k": 4})
     result = runner.invoke(app, ["combine", str(tmp_path / "view"), str(a), str(k4)])
     assert result.exit_code == 1 and "k differs (8 vs 4)" in result.output
+    from amid_pipeline.train.trainer import TrainingError, check_shard_dirs
+
+    with pytest.raises(TrainingError, match=r"k4 cannot be trained on together with .*run-a: k differs \(8 vs 4\)"):
+        check_shard_dirs([str(a), str(k4)])  # the same refusal when the directories are listed in --shards
 
 
 def test_subset_by_ids_and_by_dataset_then_a_view_of_a_view(two_runs, tmp_path):

@@ -72,19 +72,25 @@ def id_type(model_vocab_size: int) -> pa.DataType:
     return pa.uint16() if model_vocab_size <= 1 << 16 else pa.int32()
 
 
+def required_list(value: pa.DataType) -> pa.DataType:
+    """A list whose elements are never null: Parquet then stores no per-element definition levels, which makes
+    the top-k columns about a quarter faster to decode (measured in benchmarks/shard_format.py)."""
+    return pa.list_(pa.field("element", value, nullable=False))
+
+
 def arrow_schema(encoding: str, model_vocab_size: int) -> pa.Schema:
     """The Parquet schema of a v1 shard file for this value encoding and model vocabulary size."""
     values = value_type(encoding)
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
-            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("positions", pa.list_(pa.int32()), nullable=False),
-            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("topk_ids", pa.list_(id_type(model_vocab_size)), nullable=False),
-            pa.field("topk_logprobs", pa.list_(values), nullable=False),
-            pa.field("target_logprob", pa.list_(values), nullable=False),
-            pa.field("target_rank", pa.list_(pa.int32()), nullable=False),
+            pa.field("input_ids", required_list(pa.int32()), nullable=False),
+            pa.field("positions", required_list(pa.int32()), nullable=False),
+            pa.field("loss_mask", required_list(pa.bool_()), nullable=False),
+            pa.field("topk_ids", required_list(id_type(model_vocab_size)), nullable=False),
+            pa.field("topk_logprobs", required_list(values), nullable=False),
+            pa.field("target_logprob", required_list(values), nullable=False),
+            pa.field("target_rank", required_list(pa.int32()), nullable=False),
         ]
     )
 
@@ -144,9 +150,12 @@ def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarra
     """Flat stored values of ``P * k`` entries -> [P * k] float32 log-probabilities."""
     if encoding != "q64-delta":
         return decode_target_logprobs(stored, encoding)
-    # The running sum of a position's deltas is its code (<= 65535), so uint16 never overflows.
-    codes = np.cumsum(np.asarray(stored).reshape(-1, k), axis=1, dtype=np.uint16)
-    return _from_q64_codes(codes).reshape(-1)
+    # The running sum of a position's deltas is its code (<= 65535). torch's cumsum over short rows is about
+    # twice as fast as numpy's on one core (numpy runs an inner loop per row); the integers are the same.
+    import torch
+
+    codes = torch.from_numpy(np.asarray(stored).reshape(-1, k).astype(np.int32)).cumsum(dim=1, dtype=torch.int32)
+    return _from_q64_codes(codes.numpy()).reshape(-1)
 
 
 def check_version(found: str, where: str) -> None:

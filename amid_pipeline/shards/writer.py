@@ -173,7 +173,8 @@ def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str) -> p
         offsets = np.zeros(len(flat) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         values = np.concatenate(flat).astype(dtype, copy=False) if flat else np.zeros(0, dtype)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=schema.field(name).type.value_type))
+        list_type = schema.field(name).type
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=list_type.value_type), type=list_type)
 
     value_dtype = schema.field("target_logprob").type.value_type.to_pandas_dtype()
     columns = {

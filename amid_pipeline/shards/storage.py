@@ -138,7 +138,12 @@ class Store:
         """``name`` as a user would type it (for messages)."""
         if is_url(name):
             return name
-        return posixpath.normpath(posixpath.join(self.url, name)) if not is_url(self.url) else f"{self.url}/{name}"
+        if not name:
+            return self.url
+        if is_url(self.url):
+            protocol, rest = self.url.split("://", 1)
+            return f"{protocol}://{posixpath.normpath(posixpath.join(rest, name))}"
+        return posixpath.normpath(posixpath.join(self.url, name))
 
     def name_of(self, store: Store, name: str) -> str:
         """How ``name`` inside ``store`` is named from this directory: relative when on the same filesystem."""

@@ -260,3 +260,22 @@ def test_unknown_protocols_are_one_line_errors():
     result = runner.invoke(app, ["inspect", "nope://bucket/shards"])
     assert result.exit_code == 1 and "nope://bucket/shards: Protocol not known: nope" in result.output
     assert "Traceback" not in result.output
+
+
+def test_two_workers_write_one_s3_directory_and_overwrite_clears_it(s3, tiny_models, pairs, tmp_path):
+    bucket, fs = s3
+    base = {"teacher": str(tiny_models["teacher"]), "dataset": str(pairs), "output": f"{bucket}/run", "backend": "hf",
+            "k": 8, "max_length": 64, "rows_per_file": 4, "dtype": "float32", "progress": False, "num_workers": 2}
+    run_capture(load_config(CaptureConfig, None, {**base, "worker_index": 1}))
+    with pytest.raises(FormatError, match=r"workers \[0\] of 2 have not finished"):
+        load_manifest(f"{bucket}/run")
+    assert not fs.exists(f"{bucket}/run/README.md")
+    run_capture(load_config(CaptureConfig, None, {**base, "worker_index": 0}))
+    assert fs.exists(f"{bucket}/run/README.md")  # written by the worker that completed the directory
+    capture(tiny_models, pairs, tmp_path / "single")
+    assert_same_rows(rows_by_id(f"{bucket}/run"), rows_by_id(tmp_path / "single"))
+    with pytest.raises(ValueError, match="written with other settings .*k: 8 there, 4 now"):
+        run_capture(load_config(CaptureConfig, None, {**base, "worker_index": 0, "k": 4}))
+    run_capture(load_config(CaptureConfig, None, {**base, "num_workers": 1, "k": 4, "overwrite": True}))
+    assert load_manifest(f"{bucket}/run").k == 4
+    assert not any("w00001" in path for path in fs.find(f"{bucket}/run"))  # the old run is gone

@@ -5,9 +5,10 @@ Partition and resume are pure functions of the settings:
 - worker ``I`` of ``N`` takes the rows whose index in the selected range is ``I (mod N)``;
 - its ``j``-th chunk is partition rows ``[j * rows_per_file, (j + 1) * rows_per_file)`` and becomes
   ``data/part-wIIIII-jjjjj.parquet``;
-- after each committed file a line is added to ``progress.wIIIII-of-NNNNN.jsonl`` (the journal is
-  replaced atomically, which works on object stores too), whose first line holds the settings. A rerun keeps the chunks listed there whose files are intact
-  and redoes the rest; settings that differ are refused by name (unless ``overwrite``).
+- after each committed file a line is added to ``progress.wIIIII-of-NNNNN.jsonl``, whose first line
+  holds the settings (the journal is replaced atomically, which works on object stores too). A rerun
+  keeps the chunks listed there whose files are intact and redoes the rest; settings that differ are
+  refused by name (unless ``overwrite``).
 - the manifest (``manifest.json``, or one ``manifest.wIIIII-of-NNNNN.json`` per worker) is written
   last, only when the worker has finished every chunk.
 """

@@ -193,7 +193,8 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     rows = load_rows(config)
     manifest_name = MANIFEST_NAME if config.num_workers == 1 else worker_manifest_name(config.worker_index, config.num_workers)
     chunk_count = math.ceil(len(range(config.worker_index, len(rows), config.num_workers)) / config.rows_per_file)
-    if output.exists(manifest_name) and len(_kept_chunks(output, entries)) == chunk_count:
+    kept = _kept_chunks(output, entries)  # hashes every kept file (locally): done once
+    if output.exists(manifest_name) and len(kept) == chunk_count:
         summary = CaptureSummary(output=output.url, backend="(finished earlier: nothing to do)", resumed_chunks=chunk_count)
         for entry in entries:
             _add_chunk_stats(summary, entry)
@@ -204,7 +205,6 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     backend = backend or make_backend(config)
     header = build_header(config, backend, tokenizer, rows, fmt)
     output.makedirs()
-    kept = _kept_chunks(output, entries)
     _write_journal(output, config, kept)  # restarted at the last intact chunk
 
     summary = CaptureSummary(output=output.url, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept))

@@ -47,6 +47,8 @@ def subset(
             if not ids.is_file():
                 raise UserError(f"{ids}: no such file (expected one sample id per line)")
             wanted = [line.strip() for line in ids.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not wanted:
+                raise UserError(f"{ids}: no sample ids in it (expected one per line)")
         echo_view(subset_directory(source, output, sample_ids=wanted, datasets=dataset or None), [])
 
     run_guarded(run)

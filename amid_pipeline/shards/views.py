@@ -9,7 +9,8 @@
 A view is itself a shard directory for every reader (``distill``, ``inspect``, ``verify``, ``eval``):
 its manifest lists the files by path relative to the view (or by URL when on another filesystem), each with
 the index of the header it was written under (``view.parts``), and, when only some rows of a file are kept,
-a ``selection.parquet`` of kept ``(file, row)`` pairs. Its counts are those of the kept rows.
+a ``selection-HASH.parquet`` of kept ``(file, row)`` pairs (named by its content, so rewriting a view
+never breaks the manifest it replaces). Its counts are those of the kept rows.
 Views of views are flattened: their files point at the original data.
 """
 
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,7 +33,7 @@ from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError
 from amid_pipeline.shards.storage import open_store
 
-SELECTION_NAME = "selection.parquet"
+SELECTION = re.compile(r"^selection-[0-9a-f]{16}\.parquet$")
 DUPLICATE_POLICIES = ("error", "keep", "drop")
 EXAMPLES = 5
 
@@ -64,11 +66,12 @@ class ViewSummary:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def scan_rows(manifest: Manifest) -> list[FileRows]:
-    """Every file of ``manifest`` with its (selected) rows' ids and position counts; reads three columns only."""
+def scan_rows(manifest: Manifest, records: Iterable[FileRecord] | None = None) -> list[FileRows]:
+    """The files of ``manifest`` (or ``records`` of it) with their (selected) rows' ids and position counts;
+    reads two columns only."""
     reader = ShardReader(manifest)
     scanned = []
-    for record in manifest.files:
+    for record in manifest.files if records is None else records:
         ids, positions, supervised = [], [], []
         for table in reader.iter_file(record, columns=("sample_id", "loss_mask")):
             mask = table.column("loss_mask").combine_chunks()
@@ -135,14 +138,15 @@ def subset_directory(source: str, output: str, *, sample_ids: Iterable[str] | No
     """Write a view at ``output`` with the rows of ``source`` whose id is in ``sample_ids`` and whose source
     dataset (the ``dataset.source`` of the header the file was written under, or its file name) is in ``datasets``."""
     manifest = load_manifest(source)
-    files = scan_rows(manifest)
+    records = list(manifest.files)
     notes = []
-    if datasets is not None:
+    if datasets is not None:  # chosen from the manifest, before any file is read
         wanted = set(datasets)
-        available = sorted({str(manifest.part_header(rows.record)["dataset"].get("source")) for rows in files})
-        files = [rows for rows in files if _dataset_names(manifest.part_header(rows.record)) & wanted]
-        if not files:
+        available = sorted({str(manifest.part_header(record)["dataset"].get("source")) for record in records})
+        records = [record for record in records if _dataset_names(manifest.part_header(record)) & wanted]
+        if not records:
             raise FormatError(f"{manifest.directory}: no files from datasets {sorted(wanted)}; it holds {available}")
+    files = scan_rows(manifest, records)
     if sample_ids is not None:
         wanted_ids = set(sample_ids)
         files = [rows.keep(np.fromiter((s in wanted_ids for s in rows.sample_ids), bool, len(rows.sample_ids)))
@@ -194,15 +198,18 @@ def write_view(output: str, files: list[FileRows]) -> ViewSummary:
                           "row": pa.array(np.concatenate(selection_rows), pa.int64())})
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        staging = store.staging_path(SELECTION_NAME)
+        digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+        selection = f"selection-{digest[:16]}.parquet"  # a new name: the manifest being replaced keeps its own
+        staging = store.staging_path(selection)
         with open(staging, "wb") as f:
             f.write(buffer.getvalue())
-        store.commit(staging, SELECTION_NAME)
-        view.update(selection=SELECTION_NAME, selection_sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
-    elif store.exists(SELECTION_NAME):
-        store.remove(SELECTION_NAME)
+        store.commit(staging, selection)
+        view.update(selection=selection, selection_sha256=digest)
     write_manifest(output, merged_header(parts), records, view=view,
                    stats={"command": "view of " + ", ".join(view["sources"])})
+    for name in store.list():  # selections of earlier views at this place, now unreferenced
+        if SELECTION.match(name) and name != view.get("selection"):
+            store.remove(name)
     return ViewSummary(store.url, len(records), sum(r.rows for r in records), len(parts))
 
 

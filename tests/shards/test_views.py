@@ -66,7 +66,8 @@ def test_duplicate_ids_are_reported_refused_kept_or_dropped(tmp_path):
     assert len(found) == 16 and len({row.sample_id for row in found}) == 16
     assert_same_rows({row.sample_id: row for row in found}, {**rows_by_id(b), **rows_by_id(a)})
     assert verify_directory(tmp_path / "dropped").ok
-    selection = pq.read_table(tmp_path / "dropped" / "selection.parquet")  # any Parquet client reads it
+    (selection_file,) = (tmp_path / "dropped").glob("selection-*.parquet")
+    selection = pq.read_table(selection_file)  # any Parquet client reads it
     assert selection.num_rows == 16 and set(selection.column_names) == {"file", "row"}
 
 
@@ -117,27 +118,15 @@ def test_a_view_is_not_written_over_data_and_a_damaged_selection_is_refused(two_
     with pytest.raises(FormatError, match="is not empty and is not a view"):
         combine_directories([str(a)], str(b))
     subset_directory(str(a), str(tmp_path / "some"), sample_ids=["sample-1-2", "sample-1-3"])
-    selection = tmp_path / "some" / "selection.parquet"
+    first = sorted(p.name for p in (tmp_path / "some").iterdir())
+    subset_directory(str(a), str(tmp_path / "some"), sample_ids=["sample-1-4"])  # a second run replaces the view
+    (selection,) = (tmp_path / "some").glob("selection-*.parquet")
+    assert selection.name not in first and list(rows_by_id(tmp_path / "some")) == ["sample-1-4"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n\n")
+    result = runner.invoke(app, ["subset", str(a), str(tmp_path / "none"), "--ids", str(ids)])
+    assert result.exit_code == 1 and "ids.txt: no sample ids in it" in result.output
     table = pq.read_table(selection)
-    pq.write_table(table.slice(0, 1), selection)
-    with pytest.raises(FormatError, match=r"some/selection.parquet: sha256 differs from the manifest's"):
+    pq.write_table(table.slice(0, 0), selection)
+    with pytest.raises(FormatError, match=r"some/selection-[0-9a-f]+.parquet: sha256 differs from the manifest's"):
         load_manifest(tmp_path / "some")
-
-
-def test_distill_reports_duplicates_across_shards_and_trains_from_a_view(tiny_shards, tiny_models, tmp_path, capsys):
-    from amid_pipeline.config import load_config
-    from amid_pipeline.train.config import DistillConfig
-    from amid_pipeline.train.trainer import distill
-
-    first = [row.sample_id for row in ShardReader(tiny_shards)][:20]
-    subset_directory(str(tiny_shards), str(tmp_path / "first"), sample_ids=first)
-
-    def run(shards: list[str], output: str):
-        config = load_config(DistillConfig, None, {"shards": shards, "student": str(tiny_models["student"]),
-                                                   "output": str(tmp_path / output), "max_steps": 1, "progress": False})
-        return distill(config)
-
-    run([str(tiny_shards), str(tmp_path / "first")], "listed")
-    assert "note: 20 sample ids occur more than once across --shards" in capsys.readouterr().out
-    summary = run([str(tmp_path / "first")], "view")
-    assert summary.steps == 1 and "more than once" not in capsys.readouterr().out

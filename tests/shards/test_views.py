@@ -113,7 +113,7 @@ def test_subset_by_ids_and_by_dataset_then_a_view_of_a_view(two_runs, tmp_path):
         subset_directory(str(a), str(tmp_path / "none"), sample_ids=["sample-2-0"])
 
 
-def test_a_view_is_not_written_over_data_and_a_damaged_selection_is_refused(two_runs, tmp_path):
+def test_views_are_not_written_over_data_rewrite_cleanly_and_refuse_a_damaged_selection(two_runs, tmp_path):
     a, b = two_runs
     with pytest.raises(FormatError, match="is not empty and is not a view"):
         combine_directories([str(a)], str(b))
@@ -130,3 +130,22 @@ def test_a_view_is_not_written_over_data_and_a_damaged_selection_is_refused(two_
     pq.write_table(table.slice(0, 0), selection)
     with pytest.raises(FormatError, match=r"some/selection-[0-9a-f]+.parquet: sha256 differs from the manifest's"):
         load_manifest(tmp_path / "some")
+
+
+def test_distill_reports_duplicates_across_shards_and_trains_from_a_view(tiny_shards, tiny_models, tmp_path, capsys):
+    from amid_pipeline.config import load_config
+    from amid_pipeline.train.config import DistillConfig
+    from amid_pipeline.train.trainer import distill
+
+    first = [row.sample_id for row in ShardReader(tiny_shards)][:20]
+    subset_directory(str(tiny_shards), str(tmp_path / "first"), sample_ids=first)
+
+    def run(shards: list[str], output: str):
+        config = load_config(DistillConfig, None, {"shards": shards, "student": str(tiny_models["student"]),
+                                                   "output": str(tmp_path / output), "max_steps": 1, "progress": False})
+        return distill(config)
+
+    run([str(tiny_shards), str(tmp_path / "first")], "listed")
+    assert "note: 20 sample ids occur more than once across --shards" in capsys.readouterr().out
+    summary = run([str(tmp_path / "first")], "view")
+    assert summary.steps == 1 and "more than once" not in capsys.readouterr().out

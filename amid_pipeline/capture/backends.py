@@ -19,6 +19,8 @@ import os
 import numpy as np
 import torch
 
+from amid_pipeline.chat import cut_at_stop
+
 
 @dataclasses.dataclass
 class Scores:
@@ -67,9 +69,10 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
-                 eos_token_id: int | None) -> list[list[np.ndarray]]:
-        """``config.num_generations`` sampled responses per prompt (each ends at EOS, kept); prompt i is
-        sampled with ``seeds[i]``, one prompt at a time (the reference backend)."""
+                 stop_ids: list[int]) -> list[list[np.ndarray]]:
+        """``config.num_generations`` sampled responses per prompt (each ends at its first stop token:
+        EOS or the chat template's end of turn, kept); prompt i is sampled with ``seeds[i]``, one prompt
+        at a time (the reference backend)."""
         out = []
         sample = config.temperature > 0
         for prompt, seed in zip(prompts, seeds):
@@ -79,9 +82,9 @@ class HFBackend:
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=self.device),
                 do_sample=sample, temperature=config.temperature if sample else None,
                 top_p=config.top_p if sample else None, top_k=None, max_new_tokens=config.max_new_tokens,
-                num_return_sequences=config.num_generations, eos_token_id=eos_token_id,
-                pad_token_id=eos_token_id if eos_token_id is not None else 0)
-            out.append([_cut_at_eos(seq[len(prompt):].cpu().numpy().astype(np.int32), eos_token_id) for seq in sequences])
+                num_return_sequences=config.num_generations, eos_token_id=stop_ids or None,
+                pad_token_id=stop_ids[0] if stop_ids else 0)
+            out.append([cut_at_stop(seq[len(prompt):].cpu().numpy().astype(np.int32), stop_ids) for seq in sequences])
         return out
 
     def _score_batch(self, batch: list[np.ndarray]) -> list[Scores]:
@@ -108,14 +111,6 @@ class HFBackend:
                 )
             )
         return results
-
-
-def _cut_at_eos(tokens: np.ndarray, eos_token_id: int | None) -> np.ndarray:
-    """The response up to and including its first EOS (generation pads after it)."""
-    if eos_token_id is None:
-        return tokens
-    hits = np.flatnonzero(tokens == eos_token_id)
-    return tokens[: hits[0] + 1] if len(hits) else tokens
 
 
 # Prompt-logprob capture needs no generation cache; multiprocess mode can abort at exit on CPU; the
@@ -168,19 +163,19 @@ class VLLMBackend:
         return [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
 
     def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
-                 eos_token_id: int | None) -> list[list[np.ndarray]]:
-        """``config.num_generations`` sampled responses per prompt (stopping at EOS, kept), all prompts in
-        one engine call so that vLLM batches them; prompt i is sampled with ``seeds[i]``."""
+                 stop_ids: list[int]) -> list[list[np.ndarray]]:
+        """``config.num_generations`` sampled responses per prompt (stopping at a stop token, kept), all
+        prompts in one engine call so that vLLM batches them; prompt i is sampled with ``seeds[i]``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
                                  max_tokens=config.max_new_tokens, seed=seed, detokenize=False,
-                                 stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
+                                 stop_token_ids=stop_ids or None)
                   for seed in seeds]
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompt]) for prompt in prompts]
         outputs = self.engine.generate(requests, params, use_tqdm=False)
-        return [[_cut_at_eos(np.asarray(c.token_ids, dtype=np.int32), eos_token_id) for c in output.outputs]
+        return [[cut_at_stop(np.asarray(c.token_ids, dtype=np.int32), stop_ids) for c in output.outputs]
                 for output in outputs]
 
     def _convert(self, flat, length: int) -> Scores:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from amid_pipeline.chat import CHAT_TEMPLATE_MODES
 from amid_pipeline.config import setting
 from amid_pipeline.shards.schema import VALUE_ENCODINGS
 
@@ -15,12 +16,12 @@ RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress")
 
 
 @dataclasses.dataclass
-class CaptureConfig:
-    teacher: Optional[str] = setting(None, "Teacher model: an HF-format folder (or a hub id where the hub is reachable).", required=True)
+class DatasetSettings:
+    """How dataset rows become token sequences with supervised targets: shared by cache-teacher and sft,
+    so that both stages tokenise a row identically (see :mod:`amid_pipeline.capture.examples`)."""
+
     dataset: Optional[str] = setting(None, "Dataset: a JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id.", required=True)
-    output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
     split: str = setting("train", "Dataset split to read.")
-    dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
     start: int = setting(0, "First row of the split to use.", minimum=0)
     limit: Optional[int] = setting(None, "Use at most this many rows from --start (default: all).", minimum=1)
     data_format: str = setting("auto", "How rows become token sequences: text (all tokens supervised), prompt_response (response supervised), messages (chat template; assistant turns supervised), tokens (pre-tokenized input_ids with optional loss_mask); auto picks by the fields present.", choices=DATA_FORMATS)
@@ -31,9 +32,19 @@ class CaptureConfig:
     input_ids_field: str = setting("input_ids", "Field holding pre-tokenized ids.")
     loss_mask_field: str = setting("loss_mask", "Field holding a 0/1 mask per token of input_ids (1 = token is a target); optional.")
     id_field: Optional[str] = setting(None, "Field holding a stable row id (default: the row number in the split).")
-    add_eos: bool = setting(True, "Append the tokenizer's EOS token to responses (prompt_response) so the student learns to stop.")
-    max_length: int = setting(2048, "Longest sequence (tokens) sent to the teacher.", minimum=2)
+    chat_template: str = setting("auto", "prompt_response rows and --generate prompts as a one-turn conversation (user = prompt, assistant = response) under the model's chat template, only the assistant's tokens supervised (as for messages); auto = on when the tokenizer has a template, off = raw prompt + response (base models).", choices=CHAT_TEMPLATE_MODES)
+    add_eos: bool = setting(True, "Append the tokenizer's EOS token to raw responses (prompt_response without a chat template) so the student learns to stop.")
+    max_length: int = setting(2048, "Longest token sequence given to the model (longer ones: see overflow).", minimum=2)
     overflow: str = setting("truncate", "Longer sequences: truncate (keep the first max_length tokens) or split (consecutive windows).", choices=("truncate", "split"))
+
+
+@dataclasses.dataclass
+class CaptureConfig(DatasetSettings):
+    """Settings of ``cache-teacher``: the dataset settings, then the teacher, the shards and the engine."""
+
+    teacher: Optional[str] = setting(None, "Teacher model: an HF-format folder (or a hub id where the hub is reachable).", required=True)
+    output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
+    dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
     k: int = setting(64, "Top-k teacher log-probabilities stored per position.", minimum=1)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
     positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))

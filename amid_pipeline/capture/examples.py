@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.capture.config import CaptureConfig, DatasetSettings
+from amid_pipeline.chat import (
+    ChatTemplateError,
+    prompt_response_messages,
+    render_conversation,
+    render_prompt,
+    stop_token_ids,
+    uses_chat_template,
+)
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -45,7 +53,7 @@ class Example:
         return positions, np.ones(len(positions), dtype=bool)
 
 
-def load_rows(config: CaptureConfig):
+def load_rows(config: DatasetSettings):
     """The configured split and row range as a ``datasets.Dataset`` (memory-mapped Arrow, not in RAM)."""
     import datasets
 
@@ -73,7 +81,7 @@ def load_rows(config: CaptureConfig):
     return data.select(range(min(config.start, len(data)), end))
 
 
-def resolve_format(config: CaptureConfig, columns: list[str]) -> str:
+def resolve_format(config: DatasetSettings, columns: list[str]) -> str:
     """The data format to use, checking that its fields exist (the error lists the available ones)."""
     needed = {
         "text": [config.text_field],
@@ -96,7 +104,7 @@ def resolve_format(config: CaptureConfig, columns: list[str]) -> str:
     return fmt
 
 
-def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: CaptureConfig) -> list[Example]:
+def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: DatasetSettings) -> list[Example]:
     """One dataset row -> one example, or several windows when ``overflow == 'split'``."""
     sample_id = str(row[config.id_field]) if config.id_field else f"row-{index}"
     ids, mask = _tokenize(row, fmt, tokenizer, config)
@@ -120,21 +128,21 @@ def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: C
 
 
 def row_prompt(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> np.ndarray:
-    """The prompt of a row for ``--generate``: the prompt field, the conversation before its last
-    assistant turns (with the generation prompt), the text, or the pre-tokenized ids."""
+    """The prompt of a row for ``--generate``: the prompt field (as a user turn under the chat template
+    unless ``chat_template`` is off), the conversation before its last assistant turns (with the
+    generation prompt), the text, or the pre-tokenized ids."""
     if fmt == "prompt_response":
         prompt = row[config.prompt_field]
         if not isinstance(prompt, str) or not prompt.strip():
             raise SkipRow("empty or whitespace prompt")
-        return np.asarray(tokenizer(prompt).input_ids, dtype=np.int32)
+        return render_prompt(prompt, tokenizer, uses_chat_template(config.chat_template, tokenizer))
     if fmt == "messages":
         messages = list(row[config.messages_field] or [])
         while messages and messages[-1].get("role") == "assistant":
             messages.pop()
         if not messages:
             raise SkipRow("no prompt messages")
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return np.asarray(out["input_ids"] if hasattr(out, "keys") else out, dtype=np.int32)
+        return render_prompt(messages, tokenizer, templated=True)
     if fmt == "text":
         text = row[config.text_field]
         if not isinstance(text, str) or not text.strip():
@@ -156,7 +164,7 @@ def generated_examples(sample_id: str, prompt: np.ndarray, responses: list[np.nd
     return out
 
 
-def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: DatasetSettings) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "text":
         text = row[config.text_field]
         if not isinstance(text, str) or not text.strip():
@@ -167,6 +175,8 @@ def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -
         prompt, response = row[config.prompt_field], row[config.response_field]
         if not isinstance(response, str) or not response.strip():
             raise SkipRow("empty or whitespace response")
+        if uses_chat_template(config.chat_template, tokenizer):  # the template's end of turn ends the response
+            return _tokenize_chat(prompt_response_messages(prompt or "", response), tokenizer)
         prompt_ids = tokenizer(prompt or "").input_ids
         response_ids = tokenizer(response, add_special_tokens=False).input_ids
         if config.add_eos and tokenizer.eos_token_id is not None:
@@ -188,31 +198,25 @@ def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -
 
 
 def _tokenize_chat(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Render with the chat template; supervise the tokens each assistant turn adds.
-
-    Each assistant turn's tokens are found by rendering the conversation up to the turn with the
-    generation prompt (its start) and including the turn (its end); templates whose renderings are not
-    prefixes of each other are refused.
-    """
+    """Render with the chat template; supervise the tokens each assistant turn adds."""
     if not messages:
         raise SkipRow("no messages")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("data_format 'messages' needs a tokenizer with a chat template")
+    try:
+        return render_conversation(list(messages), tokenizer)
+    except ChatTemplateError as exc:
+        raise SkipRow(str(exc)) from exc
 
-    def render(upto: int, generation_prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    ids = render(len(messages), False)
-    mask = np.zeros(len(ids), dtype=bool)
-    for turn, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        start, end = len(render(turn, True)), len(render(turn + 1, False))
-        if render(turn + 1, False) != ids[:end]:
-            raise SkipRow("chat template renders turns inconsistently (not prefix-stable)")
-        mask[start:end] = True
-    return np.asarray(ids, dtype=np.int32), mask
+def dataset_examples(config: DatasetSettings, tokenizer) -> tuple[list[Example], dict[str, int]]:
+    """Every example of the configured dataset rows (for training on the data itself, e.g. ``sft``),
+    and the skipped rows counted by reason."""
+    rows = load_rows(config)
+    fmt = resolve_format(config, list(rows.column_names))
+    skipped: dict[str, int] = {}
+    lists = _teacher_forced(rows, range(len(rows)), fmt, tokenizer, config, skipped)
+    return [example for examples in lists for example in examples], skipped
 
 
 def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: CaptureConfig,
@@ -221,7 +225,12 @@ def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: Capture
     counted. With ``config.generate`` the backend samples the responses of all these rows in one call."""
     if config.generate:
         yield from _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend)
-        return
+    else:
+        yield from _teacher_forced(rows, indices, fmt, tokenizer, config, skipped)
+
+
+def _teacher_forced(rows, indices, fmt: str, tokenizer, config: DatasetSettings,
+                    skipped: dict[str, int]) -> Iterator[list[Example]]:
     for index, row in zip(indices, rows):
         try:
             yield row_examples(row, config.start + index, fmt, tokenizer, config)
@@ -243,7 +252,8 @@ def _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend) -> 
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             prompts.append(None)
     kept = [p for p in prompts if p is not None]
+    templated = fmt == "messages" or (fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer))
     responses = iter(backend.generate([p[2] for p in kept], config, seeds=[config.seed + p[0] for p in kept],
-                                      eos_token_id=tokenizer.eos_token_id) if kept else [])
+                                      stop_ids=stop_token_ids(tokenizer, templated)) if kept else [])
     for item in prompts:
         yield [] if item is None else generated_examples(item[1], item[2], next(responses))

@@ -29,6 +29,7 @@ from typing import Any
 from amid_pipeline.capture.backends import make_backend
 from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
+from amid_pipeline.chat import template_sha256, uses_chat_template
 from amid_pipeline.models import model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
@@ -169,12 +170,20 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> d
             "start": config.start,
             "limit": config.limit,
             "format": fmt,
+            "chat_template_sha256": template_sha256(tokenizer) if _templated(config, fmt, tokenizer) else None,
             "fingerprint": getattr(rows, "_fingerprint", None),
             "license": config.dataset_license,
         },
         positions=config.positions,
         config=comparable_settings(config),
     )
+
+
+def _templated(config: CaptureConfig, fmt: str, tokenizer) -> bool:
+    """Whether rows of format ``fmt`` are rendered with the chat template (``messages`` always are)."""
+    if fmt == "messages":
+        return True
+    return fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer, config.teacher)
 
 
 def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
@@ -202,6 +211,7 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
         return summary
     fmt = resolve_format(config, list(rows.column_names))
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    _templated(config, fmt, tokenizer)  # chat_template = 'on' without a template: refused before the engine starts
     backend = backend or make_backend(config)
     header = build_header(config, backend, tokenizer, rows, fmt)
     output.makedirs()

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amid_pipeline.chat import template_sha256
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.models import model_source, tokenizer_fingerprint
@@ -93,10 +94,21 @@ def check_student(manifest_header: dict, tokenizer, head_size: int, student_name
     if head_size < manifest_header["model_vocab_size"]:
         notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head_size}: ids beyond the "
                      f"student head would be refused per sample")
-    if student_tok["chat_template_sha256"] != shard_tok.get("chat_template_sha256"):
-        notes.append("the student's chat template differs from the teacher's: fine for training on these shards, "
-                     "but prompt the student with the template the shards were rendered with")
+    template = template_warning(manifest_header, tokenizer, student_name)
+    if template:
+        notes.append(template)
     return notes
+
+
+def template_warning(header: dict, tokenizer, model_name: str) -> str | None:
+    """A warning when the shards' rows were rendered with a chat template other than the model's own:
+    the model learns (or is measured on) conversations in a format it will not be prompted with."""
+    rendered = header.get("dataset", {}).get("chat_template_sha256")
+    if rendered is None or rendered == template_sha256(tokenizer):
+        return None
+    own = "has no chat template" if template_sha256(tokenizer) is None else "has another chat template"
+    return (f"warning: the shards were rendered with the teacher's chat template (sha256 {rendered[:12]}) but {model_name} "
+            f"{own}; prompt it with the shards' template (copy the teacher's tokenizer_config.json chat_template)")
 
 
 def check_shard_dirs(directories: list[str]) -> dict:
@@ -277,9 +289,9 @@ def distill(config: DistillConfig) -> RunSummary:
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "distill_config.toml")
-        _trim_metrics(output / "metrics.jsonl", step)
+        trim_metrics(output / "metrics.jsonl", step)
         for note in notes:
-            print(f"note: {note}")
+            print(note if note.startswith("warning:") else f"note: {note}")
         print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
               f"{world} process(es), loss {config.loss} ({config.support}), "
               f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}")
@@ -433,7 +445,7 @@ class MetricsLog:
             self.board.close()
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the curves have each step once."""
     if not path.exists():
         return

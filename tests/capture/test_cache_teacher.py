@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amid_pipeline.capture.config import CaptureConfig
 from amid_pipeline.capture.run import SettingsMismatch, run_capture
+from amid_pipeline.chat import template_sha256
 from amid_pipeline.config import load_config
+from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.verify import verify_directory
 from tests.conftest import assert_same_rows, rows_by_id
@@ -44,7 +48,7 @@ def teacher_logprobs(tiny_models, ids):
 
 def test_prompt_response_supervises_the_response_and_matches_a_direct_forward(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    summary = capture(tiny_models, tmp_path, data, value_encoding="float32")
+    summary = capture(tiny_models, tmp_path, data, value_encoding="float32", chat_template="off")
     assert summary.skipped == {"empty or whitespace response": 1} and summary.sequences == 4
     assert verify_directory(tmp_path / "out").ok
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
@@ -61,6 +65,43 @@ def test_prompt_response_supervises_the_response_and_matches_a_direct_forward(ti
     np.testing.assert_allclose(row.topk_logprobs, top.values.numpy(), atol=1e-5)
     targets = torch.as_tensor(row.input_ids[row.positions + 1], dtype=torch.long)
     np.testing.assert_allclose(row.target_logprob, reference.gather(1, targets[:, None])[:, 0].numpy(), atol=1e-5)
+
+
+def test_prompt_response_under_the_chat_template_equals_the_same_row_as_messages(tiny_models, tmp_path):
+    pairs = [p for p in PAIRS if p["response"].strip()]
+    as_messages = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]}
+                   for p in pairs]
+    capture(tiny_models, tmp_path / "pr", write_jsonl(tmp_path / "pairs.jsonl", pairs))  # chat_template auto: on
+    capture(tiny_models, tmp_path / "m", write_jsonl(tmp_path / "chat.jsonl", as_messages))
+    templated, chat = rows_by_id(tmp_path / "pr" / "out"), rows_by_id(tmp_path / "m" / "out")
+    assert_same_rows(templated, chat)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    row = templated["row-0"]
+    text = tokenizer.decode(row.input_ids)
+    assert text.startswith("<|im_start|>user\n" + pairs[0]["prompt"]) and "<|im_start|>assistant\n" in text
+    supervised = tokenizer.decode(row.input_ids[row.positions + 1])
+    assert supervised == pairs[0]["response"] + "<|im_end|>\n"  # the assistant's tokens, end of turn included
+    header = load_manifest(tmp_path / "pr" / "out").header
+    assert header["dataset"]["chat_template_sha256"] == template_sha256(tokenizer)
+    capture(tiny_models, tmp_path / "raw", write_jsonl(tmp_path / "raw.jsonl", pairs), chat_template="off")
+    assert load_manifest(tmp_path / "raw" / "out").header["dataset"]["chat_template_sha256"] is None
+
+
+def test_chat_template_on_without_a_template_is_refused_before_the_engine(tiny_models, tmp_path, monkeypatch):
+    bare = Path(shutil.copytree(tiny_models["teacher"], tmp_path / "bare"))
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    with monkeypatch.context() as patch:
+        patch.setattr("amid_pipeline.capture.run.make_backend", lambda config: pytest.fail("engine started"))
+        with pytest.raises(ValueError, match="no chat template"):
+            capture({"teacher": bare}, tmp_path, data, chat_template="on")
+    capture({"teacher": bare}, tmp_path / "auto", data)  # auto: raw for a base model
+    row = next(iter(ShardReader(tmp_path / "auto" / "out")))
+    tokenizer = AutoTokenizer.from_pretrained(bare)
+    assert "<|im_start|>" not in tokenizer.decode(row.input_ids)
 
 
 def test_text_messages_and_tokens_shapes(tiny_models, tmp_path):
@@ -183,11 +224,15 @@ def test_generate_stores_the_teachers_own_responses(tiny_models, tmp_path):
     rows = list(ShardReader(tmp_path / "out"))
     assert summary.sequences == 4 and [r.sample_id for r in rows] == ["row-0#g0", "row-0#g1", "row-1#g0", "row-1#g1"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
-    prompt = tokenizer(PAIRS[0]["prompt"]).input_ids
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[0]["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)  # prompted the way the teacher was tuned
+    prompt = tokenizer(prompt, add_special_tokens=False).input_ids
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for row in rows[:2]:
         np.testing.assert_array_equal(row.input_ids[: len(prompt)], prompt)
         np.testing.assert_array_equal(row.positions, np.arange(len(prompt) - 1, len(row.input_ids) - 1))
-        assert 0 < len(row.input_ids) - len(prompt) <= 12
+        response = row.input_ids[len(prompt):]
+        assert 0 < len(response) <= 12 and end_of_turn not in response[:-1]  # cut at the end of turn
     assert not np.array_equal(rows[0].input_ids, rows[1].input_ids)  # two samples, not one repeated
     again = capture(tiny_models, tmp_path / "again", data, generate=True, num_generations=2, max_new_tokens=12,
                     temperature=1.0, seed=3, max_length=64)

@@ -3,18 +3,23 @@
 - :func:`evaluate_on_shards`: for every stored supervised position of a shard directory, the model's
   cross-entropy on the actual next token (perplexity on the responses), KL(p̃‖q̃) to the teacher on its
   renormalised top-k support, top-1 agreement with the teacher and the model's mass on that support.
-- :func:`rouge_l_on_prompts`: greedy responses to held-out prompts, scored with ROUGE-L F1 (word-level
-  longest common subsequence) against the references, the metric the AMiD paper reports.
+- :func:`rouge_l_on_prompts`: responses to held-out prompts (rendered with the model's chat template,
+  batched, greedy and optionally sampled over several seeds), scored with ROUGE-L as the AMiD, MiniLLM
+  and DistiLLM papers compute it (``rouge-score``, stemmed, max over references, × 100).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import statistics
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
@@ -42,35 +47,118 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     return metrics
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 between two texts, on lower-cased whitespace tokens."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+def perplexity_on_data(model, tokenizer, data: str | Path, *, limit: int | None = None, chat_template: str = "auto",
+                       max_length: int = 2048, batch_size: int = 8, prompt_field: str = "prompt",
+                       response_field: str = "response") -> dict[str, float]:
+    """Perplexity of the reference responses of a dataset, tokenised as ``cache-teacher`` and ``sft``
+    would (``prompt_response``, the model's chat template unless ``chat_template`` is off): exp of the
+    mean CE over every supervised token (``data_ce``, ``data_perplexity``, ``data_positions``)."""
+    from amid_pipeline.capture.config import DatasetSettings
+    from amid_pipeline.capture.examples import dataset_examples
+    from amid_pipeline.train.sft import dev_loss
+
+    settings = DatasetSettings(dataset=str(data), limit=limit, data_format="prompt_response", chat_template=chat_template,
+                               max_length=max_length, prompt_field=prompt_field, response_field=response_field)
+    examples, _ = dataset_examples(settings, tokenizer)
+    metrics = dev_loss(model, examples, batch_size, model.device, nullcontext())
+    return {f"data_{key}": value for key, value in metrics.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(candidate: str, references: str | list[str]) -> float:
+    """ROUGE-L F1 × 100 as the distillation papers report it (MiniLLM, DistiLLM, AMiD): the
+    ``rouge-score`` package's longest-common-subsequence F-measure with its tokenizer (lower case,
+    runs of [a-z0-9]) and the Porter stemmer, the maximum over the references."""
+    references = [references] if isinstance(references, str) else list(references)
+    if not references:
+        raise ValueError("ROUGE-L needs at least one reference")
+    scorer = _rouge_scorer()
+    return 100 * max(scorer.score(reference, candidate)["rougeL"].fmeasure for reference in references)
 
 
 @torch.no_grad()
-def rouge_l_on_prompts(model, tokenizer, data: str | Path, *, limit: int = 20, max_new_tokens: int = 64,
-                       prompt_field: str = "prompt", response_field: str = "response") -> dict[str, float]:
-    """Mean ROUGE-L F1 (×100) of greedy responses to the first ``limit`` prompts of a JSONL file."""
-    scores = []
+def generate_responses(model, tokenizer, prompts: list[str], *, chat_template: str = "auto", max_new_tokens: int = 64,
+                       temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """One response per prompt: greedy (``temperature`` 0) or sampled at ``temperature`` from the full
+    distribution (top-k 0, top-p 1), in batches of prompts of similar length, left-padded.
+
+    Prompts are rendered as one user turn under the model's chat template (``chat_template`` auto: when it
+    has one) and each response stops at EOS or the template's end of turn. Batch b is sampled with seed
+    ``seed + b``, so a run is reproducible.
+    """
+    templated = uses_chat_template(chat_template, tokenizer, getattr(model, "name_or_path", "the model"))
+    stops = stop_token_ids(tokenizer, templated)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    encoded = [render_prompt(prompt, tokenizer, templated) for prompt in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    sample = temperature > 0
+    responses: list[str] = [""] * len(prompts)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        chosen = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chosen)
+        ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+        attention = torch.zeros(len(chosen), width, dtype=torch.long)
+        for row, i in enumerate(chosen):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(encoded[i]):] = torch.from_numpy(encoded[i].astype(np.int64))
+            attention[row, width - len(encoded[i]):] = 1
+        torch.manual_seed(seed + b)
+        out = model.generate(ids.to(model.device), attention_mask=attention.to(model.device), do_sample=sample,
+                             temperature=temperature if sample else None, top_k=0 if sample else None,
+                             top_p=1.0 if sample else None, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops or None, pad_token_id=pad)
+        for row, i in enumerate(chosen):
+            tokens = cut_at_stop(out[row, width:].cpu().numpy(), stops)
+            responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return responses
+
+
+def read_prompts(data: str | Path, limit: int | None, prompt_field: str = "prompt",
+                 response_field: str = "response") -> tuple[list[str], list[list[str]]]:
+    """(prompts, references per prompt) from the first ``limit`` rows of a JSONL file; a list in the
+    response field gives several references."""
+    prompts, references = [], []
     with open(data, encoding="utf-8") as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(limit))]
-    for row in rows:
-        prompt = tokenizer(row[prompt_field], return_tensors="pt").input_ids.to(model.device)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-        scores.append(rouge_l(text, row[response_field]))
-    return {"rouge_l": 100 * sum(scores) / max(len(scores), 1), "generated": len(scores)}
+        for number, line in enumerate(f, 1):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{data}, line {number}: not JSON ({exc})") from exc
+            prompt, reference = row.get(prompt_field), row.get(response_field)
+            reference = [reference] if isinstance(reference, str) else reference
+            if not isinstance(prompt, str) or not isinstance(reference, list) or not all(isinstance(r, str) for r in reference):
+                raise ValueError(f"{data}, line {number}: needs a string {prompt_field!r} and a string (or list of "
+                                 f"strings) {response_field!r}; found fields {sorted(row)}")
+            prompts.append(prompt)
+            references.append(reference)
+    return prompts, references
+
+
+def rouge_l_on_prompts(model, tokenizer, data: str | Path, *, limit: int | None = None, max_new_tokens: int = 64,
+                       sample_seeds: int = 0, temperature: float = 1.0, batch_size: int = 16, chat_template: str = "auto",
+                       prompt_field: str = "prompt", response_field: str = "response") -> dict[str, float]:
+    """ROUGE-L (× 100, see :func:`rouge_l`) of responses to the first ``limit`` prompts of a JSONL file:
+    greedy (``rouge_l``), and with ``sample_seeds`` > 0 sampled at ``temperature`` once per seed
+    (``rouge_l_sampled``: mean over seeds of the per-run mean; ``rouge_l_sampled_sd``: their sd)."""
+    prompts, references = read_prompts(data, limit, prompt_field, response_field)
+    settings = {"chat_template": chat_template, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+
+    def score(responses: list[str]) -> float:
+        return sum(rouge_l(r, refs) for r, refs in zip(responses, references)) / max(len(references), 1)
+
+    metrics = {"rouge_l": score(generate_responses(model, tokenizer, prompts, **settings)), "generated": len(prompts)}
+    if sample_seeds:
+        runs = [score(generate_responses(model, tokenizer, prompts, temperature=temperature, seed=1000 * seed, **settings))
+                for seed in range(sample_seeds)]
+        metrics["rouge_l_sampled"] = statistics.fmean(runs)
+        metrics["rouge_l_sampled_sd"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
+    return metrics

@@ -142,9 +142,57 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def init_student(teacher: str | os.PathLike, output: str | os.PathLike, *, keep_every: int = 3) -> dict[str, Any]:
-    """A student that shares the teacher's tokenizer: the teacher with every ``keep_every``-th decoder
-    layer (layers 0, n, 2n, ...), embeddings, final norm and head copied. Saved as an HF folder.
+def block_influence(model, sequences: list, batch_size: int = 8) -> list[float]:
+    """Importance of each decoder layer: 1 − mean cosine similarity between the hidden state entering it
+    and the one leaving it, over every token of ``sequences`` (lists of token ids). A layer that barely
+    changes the residual stream (near 0) is the cheapest to drop (ShortGPT's "block influence")."""
+    import torch
+
+    layers = getattr(model, model.base_model_prefix).layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def record(module, args, kwargs, output):
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+            sums[index] += float((cosine * mask_holder["mask"]).sum())
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            mask_holder["mask"] = mask
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask.long())
+            count += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (1 - sums / max(count, 1)).tolist()
+
+
+def most_influential_layers(influence: list[float], keep: int) -> list[int]:
+    """The ``keep`` layers of highest influence, in model order."""
+    if not 1 <= keep <= len(influence):
+        raise ValueError(f"cannot keep {keep} of {len(influence)} layers")
+    return sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:keep])
+
+
+def init_student(teacher: str | os.PathLike, output: str | os.PathLike, *, keep_every: int = 3,
+                 layers: list[int] | None = None) -> dict[str, Any]:
+    """A student that shares the teacher's tokenizer: the teacher with some decoder layers removed —
+    ``layers`` (indices to keep), or else every ``keep_every``-th (0, n, 2n, ...) — embeddings, final norm
+    and head copied. Saved as an HF folder.
 
     Works for decoder models whose layers live in ``model.layers`` (Llama, Qwen2, Mistral, Gemma...).
     """
@@ -158,7 +206,9 @@ def init_student(teacher: str | os.PathLike, output: str | os.PathLike, *, keep_
     base = getattr(model, model.base_model_prefix)
     if not hasattr(base, "layers"):
         raise ValueError(f"{teacher}: {type(model).__name__} keeps no .layers list; prune it by hand")
-    kept = list(range(0, len(base.layers), keep_every))
+    kept = list(range(0, len(base.layers), keep_every)) if layers is None else sorted(set(layers))
+    if not kept or kept[0] < 0 or kept[-1] >= len(base.layers):
+        raise ValueError(f"layers to keep must lie in [0, {len(base.layers)}), got {layers}")
     base.layers = torch.nn.ModuleList(base.layers[i] for i in kept)
     for new_index, layer in enumerate(base.layers):
         if hasattr(getattr(layer, "self_attn", None), "layer_idx"):

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from amid_pipeline.capture.config import CaptureConfig
-from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.config import DistillConfig, SFTConfig
 from amid_pipeline.config import ConfigError, load_config, to_toml
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
-CONFIG_CLASSES = {"cache_teacher": CaptureConfig, "distill": DistillConfig}
+CONFIG_CLASSES = {"cache_teacher": CaptureConfig, "distill": DistillConfig, "sft_": SFTConfig, "heal_": SFTConfig}
 
 
 def test_every_error_is_reported_at_once(tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from amid_pipeline.cli import cache_teacher_cmd, distill_cmd
+from amid_pipeline.cli import cache_teacher_cmd, distill_cmd, sft_cmd
 from amid_pipeline.cli.compat_cmd import compat
 from amid_pipeline.cli.eval_cmd import eval_model
 from amid_pipeline.cli.init_student_cmd import init_student
@@ -31,6 +31,7 @@ app.command()(inspect)
 app.command()(verify)
 cache_teacher_cmd.register(app)
 distill_cmd.register(app)
+sft_cmd.register(app)
 app.command()(plot)
 app.command("init-student")(init_student)
 app.command("eval")(eval_model)

@@ -1,10 +1,11 @@
-"""Settings of ``amid-pipeline distill`` (stage two). See stages/distill_*.toml."""
+"""Settings of ``amid-pipeline distill`` (stage two) and ``amid-pipeline sft``. See stages/*.toml."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
+from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
 from amid_pipeline.losses.registry import LOSSES, validate_loss_params
 from amid_pipeline.losses.support import SUPPORT_MODES
@@ -55,3 +56,34 @@ class DistillConfig:
         if self.sparse_head == "on" and (self.support == "tail" or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
         return errors
+
+
+@dataclasses.dataclass
+class SFTConfig(DatasetSettings):
+    """Settings of ``amid-pipeline sft``: the dataset settings (as cache-teacher's, so a row is tokenised
+    identically in both stages), then the model, the dev split and the optimiser."""
+
+    model: Optional[str] = setting(None, "Model to fine-tune: an HF-format folder (any AutoModelForCausalLM): a teacher to make an expert of, or a pruned student to heal.", required=True)
+    output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, sft_config.toml, and the model with the best dev loss in model/.", required=True)
+    dev_dataset: Optional[str] = setting(None, "Dev data (same format) for choosing the checkpoint and stopping at a plateau (default: a held-out fraction of --dataset).")
+    dev_fraction: float = setting(0.1, "Fraction of --dataset's sample ids held out as the dev split when --dev-dataset is not given (stable hash of the id).", minimum=0.0, maximum=0.5)
+    epochs: int = setting(3, "Passes over the training rows.", minimum=1)
+    max_steps: Optional[int] = setting(None, "Stop after this many optimiser steps (default: epochs x steps per epoch).", minimum=1)
+    batch_size: int = setting(8, "Sequences per micro-batch.", minimum=1)
+    grad_accum: int = setting(1, "Micro-batches per optimiser step.", minimum=1)
+    lr: float = setting(5e-5, "Peak learning rate (AdamW).", minimum=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", minimum=0)
+    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
+    seed: int = setting(0, "Seed for data order and initialisation.")
+    eval_every: int = setting(50, "Evaluate the dev loss every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    patience: int = setting(0, "Stop after this many dev evaluations without a new best (a plateau); 0 = run every step.", minimum=0)
+    save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
+    resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
+    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
+    progress: bool = setting(True, "Show a progress bar.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from amid_pipeline.cli import app
@@ -60,3 +61,55 @@ def test_compat_accepts_the_padded_student_and_refuses_another_tokenizer(tiny_sh
     result = runner.invoke(app, ["compat", str(tiny_shards), str(other)])
     assert result.exit_code == 1
     assert "incompatible: student tokenizer" in result.output and "300 tokens" in result.output and "512 tokens" in result.output
+
+
+def test_init_student_by_importance_keeps_the_layers_that_change_the_hidden_state_most(tiny_models, tiny_shards, tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amid_pipeline.models import block_influence
+    from amid_pipeline.shards.reader import ShardReader
+    from tests.conftest import _load_data_module
+
+    tiny = _load_data_module("tiny_models")
+    deep = tiny.build_model(tmp_path / "deep", AutoTokenizer.from_pretrained(tiny_models["teacher"]), layers=5, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(deep, dtype=torch.float32).eval()
+    sequences = [row.input_ids.tolist() for row, _ in zip(ShardReader(tiny_shards), range(6))]
+    influence = block_influence(model, sequences, batch_size=4)
+    for i in range(4):  # reference: the model's own hidden states, one unpadded sequence at a time
+        cosines = []
+        for seq in sequences:
+            with torch.no_grad():
+                states = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            cosines.append(torch.nn.functional.cosine_similarity(states[i][0], states[i + 1][0], dim=-1))
+        assert influence[i] == pytest.approx(1 - float(torch.cat(cosines).mean()), abs=1e-5)
+
+    result = runner.invoke(app, ["init-student", str(deep), str(tmp_path / "s"), "--by", "importance", "--layers", "2",
+                                 "--calibration", str(tiny_shards), "--calibration-rows", "6"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "s" / "amid_pipeline_init.json").read_text())
+    expected = sorted(sorted(range(5), key=lambda i: -record["block_influence"][i])[:2])
+    assert record["layers_kept"] == expected and record["block_influence"] == pytest.approx(influence, abs=1e-5)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    for new, old in enumerate(expected):
+        torch.testing.assert_close(student.model.layers[new].mlp.up_proj.weight, model.model.layers[old].mlp.up_proj.weight)
+    missing = runner.invoke(app, ["init-student", str(deep), str(tmp_path / "t"), "--by", "importance"])
+    assert missing.exit_code == 1 and "--calibration" in missing.output
+
+
+def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards, tmp_path):
+    import json
+
+    data = tmp_path / "heldout.jsonl"
+    data.write_text('{"prompt": "What is a kludge?", "response": "A clumsy but working solution."}\n'
+                    '{"prompt": "Define foo.", "response": ["A metasyntactic variable.", "foo bar"]}\n')
+    result = runner.invoke(app, ["eval", str(tiny_models["teacher"]), "--shards", str(tiny_shards), "--data", str(data),
+                                 "--generate", "2", "--sample-seeds", "2", "--max-new-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["generated"] == 2 and metrics["data_positions"] > 0 and metrics["perplexity"] > 1
+    assert {"rouge_l", "rouge_l_sampled", "rouge_l_sampled_sd", "kl_to_teacher"} <= set(metrics)
+    nothing = runner.invoke(app, ["eval", str(tiny_models["teacher"])])
+    assert nothing.exit_code == 1 and "nothing to evaluate" in nothing.output

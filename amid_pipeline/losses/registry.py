@@ -23,6 +23,7 @@ from torch import nn
 from amid_pipeline.losses import functional as F
 from amid_pipeline.losses.divergences import DIVERGENCES
 from amid_pipeline.losses.support import (
+    FULL_NORMALIZER_MODES,
     SUPPORT_MODES,
     StudentHead,
     TeacherTargets,
@@ -91,6 +92,31 @@ def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
     return errors
 
 
+def infinite_under_zero_teacher_mass(name: str, params: dict[str, object]) -> str | None:
+    """Why loss ``name`` is infinite at an outcome where p = 0 < q (None when it stays finite).
+
+    A divergence D(A‖B) is infinite where A > 0 = B. With p = 0 < q at an outcome: q > 0 always; the
+    AMiD mixture r is positive there for α < 1 (union support) and 0 for α ≥ 1 (intersection).
+    """
+    if name == "reverse_kl":
+        return "KL(q‖p)"
+    if name == "akl":
+        return "AKL's KL(q‖p) term"
+    if name == "jsd" and params["beta"] >= 1.0:
+        return "JSD at beta = 1, KL(q‖p)"
+    if name == "amid" and params["divergence"] != "tvd":
+        lam, union = params["lam"], params["alpha"] < 1
+        r_positive = False if lam >= 1 else True if lam <= 0 else union  # λ = 1: r = p; λ = 0: r = q
+        anchor, other = {"pr": ("p", "r"), "qr": ("q", "r"), "rp": ("r", "p"), "rq": ("r", "q")}[params["order"]]
+        positive = {"p": False, "q": True, "r": r_positive}
+        if params["divergence"] == "ab":  # finite for a, b > 0 (positive powers); the limits hold logarithms
+            if positive[anchor] != positive[other] and (params["ab_a"] <= 0 or params["ab_b"] <= 0):
+                return f"AMiD's AB-divergence between {anchor} and {other} with a non-positive parameter"
+        elif positive[anchor] and not positive[other]:
+            return f"AMiD's KL({anchor}‖{other}) at alpha = {params['alpha']}, lam = {lam}"
+    return None
+
+
 class TAIDSchedule:
     """TAID's interpolation t_n: linear t_start → t_end, or adaptive (pushed up while the loss falls).
 
@@ -142,7 +168,7 @@ class KDLoss(nn.Module):
 
     Args:
         name: forward_kl, reverse_kl, tvd, skl, srkl, jsd, amid, akl, taid, atkd.
-        support: 'renormalized' (default) or 'tail' (losses.md §7).
+        support: 'renormalized' (default), 'tail' or 'teacher_renormalized' (losses.md §7).
         kd_ratio: weight of KD against ground-truth CE, (1 − kd_ratio)·CE + kd_ratio·KD.
         **params: the loss's parameters; unknown names and out-of-range values raise ``ValueError``.
     """
@@ -152,6 +178,11 @@ class KDLoss(nn.Module):
         errors = validate_loss_params(name, params)
         if support not in SUPPORT_MODES:
             errors.append(f"support must be one of {SUPPORT_MODES}, got {support!r}")
+        elif support == "teacher_renormalized" and not errors:
+            reason = infinite_under_zero_teacher_mass(name, {**loss_defaults(name), **params})
+            if reason:
+                errors.append(f"support 'teacher_renormalized' gives the teacher probability 0 outside its stored ids, "
+                              f"where the student keeps mass: {reason} is infinite there; use support 'tail'")
         if not 0.0 <= kd_ratio <= 1.0:
             errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
         if errors:
@@ -167,7 +198,7 @@ class KDLoss(nn.Module):
     @property
     def needs_full_vocabulary(self) -> bool:
         """True when the student's full normaliser is needed (tail support or a CE term)."""
-        return self.support == "tail" or self.kd_ratio < 1.0
+        return self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1.0
 
     def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
                 progress: tuple[int, int] | None = None) -> LossOutput:

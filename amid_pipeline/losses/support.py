@@ -13,6 +13,11 @@ Support modes (losses.md §7); each equals the dense definition when the ids cov
 - ``renormalized`` (default): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
 - ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p, q normalised over the student's full vocabulary,
   q_rest = 1 − Σ_S q. Needs the student's full normaliser (computed chunked for a StudentHead).
+- ``teacher_renormalized``: S ∪ {rest}; p̃ = p|_S / Σ_S p and p_rest = 0 (the teacher renormalised over
+  its stored ids), q normalised over the full vocabulary with q_rest = 1 − Σ_S q (the convention of
+  DistillKit, Axolotl and Gemma 3). Losses that weigh the teacher's zero at ``rest`` against the
+  student's mass there (reverse KL, AKL, JSD at β = 1, AMiD orders that anchor on q or r where r can
+  be positive while p = 0) are infinite under it and refused (:func:`infinite_under_zero_teacher_mass`).
 
 ``with_target=True`` appends the actual next token as an extra column (teacher value from
 ``target_logprob``) when it is not already among the ids, so that losses needing p_g and q_g (ATKD)
@@ -28,7 +33,8 @@ import torch
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, support_logits
 
-SUPPORT_MODES = ("renormalized", "tail")
+SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized")
+FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized")  # need the student's full-vocabulary logsumexp
 
 
 @dataclasses.dataclass
@@ -110,7 +116,7 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
         raise ValueError(f"support mode must be one of {SUPPORT_MODES}, got {mode!r}")
     teacher.check()
     ids, log_p = _support_ids(teacher, with_target)
-    z, lse = student_logits_at(student, ids, need_normalizer=mode == "tail")
+    z, lse = student_logits_at(student, ids, need_normalizer=mode in FULL_NORMALIZER_MODES)
     duplicate = torch.isneginf(log_p) & (torch.arange(ids.shape[1], device=ids.device) == ids.shape[1] - 1) if with_target else None
     if duplicate is not None:
         z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
@@ -120,6 +126,10 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
         log_q = torch.log_softmax(z, dim=-1)
         return log_p, log_q, lse
     log_q = z - lse[:, None]
-    log_p_rest = _log1mexp(torch.logsumexp(log_p, dim=-1))
+    if mode == "teacher_renormalized":
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
+    else:
+        log_p_rest = _log1mexp(torch.logsumexp(log_p, dim=-1))
     log_q_rest = _log1mexp(torch.logsumexp(log_q, dim=-1))
     return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1), lse

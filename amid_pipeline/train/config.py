@@ -7,8 +7,8 @@ from typing import Optional
 
 from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
-from amid_pipeline.losses.registry import LOSSES, validate_loss_params
-from amid_pipeline.losses.support import SUPPORT_MODES
+from amid_pipeline.losses.registry import LOSSES, infinite_under_zero_teacher_mass, loss_defaults, validate_loss_params
+from amid_pipeline.losses.support import FULL_NORMALIZER_MODES, SUPPORT_MODES
 
 
 @dataclasses.dataclass
@@ -18,7 +18,7 @@ class DistillConfig:
     output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, the final model in model/.", required=True)
     loss: str = setting("amid", "Distillation loss.", choices=tuple(sorted(LOSSES)))
     loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -3.0, lam = 0.1} in TOML or alpha=-3,lam=0.1 on the command line; defaults in README.")
-    support: str = setting("renormalized", "Support the loss sees: the stored top-k renormalised, or top-k plus a tail bucket (needs full-vocabulary logits).", choices=SUPPORT_MODES)
+    support: str = setting("renormalized", "Support the loss sees: renormalized (teacher and student renormalised over the stored top-k), tail (top-k plus one bucket for the rest, both sides normalised over the full vocabulary), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3); the last two need full-vocabulary logits.", choices=SUPPORT_MODES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
     epochs: int = setting(1, "Passes over the training rows.", minimum=1)
@@ -53,8 +53,13 @@ class DistillConfig:
 
     def check(self) -> list[str]:
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
-        if self.sparse_head == "on" and (self.support == "tail" or self.kd_ratio < 1):
+        if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
+        if self.support == "teacher_renormalized" and not errors:
+            reason = infinite_under_zero_teacher_mass(self.loss, {**loss_defaults(self.loss), **self.loss_params})
+            if reason:
+                errors.append(f"support: 'teacher_renormalized' makes {reason} infinite (teacher probability 0 where the "
+                              f"student keeps mass); use 'tail'")
         return errors
 
 

@@ -6,6 +6,8 @@ Runs the documented commands one after the other (each resumes or is skipped whe
 
     amid-pipeline sft -c stages/sft_teacher_jargon.toml                          # expert teacher
     amid-pipeline cache-teacher -c stages/cache_teacher_jargon.toml              # its shards (train)
+    amid-pipeline cache-teacher -c stages/cache_teacher_jargon.toml --dataset data/jargon/heldout.jsonl \
+        --output runs/jargon-heldout-k64                                         # and of the held-out pairs
     amid-pipeline init-student runs/sft-teacher-jargon/model runs/student-init-every --keep-every 3
     amid-pipeline init-student runs/sft-teacher-jargon/model runs/student-init-importance \
         --by importance --calibration runs/jargon-smollm2-k64
@@ -58,6 +60,8 @@ def main() -> None:
         "--resume", "--no-progress")
     shards = f"{work}/jargon-smollm2-k64"
     cli("cache-teacher", "-c", "stages/cache_teacher_jargon.toml", "--teacher", expert, "--output", shards, "--no-progress")
+    cli("cache-teacher", "-c", "stages/cache_teacher_jargon.toml", "--teacher", expert, "--dataset",
+        "data/jargon/heldout.jsonl", "--output", f"{work}/jargon-heldout-k64", "--no-progress")  # for distill's evaluation
     students = {"every": ["--keep-every", "3"], "importance": ["--by", "importance", "--calibration", shards]}
     for name, options in students.items():
         if not (ROOT / work / f"student-init-{name}" / "config.json").exists():

@@ -68,7 +68,7 @@ def config_command(app: typer.Typer, name: str, config_cls: type, help: str,
             annotation=Annotated[Optional[Path], typer.Option("--config", "-c", help="Stage config file (TOML); see stages/.")],
         )
     ]
-    for field in dataclasses.fields(config_cls):
+    for field in sorted(dataclasses.fields(config_cls), key=lambda f: not f.metadata.get("required")):  # required first
         base, _ = field_type(config_cls, field)
         if base in (list, dict):
             base = str  # lists: "a,b"; tables: "key=value,key=value" (values in TOML syntax)

@@ -12,7 +12,34 @@ from amid_pipeline.losses.support import FULL_NORMALIZER_MODES, SUPPORT_MODES
 
 
 @dataclasses.dataclass
-class DistillConfig:
+class OptimizationSettings:
+    """The optimiser, schedule, evaluation cadence and checkpoints: shared by distill and sft."""
+
+    epochs: int = setting(1, "Passes over the training rows.", minimum=1)
+    max_steps: Optional[int] = setting(None, "Stop after this many optimiser steps (default: epochs x steps per epoch).", minimum=1)
+    batch_size: int = setting(8, "Sequences (distill: or packed rows) per micro-batch on each process.", minimum=1)
+    grad_accum: int = setting(1, "Micro-batches per optimiser step.", minimum=1)
+    lr: float = setting(5e-5, "Peak learning rate (AdamW).", minimum=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", minimum=0)
+    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
+    seed: int = setting(0, "Seed for data order, shuffling and sampling.")
+    eval_every: int = setting(50, "Evaluate on the held-out (distill) or dev (sft) rows every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
+    resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
+    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
+    progress: bool = setting(True, "Show a progress bar.")
+
+
+@dataclasses.dataclass
+class DistillConfig(OptimizationSettings):
+    """Settings of ``distill``: shards, student, loss, data pipeline, parallelism (and the shared optimisation)."""
+
     shards: list = setting([], "Teacher shard directories (several, e.g. from several capture runs, are read as one).", required=True)
     student: Optional[str] = setting(None, "Student model: an HF-format folder (any AutoModelForCausalLM).", required=True)
     output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, the final model in model/.", required=True)
@@ -21,35 +48,16 @@ class DistillConfig:
     support: str = setting("renormalized", "Support the loss sees: renormalized (teacher and student renormalised over the stored top-k), tail (top-k plus one bucket for the rest, both sides normalised over the full vocabulary), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3); the last two need full-vocabulary logits.", choices=SUPPORT_MODES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
-    epochs: int = setting(1, "Passes over the training rows.", minimum=1)
-    max_steps: Optional[int] = setting(None, "Stop after this many optimiser steps (default: epochs x steps per epoch).", minimum=1)
-    batch_size: int = setting(8, "Sequences (or packed rows) per micro-batch on each process.", minimum=1)
-    grad_accum: int = setting(1, "Micro-batches per optimiser step.", minimum=1)
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
     packing: bool = setting(False, "Pack several sequences into one row, attention kept inside each (block-diagonal mask, positions reset).")
-    lr: float = setting(5e-5, "Peak learning rate (AdamW).", minimum=0.0)
-    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
-    warmup_steps: int = setting(0, "Linear warm-up steps.", minimum=0)
-    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
-    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
-    seed: int = setting(0, "Seed for data order, shuffling and initialisation.")
     shuffle_buffer: int = setting(1024, "Rows held in the shuffle buffer.", minimum=1)
     eval_shards: list = setting([], "Shard directories evaluated instead of a held-out fraction of --shards (all their rows).")
     heldout_fraction: float = setting(0.05, "Fraction of sample ids held out for evaluation (stable hash of the id).", minimum=0.0, maximum=0.5)
-    eval_every: int = setting(50, "Evaluate every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
     eval_batches: int = setting(16, "Held-out batches per evaluation.", minimum=1)
-    save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
-    keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
-    resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
-    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
     parallel: str = setting("ddp", "Several processes (torchrun): ddp (a full student per process) or fsdp (student sharded across processes).", choices=("ddp", "fsdp"))
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")
     tensorboard: bool = setting(True, "Also write TensorBoard events to RUN_DIR/tensorboard when the tensorboard package is installed.")
-    log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
-    progress: bool = setting(True, "Show a progress bar.")
 
     def check(self) -> list[str]:
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
@@ -64,7 +72,7 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
-class SFTConfig(DatasetSettings):
+class SFTConfig(OptimizationSettings, DatasetSettings):
     """Settings of ``amid-pipeline sft``: the dataset settings (as cache-teacher's, so a row is tokenised
     identically in both stages), then the model, the dev split and the optimiser."""
 
@@ -73,22 +81,4 @@ class SFTConfig(DatasetSettings):
     dev_dataset: Optional[str] = setting(None, "Dev data (same format) for choosing the checkpoint and stopping at a plateau (default: a held-out fraction of --dataset).")
     dev_fraction: float = setting(0.1, "Fraction of --dataset's sample ids held out as the dev split when --dev-dataset is not given (stable hash of the id).", minimum=0.0, maximum=0.5)
     epochs: int = setting(3, "Passes over the training rows.", minimum=1)
-    max_steps: Optional[int] = setting(None, "Stop after this many optimiser steps (default: epochs x steps per epoch).", minimum=1)
-    batch_size: int = setting(8, "Sequences per micro-batch.", minimum=1)
-    grad_accum: int = setting(1, "Micro-batches per optimiser step.", minimum=1)
-    lr: float = setting(5e-5, "Peak learning rate (AdamW).", minimum=0.0)
-    weight_decay: float = setting(0.0, "AdamW weight decay.", minimum=0.0)
-    warmup_steps: int = setting(0, "Linear warm-up steps.", minimum=0)
-    schedule: str = setting("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
-    min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
-    seed: int = setting(0, "Seed for data order and initialisation.")
-    eval_every: int = setting(50, "Evaluate the dev loss every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
     patience: int = setting(0, "Stop after this many dev evaluations without a new best (a plateau); 0 = run every step.", minimum=0)
-    save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
-    keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
-    resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
-    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
-    log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
-    progress: bool = setting(True, "Show a progress bar.")

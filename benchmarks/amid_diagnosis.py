@@ -83,7 +83,7 @@ def main() -> None:
             model_dir = args.student
             if name != "student before":
                 run = args.work / cached.stem
-                settings = {"loss_params": {"alpha": -3.0, "lam": 0.1}, **ARMS[name]}
+                settings = {**({"loss_params": {"alpha": -3.0, "lam": 0.1}} if ARMS[name]["loss"] == "amid" else {}), **ARMS[name]}
                 distill(load_config(DistillConfig, None, {
                     "shards": [args.shards], "student": args.student, "output": str(run), "max_steps": args.steps,
                     "batch_size": 8, "max_length": 256, "lr": args.lr, "warmup_steps": 2, "seed": args.seed,

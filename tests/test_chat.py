@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,25 @@ def test_read_prompts_names_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl, line 2: .*'response'"):
         read_prompts(data, None)
     assert read_prompts(data, 1) == (["p"], [["r1", "r2"]])
+
+
+def test_a_model_whose_template_differs_from_the_shards_is_warned_about(tiny_models, tiny_shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from amid_pipeline.chat import template_sha256
+    from amid_pipeline.cli import app
+    from amid_pipeline.shards.manifest import load_manifest
+    from amid_pipeline.train.trainer import template_warning
+
+    header = load_manifest(tiny_shards).header
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    assert header["dataset"]["chat_template_sha256"] == template_sha256(tokenizer)
+    assert template_warning(header, tokenizer, "s") is None
+    assert template_warning({"dataset": {"chat_template_sha256": None}}, tokenizer, "s") is None  # raw rows
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert "has another chat template" in template_warning(header, tokenizer, "s")
+    other = tmp_path / "student"
+    shutil.copytree(tiny_models["student"], other)
+    tokenizer.save_pretrained(other)
+    result = CliRunner().invoke(app, ["eval", str(other), "--shards", str(tiny_shards), "--max-batches", "1"])
+    assert result.exit_code == 0 and "warning: the shards were rendered with the teacher's chat template" in result.output

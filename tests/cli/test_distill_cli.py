@@ -97,6 +97,9 @@ def test_init_student_by_importance_keeps_the_layers_that_change_the_hidden_stat
         torch.testing.assert_close(student.model.layers[new].mlp.up_proj.weight, model.model.layers[old].mlp.up_proj.weight)
     missing = runner.invoke(app, ["init-student", str(deep), str(tmp_path / "t"), "--by", "importance"])
     assert missing.exit_code == 1 and "--calibration" in missing.output
+    too_many = runner.invoke(app, ["init-student", str(deep), str(tmp_path / "t"), "--by", "importance", "--layers", "6",
+                                   "--calibration", str(tiny_shards)])
+    assert too_many.exit_code == 1 and "--layers must lie in [1, 5]" in too_many.output
 
 
 def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards, tmp_path):

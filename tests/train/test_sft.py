@@ -97,6 +97,8 @@ def test_plateau_stops_and_a_finished_run_is_not_rerun(tiny_models, pairs, tmp_p
     assert again.steps == 4
     with pytest.raises(TrainingError, match="--resume"):
         run(tiny_models, pairs, tmp_path / "run", lr=0.0, patience=2, max_steps=20)
+    with pytest.raises(TrainingError, match="patience needs a dev split"):
+        run(tiny_models, pairs, tmp_path / "nodev", patience=2, dev_fraction=0.0)
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_models, pairs, tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def main() -> None:
         "teacher, raw prompt + response": (teacher, ["--chat-template", "off"]),
         "teacher, chat template": (teacher, []),
         "teacher after SFT (expert)": (expert, []),
-        **{f"student ({name} layers), pruned": (f"{work}/student-init-{name}", []) for name in students},
+        **{f"student ({name} layers), pruned": (f"{work}/student-init-{name}", ["--generate", "0"]) for name in students},
         **{f"student ({name} layers), healed": (f"{work}/heal-{name}/model", []) for name in students},
     }
     results = ROOT / work / "recipe-eval"
@@ -84,7 +84,7 @@ def main() -> None:
         if not cached.exists():
             out = cli("eval", model, "--data", "data/jargon/heldout.jsonl", "--generate", str(args.rouge_prompts),
                       "--sample-seeds", str(args.sample_seeds), "--max-new-tokens", str(args.max_new_tokens),
-                      "--json", *options)
+                      "--json", *options)  # options come last: a pruned student's --generate 0 (its answers are noise)
             cached.write_text(out)
         metrics = json.loads(cached.read_text())
         rows.append((label, metrics))
@@ -92,7 +92,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, m in rows:
         sampled = f"{m['rouge_l_sampled']:.1f} ± {m['rouge_l_sampled_sd']:.1f}" if "rouge_l_sampled" in m else "–"
-        print(f"| {label} | {m['data_perplexity']:,.1f} | {m['rouge_l']:.1f} | {sampled} |")
+        greedy = f"{m['rouge_l']:.1f}" if "rouge_l" in m else "–"
+        print(f"| {label} | {m['data_perplexity']:,.1f} | {greedy} | {sampled} |")
     for name in students:
         record = json.loads((ROOT / work / f"student-init-{name}" / "amid_pipeline_init.json").read_text())
         print(f"layers kept ({name}): {record['layers_kept']}")

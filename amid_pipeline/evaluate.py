@@ -52,15 +52,17 @@ def perplexity_on_data(model, tokenizer, data: str | Path, *, limit: int | None 
                        response_field: str = "response") -> dict[str, float]:
     """Perplexity of the reference responses of a dataset, tokenised as ``cache-teacher`` and ``sft``
     would (``prompt_response``, the model's chat template unless ``chat_template`` is off): exp of the
-    mean CE over every supervised token (``data_ce``, ``data_perplexity``, ``data_positions``)."""
+    mean CE over every supervised token (``data_ce``, ``data_perplexity``, ``data_positions``), and the rows
+    that have no single response to score (``data_skipped_rows``)."""
     from amid_pipeline.capture.config import DatasetSettings
     from amid_pipeline.capture.examples import dataset_examples
     from amid_pipeline.train.sft import dev_loss
 
     settings = DatasetSettings(dataset=str(data), limit=limit, data_format="prompt_response", chat_template=chat_template,
                                max_length=max_length, prompt_field=prompt_field, response_field=response_field)
-    examples, _ = dataset_examples(settings, tokenizer)
+    examples, skipped = dataset_examples(settings, tokenizer)
     metrics = dev_loss(model, examples, batch_size, model.device, nullcontext())
+    metrics["skipped_rows"] = sum(skipped.values())  # e.g. a list of references: no single response to score
     return {f"data_{key}": value for key, value in metrics.items()}
 
 

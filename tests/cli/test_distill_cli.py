@@ -113,6 +113,7 @@ def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["generated"] == 2 and metrics["data_positions"] > 0 and metrics["perplexity"] > 1
+    assert metrics["data_skipped_rows"] == 1  # the row with two references is scored by ROUGE-L only
     assert {"rouge_l", "rouge_l_sampled", "rouge_l_sampled_sd", "kl_to_teacher"} <= set(metrics)
     nothing = runner.invoke(app, ["eval", str(tiny_models["teacher"])])
     assert nothing.exit_code == 1 and "nothing to evaluate" in nothing.output

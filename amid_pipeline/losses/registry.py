@@ -59,6 +59,21 @@ LOSSES: dict[str, tuple[Callable, dict[str, Callable[[object], str | None]]]] = 
     "atkd": (F.atkd, {"lam": _unit("lam")}),
 }
 TAID_SETTINGS = {"t_start": 0.4, "t_end": 1.0, "taid_momentum": 0.99, "taid_step": 5e-4, "taid_schedule": "adaptive"}
+PRESETS: dict[str, tuple[str, dict[str, object]]] = {
+    # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes
+    # here do not state that table's α; 0.5 is the official training scripts' default.
+    "amid-paper": ("amid", {"alpha": 0.5, "lam": 0.1, "divergence": "ab", "ab_a": 0.2, "ab_b": 0.7, "order": "pr"}),
+}
+LOSS_NAMES = (*sorted(LOSSES), *PRESETS)
+
+
+def resolve_loss(name: str, params: dict[str, object]) -> tuple[str, dict[str, object]]:
+    """(loss name, its complete parameters): a preset expanded (``params`` override its values), then
+    every parameter not given filled with its default. Raises ``ValueError`` on an unknown name."""
+    base, preset = PRESETS.get(name, (name, {}))
+    if base not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    return base, {**loss_defaults(base), **preset, **params}
 
 
 def loss_defaults(name: str) -> dict[str, object]:
@@ -73,8 +88,9 @@ def loss_defaults(name: str) -> dict[str, object]:
 
 def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
     """Every problem with (name, params), as messages naming the parameter."""
+    name = PRESETS.get(name, (name, {}))[0]
     if name not in LOSSES:
-        return [f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}"]
+        return [f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}"]
     defaults = loss_defaults(name)
     errors = [f"loss {name!r} has no parameter {key!r} (it takes: {', '.join(defaults) or 'none'})"
               for key in params if key not in defaults]
@@ -167,7 +183,8 @@ class KDLoss(nn.Module):
     """A distillation objective chosen by name; see :data:`LOSSES` and :func:`loss_defaults`.
 
     Args:
-        name: forward_kl, reverse_kl, tvd, skl, srkl, jsd, amid, akl, taid, atkd.
+        name: forward_kl, reverse_kl, tvd, skl, srkl, jsd, amid, akl, taid, atkd, or a preset of
+            :data:`PRESETS` (e.g. 'amid-paper'), whose values ``params`` override.
         support: 'renormalized' (default), 'tail' or 'teacher_renormalized' (losses.md §7).
         kd_ratio: weight of KD against ground-truth CE, (1 − kd_ratio)·CE + kd_ratio·KD.
         **params: the loss's parameters; unknown names and out-of-range values raise ``ValueError``.
@@ -179,7 +196,7 @@ class KDLoss(nn.Module):
         if support not in SUPPORT_MODES:
             errors.append(f"support must be one of {SUPPORT_MODES}, got {support!r}")
         elif support == "teacher_renormalized" and not errors:
-            reason = infinite_under_zero_teacher_mass(name, {**loss_defaults(name), **params})
+            reason = infinite_under_zero_teacher_mass(*resolve_loss(name, params))
             if reason:
                 errors.append(f"support 'teacher_renormalized' gives the teacher probability 0 outside its stored ids, "
                               f"where the student keeps mass: {reason} is infinite there; use support 'tail'")
@@ -187,13 +204,19 @@ class KDLoss(nn.Module):
             errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
         if errors:
             raise ValueError("; ".join(errors))
-        self.name, self.support, self.kd_ratio = name, support, kd_ratio
-        self.params = {**loss_defaults(name), **params}
-        self.function = LOSSES[name][0]
+        self.preset = name if name in PRESETS else None
+        self.name, self.params = resolve_loss(name, params)
+        self.support, self.kd_ratio = support, kd_ratio
+        self.function = LOSSES[self.name][0]
         self.schedule = None
-        if name == "taid":
+        if self.name == "taid":
             p = self.params
             self.schedule = TAIDSchedule(p["t_start"], p["t_end"], p["taid_momentum"], p["taid_step"], p["taid_schedule"])
+
+    def resolved(self) -> dict[str, object]:
+        """The objective exactly as it runs: loss, preset (or None), support, kd_ratio and every parameter."""
+        return {"loss": self.name, "preset": self.preset, "support": self.support, "kd_ratio": self.kd_ratio,
+                "params": dict(self.params)}
 
     @property
     def needs_full_vocabulary(self) -> bool:

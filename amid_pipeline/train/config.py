@@ -7,7 +7,7 @@ from typing import Optional
 
 from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
-from amid_pipeline.losses.registry import LOSSES, infinite_under_zero_teacher_mass, loss_defaults, validate_loss_params
+from amid_pipeline.losses.registry import LOSS_NAMES, infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
 from amid_pipeline.losses.support import FULL_NORMALIZER_MODES, SUPPORT_MODES
 
 
@@ -43,7 +43,7 @@ class DistillConfig(OptimizationSettings):
     shards: list = setting([], "Teacher shard directories (several, e.g. from several capture runs, are read as one).", required=True)
     student: Optional[str] = setting(None, "Student model: an HF-format folder (any AutoModelForCausalLM).", required=True)
     output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, the final model in model/.", required=True)
-    loss: str = setting("amid", "Distillation loss.", choices=tuple(sorted(LOSSES)))
+    loss: str = setting("amid", "Distillation loss, or a preset: amid-paper = the AMiD paper's main configuration (AB-divergence a = 0.2, b = 0.7, teacher-anchored, lam = 0.1, alpha = 0.5); --loss-params override a preset's values.", choices=LOSS_NAMES)
     loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -3.0, lam = 0.1} in TOML or alpha=-3,lam=0.1 on the command line; defaults in README.")
     support: str = setting("renormalized", "Support the loss sees: renormalized (teacher and student renormalised over the stored top-k), tail (top-k plus one bucket for the rest, both sides normalised over the full vocabulary), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3); the last two need full-vocabulary logits.", choices=SUPPORT_MODES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
@@ -64,7 +64,7 @@ class DistillConfig(OptimizationSettings):
         if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
         if self.support == "teacher_renormalized" and not errors:
-            reason = infinite_under_zero_teacher_mass(self.loss, {**loss_defaults(self.loss), **self.loss_params})
+            reason = infinite_under_zero_teacher_mass(*resolve_loss(self.loss, self.loss_params))
             if reason:
                 errors.append(f"support: 'teacher_renormalized' makes {reason} infinite (teacher probability 0 where the "
                               f"student keeps mass); use 'tail'")

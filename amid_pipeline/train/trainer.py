@@ -29,7 +29,7 @@ from amid_pipeline.chat import template_sha256
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.models import model_source, tokenizer_fingerprint
-from amid_pipeline.shards.manifest import load_manifest, teacher_differences
+from amid_pipeline.shards.manifest import load_manifest, teacher_differences, write_json_atomic
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, duplicate_ids, list_files
@@ -289,6 +289,7 @@ def distill(config: DistillConfig) -> RunSummary:
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "distill_config.toml")
+        write_json_atomic(output / "loss.json", loss_fn.resolved())  # every parameter as it ran, presets expanded
         trim_metrics(output / "metrics.jsonl", step)
         for note in notes:
             print(note if note.startswith("warning:") else f"note: {note}")

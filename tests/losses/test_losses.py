@@ -46,6 +46,8 @@ for alpha in (-5.0, -1.0, 0.0, 0.5, 1.0, 3.0):
 for divergence in ("ab", "tvd"):
     CASES.append(("amid", {"alpha": -2.0, "lam": 0.1, "divergence": divergence},
                   lambda p, q, t, d=divergence: R.amid(p, q, -2.0, 0.1, d, "pr")))
+CASES.append(("amid-paper", {}, lambda p, q, t: R.amid(p, q, 0.5, 0.1, "ab", "pr", 0.2, 0.7)))  # the paper's preset
+CASES.append(("amid-paper", {"lam": 0.3}, lambda p, q, t: R.amid(p, q, 0.5, 0.3, "ab", "pr", 0.2, 0.7)))  # overridden
 
 
 @pytest.mark.parametrize("support", ["renormalized", "tail"])
@@ -156,6 +158,7 @@ def test_functional_and_module_defaults_agree():
 
 @pytest.mark.parametrize("bad,match", [
     ({"name": "klx"}, "unknown loss 'klx'"),
+    ({"name": "amid-paper", "gamma": 1.0}, "has no parameter 'gamma'"),
     ({"name": "amid", "lam": 1.5}, r"lam must lie in \[0, 1\]"),
     ({"name": "amid", "order": "pq"}, "order must be one of"),
     ({"name": "amid", "gamma": 1.0}, "has no parameter 'gamma'"),

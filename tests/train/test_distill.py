@@ -39,6 +39,9 @@ def test_end_to_end_output_metrics_and_plot(tiny_shards, tiny_models, tmp_path):
     evals = [m["eval"] for m in lines if "eval" in m]
     assert len(evals) == 2 and all(0 <= e["top1_agreement"] <= 1 and 0 < e["support_mass"] <= 1 for e in evals)
     assert (tmp_path / "run" / "distill_config.toml").exists()
+    resolved = json.loads((tmp_path / "run" / "loss.json").read_text())  # every parameter, defaults included
+    assert resolved == {"loss": "amid", "preset": None, "support": "renormalized", "kd_ratio": 1.0, "params": {
+        "alpha": -3.0, "lam": 0.1, "divergence": "kl", "order": "pr", "ab_a": 0.2, "ab_b": 0.7, "official_geometric": False}}
     from typer.testing import CliRunner
 
     from amid_pipeline.cli import app

@@ -120,9 +120,13 @@ def assistant_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, 
         # p = 0: p^s is 0 for s > 0 (the term vanishes) and +inf for s < 0 (then r̃ = 0)
         teacher_term = torch.where(finite, teacher_term, torch.full_like(teacher_term, float("-inf")))
         student_term = math.log1p(-lam) + s * log_q
-        log_tilde = torch.logaddexp(teacher_term, student_term) / s
+        # p = q = 0 (e.g. a rest bucket the teacher leaves empty and the student has emptied): r̃ = 0, and
+        # logaddexp(-inf, -inf) must not be differentiated (its gradient is NaN)
+        absent = torch.isneginf(teacher_term) & torch.isneginf(student_term)
+        log_tilde = torch.logaddexp(teacher_term, torch.where(absent, torch.zeros_like(student_term), student_term)) / s
         if s < 0:
             log_tilde = torch.where(finite, log_tilde, torch.full_like(log_tilde, float("-inf")))
+        log_tilde = torch.where(absent, torch.full_like(log_tilde, float("-inf")), log_tilde)
     log_r = log_tilde - torch.logsumexp(log_tilde, dim=-1, keepdim=True)
     return log_r.clamp(min=LOG_FLOOR)
 

@@ -27,14 +27,23 @@ def awkward_batch(n=16, v=64, k=8, dtype=torch.float32, scale=1.0, seed=0):
 
 
 @pytest.mark.parametrize("name,params", ALL, ids=[f"{n}-{p}" for n, p in ALL])
-@pytest.mark.parametrize("support", ["renormalized", "tail"])
-@pytest.mark.parametrize("case", ["neg_inf_teacher", "extreme_logits", "bf16", "all_masked"])
+@pytest.mark.parametrize("support", ["renormalized", "tail", "teacher_renormalized"])
+@pytest.mark.parametrize("case", ["neg_inf_teacher", "extreme_logits", "bf16", "all_masked", "all_mass_on_ids"])
 def test_finite_value_and_gradient(name, params, support, case):
+    """all_mass_on_ids: the student puts all its mass on one stored id, so its mass outside the ids is
+    exactly 0; under teacher_renormalized the teacher has 0 there too."""
     logits, teacher = awkward_batch(scale=1e4 if case == "extreme_logits" else 1.0,
                                     dtype=torch.bfloat16 if case == "bf16" else torch.float32)
     if case == "all_masked":
         teacher.mask = torch.zeros_like(teacher.mask)
-    out = KDLoss(name, support=support, **params)(logits, teacher, progress=(3, 10))
+    if case == "all_mass_on_ids":
+        logits = logits.detach().scatter_add(1, teacher.topk_ids[:, :1], torch.full((len(logits), 1), 200.0)).requires_grad_(True)
+    try:
+        loss = KDLoss(name, support=support, **params)
+    except ValueError as refused:  # infinite under this support: refused by name, nothing to run
+        assert support == "teacher_renormalized" and "infinite" in str(refused)
+        return
+    out = loss(logits, teacher, progress=(3, 10))
     (grad,) = torch.autograd.grad(out.loss, logits)
     assert torch.isfinite(out.loss) and torch.isfinite(out.per_position).all()
     assert torch.isfinite(grad.float()).all()
@@ -116,3 +125,19 @@ def test_taid_schedules():
         values.append(adaptive.value(step + 1, 100))
     assert values == sorted(values) and values[-1] <= 1.0
     assert values[0] > linear.value(1, 100)  # a falling loss pushes t ahead of the linear schedule
+
+
+@pytest.mark.parametrize("alpha", [-3.0, 0.5, 3.0])
+def test_amid_gradient_is_finite_where_teacher_and_student_both_have_zero(alpha):
+    """p = q = 0 at one outcome: r = 0 there and the gradient is 0 there (logaddexp(-inf, -inf) has a
+    NaN gradient if differentiated); the loss equals the one on the other outcomes alone."""
+    import math
+
+    from amid_pipeline.losses import functional as F
+
+    log_p = torch.tensor([[math.log(0.7), math.log(0.3), float("-inf")]])
+    log_q = torch.tensor([[math.log(0.6), math.log(0.4), float("-inf")]], requires_grad=True)
+    value = F.amid(log_p, log_q, alpha=alpha, lam=0.1)
+    (grad,) = torch.autograd.grad(value.sum(), log_q)
+    assert torch.isfinite(grad).all() and grad[0, 2] == 0
+    torch.testing.assert_close(value, F.amid(log_p[:, :2], log_q.detach()[:, :2], alpha=alpha, lam=0.1))

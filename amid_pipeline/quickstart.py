@@ -2,8 +2,9 @@
 
 Real offline teacher (SmolLM2-135M-Instruct, converted once and cached), a student made of every third
 teacher layer, the shipped Jargon File instruction pairs (train and held-out splits): cache-teacher on
-both splits, distill with AMiD's defaults, then evaluate the teacher, the student before and the student
-after on the held-out split. Everything goes under one output folder; a second run reuses the teacher
+both splits, distill with the library's default objective (AMiD) and, beside it, train the same student
+on the ground-truth tokens alone (CE, same steps, data and lr), then evaluate the teacher, the student
+before and both students after on the held-out split. Everything goes under one output folder; a second run reuses the teacher
 shards (and the finished distill run). The stage settings come from stages/quickstart_*.toml.
 """
 
@@ -22,6 +23,9 @@ from amid_pipeline.train.trainer import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
+# (row, run folder, settings over stages/quickstart_distill.toml): the distilled student, and beside it the
+# same steps, data and lr on the ground-truth tokens alone
+RUNS = (("student after", "distill", {}), ("student after, CE only", "distill-ce", {"loss": "forward_kl", "kd_ratio": 0.0}))
 
 
 @dataclasses.dataclass
@@ -57,16 +61,19 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
             "limit": rows, "backend": backend, "progress": progress}))
         seconds[f"cache-teacher ({split}, {rows} rows)"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    run = output / "distill"
-    distill(load_config(DistillConfig, stages / "quickstart_distill.toml", {
-        "shards": [str(shards["train"])], "student": str(student_init), "output": str(run), "max_steps": steps,
-        "resume": True, "progress": progress}))
-    seconds[f"distill ({steps} steps)"] = time.perf_counter() - clock
+    students = {"student before": student_init}
+    for name, run_name, objective in RUNS:
+        clock = time.perf_counter()
+        run = output / run_name
+        distill(load_config(DistillConfig, stages / "quickstart_distill.toml", {
+            "shards": [str(shards["train"])], "student": str(student_init), "output": str(run), "max_steps": steps,
+            "resume": True, "progress": progress, **objective}))
+        seconds[f"{run_name} ({steps} steps)"] = time.perf_counter() - clock
+        students[name] = run / "model"
 
     clock = time.perf_counter()
     table = {}
-    for name, path in (("teacher", teacher), ("student before", student_init), ("student after", run / "model")):
+    for name, path in (("teacher", teacher), *students.items()):
         model, tokenizer = load_model(path)
         metrics = evaluate_on_shards(model, shards["heldout"])
         if rouge_prompts:

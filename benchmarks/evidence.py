@@ -1,125 +1,192 @@
-"""Does distillation beat plain fine-tuning? CE-only vs forward KL vs AMiD, same steps, same tokens.
+"""Does AMiD from cached shards train a better student than CE and the KD losses users compare it with?
 
-    python benchmarks/evidence.py [--work runs/evidence] [--steps 120] [--train-rows 800] [--heldout-rows 150]
+    python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
+    python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
+        [--steps 40] [--lrs 1e-4 3e-4] [--rouge-prompts 214] [--max-new-tokens 64] [--arms NAME ...]
 
-Real teacher SmolLM2-135M-Instruct, student = its every third layer (63.7 M), the shipped Jargon File
-pairs; stage one runs once (cached under --work). Every run uses the same seed, data order, batch size,
-learning rate and steps; only the objective differs. Held-out metrics on the separate held-out split
-(every supervised position): perplexity on the reference responses, KL to the teacher on its top-64
-support, top-1 agreement, student mass on that support, and ROUGE-L of greedy responses. Writes
-results.md (the table) and curves.png (held-out curves) under --work.
+Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
+training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
+seed, cosine schedule. The training rows exclude a dev split (5 % of the sample ids, stable hash); each
+arm's learning rate is the one of ``--lrs`` with the lowest dev perplexity at seed 0 (the only choice made,
+on dev rows only). The chosen lr is then run for every seed. Reported on the 214 held-out pairs, which no
+choice ever sees: perplexity of the reference tokens (every supervised position), KL(p̃‖q̃) to the
+teacher on its top-64, top-1 agreement, and ROUGE-L of responses to the first ``--rouge-prompts``
+held-out prompts (greedy, and sampled at temperature 1 with one sampling seed per training seed); mean ±
+sd over seeds. Writes WORK/evidence/results.md, results.json and curves.png (held-out curves on the first
+32 held-out pairs, every 10 steps, seed 0). Runs are kept, so a rerun only does what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import print_table  # noqa: E402
 
-from amid_pipeline.capture.config import CaptureConfig  # noqa: E402
-from amid_pipeline.capture.run import run_capture  # noqa: E402
 from amid_pipeline.config import load_config  # noqa: E402
 from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts  # noqa: E402
-from amid_pipeline.models import init_student, smollm2_teacher  # noqa: E402
+from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss  # noqa: E402
+from amid_pipeline.shards.manifest import load_manifest  # noqa: E402
+from amid_pipeline.shards.views import subset_directory  # noqa: E402
 from amid_pipeline.train.config import DistillConfig  # noqa: E402
+from amid_pipeline.train.data import ids_and_lengths, is_heldout, list_files  # noqa: E402
 from amid_pipeline.train.trainer import distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {
-    "CE only (ground truth)": {"loss": "forward_kl", "kd_ratio": 0.0},
-    "forward KL, renormalized": {"loss": "forward_kl"},
-    "forward KL, tail": {"loss": "forward_kl", "support": "tail"},
-    "AMiD defaults, renormalized": {"loss": "amid", "loss_params": {"alpha": -3.0, "lam": 0.1}},
-    "AMiD defaults, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": -3.0, "lam": 0.1}},
-    "AMiD α=-5, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": -5.0, "lam": 0.1}},
-    "AMiD α=0.5, tail": {"loss": "amid", "support": "tail", "loss_params": {"alpha": 0.5, "lam": 0.1}},
+DEFAULTS = DistillConfig.__dataclass_fields__
+ARMS = {  # objective settings; support is the library's default unless the loss is infinite there
+    "CE (ground truth only)": {"loss": "forward_kl", "kd_ratio": 0.0},
+    "forward KL": {"loss": "forward_kl"},
+    "SKL (DistiLLM, a = 0.1)": {"loss": "skl"},
+    "AKL": {"loss": "akl"},
+    "ATKD": {"loss": "atkd"},
+    "AMiD, paper preset": {"loss": "amid-paper"},
+    "AMiD, library default": {"loss": "amid"},
 }
-METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
+METRICS = {"perplexity": "held-out perplexity", "kl_to_teacher": "KL to teacher", "top1_agreement": "top-1 agreement",
+           "rouge_l": "ROUGE-L greedy", "rouge_l_sampled": "ROUGE-L sampled"}
+DEV_FRACTION = 0.05
+CURVE_BATCHES = 4
+
+
+def arm_settings(name: str) -> dict:
+    """The arm's loss, loss_params and support: the library default support, or 'tail' where the loss is
+    infinite under it (AKL's reverse-KL term under 'teacher_renormalized')."""
+    settings = dict(ARMS[name])
+    support = DEFAULTS["support"].default
+    if support == "teacher_renormalized" and infinite_under_zero_teacher_mass(*resolve_loss(settings["loss"], {})):
+        support = "tail"
+    return {"support": support, **settings}
+
+
+def split_train_dev(shards: str, work: Path) -> tuple[str, str]:
+    """Views of ``shards``: the training rows and the dev rows (sample-id hash < DEV_FRACTION)."""
+    train, dev = work / "shards-train-view", work / "shards-dev-view"
+    if not (dev / "manifest.json").exists():
+        ids = [s for f in list_files([shards]) for s in ids_and_lengths(f)[0].to_pylist()]
+        subset_directory(shards, str(train), sample_ids=[s for s in ids if not is_heldout(s, DEV_FRACTION)])
+        subset_directory(shards, str(dev), sample_ids=[s for s in ids if is_heldout(s, DEV_FRACTION)])
+    return str(train), str(dev)
+
+
+def run_arm(name: str, lr: float, seed: int, args, train: str, heldout: str) -> Path:
+    tag = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    run = args.work / "evidence" / f"{tag}-lr{lr:g}-seed{seed}"
+    if not (run / "model" / "config.json").exists():
+        started = time.perf_counter()
+        distill(load_config(DistillConfig, None, {
+            "shards": [train], "eval_shards": [heldout], "student": args.student, "output": str(run),
+            "max_steps": args.steps, "batch_size": 8, "max_length": 256, "lr": lr, "warmup_steps": 2,
+            "weight_decay": 0.01, "seed": seed, "eval_every": 10, "eval_batches": CURVE_BATCHES, "save_every": 0,
+            "dtype": "bfloat16", "progress": False, "resume": True, **arm_settings(name)}))
+        print(f"  {name}, lr {lr:g}, seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+    return run
+
+
+def measured(run: Path, key: str, compute) -> dict:
+    """``compute()`` cached in RUN/KEY.json."""
+    path = run / f"{key}.json"
+    if not path.exists():
+        path.write_text(json.dumps(compute()))
+    return json.loads(path.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "evidence")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--train-rows", type=int, default=800)
-    parser.add_argument("--heldout-rows", type=int, default=150)
-    parser.add_argument("--rouge-prompts", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), help="subset of the run names")
+    parser.add_argument("--work", type=Path, default=Path("runs"), help="the recipe's run folder")
+    parser.add_argument("--student", default=None, help="default: WORK/heal-importance/model")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
+    parser.add_argument("--rouge-prompts", type=int, default=214)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
     args = parser.parse_args()
-    work = args.work
-    teacher = smollm2_teacher()
-    student = work / "student-init"
-    if not (student / "config.json").exists():
-        init_student(teacher, student, keep_every=3)
-    shards = {}
-    for split, rows in (("train", args.train_rows), ("heldout", args.heldout_rows)):
-        shards[split] = work / f"shards-{split}"
-        run_capture(load_config(CaptureConfig, ROOT / "stages" / "quickstart_cache_teacher.toml", {
-            "teacher": str(teacher), "dataset": str(ROOT / "data" / "jargon" / f"{split}.jsonl"),
-            "output": str(shards[split]), "limit": rows, "progress": False}))
+    args.work = ROOT / args.work
+    args.student = args.student or str(args.work / "heal-importance" / "model")
+    shards, heldout = str(args.work / "jargon-smollm2-k64"), str(args.work / "jargon-heldout-k64")
+    for needed in (args.student, shards, heldout):
+        if not Path(needed).exists():
+            raise SystemExit(f"{needed} is missing: run `python benchmarks/recipe.py` first")
+    load_manifest(heldout)
+    train, dev = split_train_dev(shards, args.work / "evidence")
+    prompts = ROOT / "data" / "jargon" / "heldout.jsonl"
 
-    results = {}
-    for name in args.runs:
-        run_dir = work / ("run-" + "".join(c if c.isalnum() else "_" for c in name).strip("_"))
-        config = load_config(DistillConfig, ROOT / "stages" / "quickstart_distill.toml", {
-            "shards": [str(shards["train"])], "eval_shards": [str(shards["heldout"])], "student": str(student),
-            "output": str(run_dir), "max_steps": args.steps, "eval_every": max(args.steps // 6, 1), "eval_batches": 1000,
-            "save_every": args.steps, "lr": args.lr, "resume": True, "progress": False, **RUNS[name]})
-        distill(config)
-        model, tokenizer = load_model(run_dir / "model")
-        metrics = evaluate_on_shards(model, shards["heldout"])
-        metrics.update(rouge_l_on_prompts(model, tokenizer, ROOT / "data" / "jargon" / "heldout.jsonl",
-                                          limit=args.rouge_prompts))
-        results[name] = metrics
-        print(name, {k: round(v, 4) for k, v in metrics.items()}, flush=True)
-    for label, path in (("student before", student), ("teacher", teacher)):
-        model, tokenizer = load_model(path)
-        metrics = evaluate_on_shards(model, shards["heldout"])
-        metrics.update(rouge_l_on_prompts(model, tokenizer, ROOT / "data" / "jargon" / "heldout.jsonl",
-                                          limit=args.rouge_prompts))
-        results[label] = metrics
+    def heldout_metrics(model_dir: Path) -> dict:
+        model, tokenizer = load_model(model_dir)
+        metrics = evaluate_on_shards(model, heldout)
+        settings = {"limit": args.rouge_prompts, "max_new_tokens": args.max_new_tokens}
+        greedy = rouge_l_on_prompts(model, tokenizer, prompts, **settings)["rouge_l"]
+        sampled = rouge_l_on_prompts(model, tokenizer, prompts, sample_seeds=1, temperature=1.0, **settings)
+        return {**metrics, "rouge_l": greedy, "rouge_l_sampled": sampled["rouge_l_sampled"]}
 
-    rows = [[name, *(round(results[name][m], 4) for m in METRICS)] for name in results]
-    print_table(f"Held-out ({args.heldout_rows} pairs), {args.steps} steps x 8 sequences, lr {args.lr}",
-                ["objective", *METRICS], rows)
-    (work / "results.md").write_text("| objective | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-                                     + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows))
-    plot_curves(work, [n for n in args.runs])
+    key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}"
+    before = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-{key}", lambda: heldout_metrics(Path(args.student)))
+    start = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-curve",
+                     lambda: evaluate_on_shards(load_model(args.student)[0], heldout, max_batches=CURVE_BATCHES))
+    results: dict[str, dict] = {}
+    for name in args.arms:
+        dev_perplexity = {}
+        for lr in args.lrs:  # the per-arm lr choice: seed 0, dev rows only
+            run = run_arm(name, lr, args.seeds[0], args, train, heldout)
+            dev_perplexity[lr] = measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], dev))["perplexity"]
+        lr = min(dev_perplexity, key=dev_perplexity.get)
+        per_seed = []
+        for seed in args.seeds:
+            run = run_arm(name, lr, seed, args, train, heldout)
+            per_seed.append(measured(run, key, lambda run=run: heldout_metrics(run / "model")))
+        results[name] = {"lr": lr, "dev_perplexity": dev_perplexity, "settings": arm_settings(name),
+                         "seeds": dict(zip(args.seeds, per_seed))}
+        print(name, {k: round(statistics.fmean(s[k] for s in per_seed), 3) for k in METRICS}, flush=True)
+
+    def cell(name: str, key: str) -> str:
+        values = [s[key] for s in results[name]["seeds"].values()]
+        return f"{statistics.fmean(values):,.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:,.2f}"
+
+    columns = ["objective", "support", "lr (dev)", *METRICS.values()]
+    rows = [["student before (healed)", "–", "–", *(f"{before[key]:,.2f}" for key in METRICS)]]
+    rows += [[name, results[name]["settings"]["support"] if name != "CE (ground truth only)" else "–",
+             f"{results[name]['lr']:g}", *(cell(name, key) for key in METRICS)] for name in results]
+    title = (f"Held-out (214 pairs; ROUGE-L on {args.rouge_prompts} prompts, {args.max_new_tokens} new tokens), "
+             f"{args.steps} steps x 8 sequences from {Path(args.student).parent.name}, seeds {args.seeds}, mean ± sd")
+    print_table(title, columns, rows)
+    out = args.work / "evidence"
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(f"{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+                                    + "".join("| " + " | ".join(r) + " |\n" for r in rows))
+    plot_curves(out, {name: run_arm(name, results[name]["lr"], args.seeds[0], args, train, heldout) for name in results},
+                start)
 
 
-def plot_curves(work: Path, names: list[str]) -> None:
+def plot_curves(out: Path, runs: dict[str, Path], start: dict[str, float]) -> None:
+    """One panel per metric: every arm's in-run evaluations, from the student's value at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the same metric for every objective (a run's own loss value is not comparable across objectives)
-    titles = {"perplexity": "held-out perplexity (log)", "kl_to_teacher": "held-out KL(p̃‖q̃) to teacher",
-              "top1_agreement": "top-1 agreement", "support_mass": "mass on teacher support"}
-    evals = {}
-    for name in names:
-        run_dir = work / ("run-" + "".join(c if c.isalnum() else "_" for c in name).strip("_"))
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        evals[name] = [m for m in lines if "eval" in m]
-    keys = [k for k in titles if all(e and k in e[0]["eval"] for e in evals.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
-    for name, points in evals.items():
-        for axis, key in zip(axes, keys):
+    titles = {"perplexity": "held-out perplexity", "kl_to_teacher": "held-out KL(p̃‖q̃) to teacher",
+              "top1_agreement": "held-out top-1 agreement"}
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.4 * len(titles), 3.6))
+    for name, run in runs.items():
+        points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        points = [{"step": 0, "eval": start}] + [m for m in points if "eval" in m]
+        for axis, key in zip(axes, titles):
             axis.plot([m["step"] for m in points], [m["eval"][key] for m in points], marker="o", label=name)
-    for axis, key in zip(axes, keys):
-        axis.set_title(titles[key])
+    for axis, title in zip(axes, titles.values()):
+        axis.set_title(title, fontsize=9)
         axis.set_xlabel("step")
-        if key == "perplexity":
-            axis.set_yscale("log")
+    axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
+    fig.suptitle(f"first {CURVE_BATCHES * 8} held-out pairs, seed 0", fontsize=9)
     fig.tight_layout()
-    fig.savefig(work / "curves.png", dpi=100)
-    print(f"wrote {work / 'results.md'} and {work / 'curves.png'}")
+    fig.savefig(out / "curves.png", dpi=100)
+    print(f"wrote {out / 'results.md'}, results.json and curves.png")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ def quickstart(
     output: Annotated[Path, typer.Option(help="Folder for everything the quickstart writes (reused by a second run).")] = Path("runs/quickstart"),
     train_rows: Annotated[int, typer.Option(help="Training pairs sent through the teacher.")] = 400,
     heldout_rows: Annotated[int, typer.Option(help="Held-out pairs for the evaluation.")] = 100,
-    steps: Annotated[int, typer.Option(help="Distillation steps (batch 8 x <= 256 tokens).")] = 60,
+    steps: Annotated[int, typer.Option(help="Training steps of each student run (batch 8 x <= 256 tokens).")] = 60,
     rouge_prompts: Annotated[int, typer.Option(help="Held-out prompts answered greedily and scored with ROUGE-L (0 = skip).")] = 20,
     backend: Annotated[str, typer.Option(help="Teacher engine for stage one: auto, vllm or hf.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Cache SmolLM2-135M-Instruct's top-64 on the shipped data, distill a 10-layer student with AMiD,
-    and compare teacher, student before and student after on held-out pairs."""
+    """Cache SmolLM2-135M-Instruct's top-64 on the shipped data, distill a 10-layer student with AMiD (and,
+    beside it, train the same student on the ground-truth tokens alone), and compare teacher, student before
+    and both students after on held-out pairs."""
 
     def run() -> None:
         from amid_pipeline.quickstart import COLUMNS, run_quickstart

@@ -10,7 +10,7 @@ Inputs, flattened over supervised-or-not positions N:
 
 Support modes (losses.md §7); each equals the dense definition when the ids cover the vocabulary:
 
-- ``renormalized`` (default): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
+- ``renormalized`` (this function's default; :class:`KDLoss` defaults to ``tail``): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
 - ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p, q normalised over the student's full vocabulary,
   q_rest = 1 − Σ_S q. Needs the student's full normaliser (computed chunked for a StudentHead).
 - ``teacher_renormalized``: S ∪ {rest}; p̃ = p|_S / Σ_S p and p_rest = 0 (the teacher renormalised over

@@ -81,7 +81,7 @@ def test_atkd_uses_the_stored_target_logprob_outside_the_top_k():
     values, ids = log_p.sort(dim=-1, descending=True)
     targets = ids[:, -1]  # the least likely token: never in a top-8
     teacher = TeacherTargets(ids[:, :8], values[:, :8], targets, values[:, -1], torch.ones(5, dtype=torch.bool))
-    out = KDLoss("atkd")(logits, teacher)
+    out = KDLoss("atkd", support="renormalized")(logits, teacher)
     # dense reference on the support top-8 ∪ {target}, renormalised there
     keep = torch.cat([ids[:, :8], targets[:, None]], dim=1)
     p = torch.softmax(log_p.gather(1, keep), -1)

@@ -30,7 +30,7 @@ def weights(path):
 
 def test_end_to_end_output_metrics_and_plot(tiny_shards, tiny_models, tmp_path):
     summary = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="amid",
-                                  loss_params={"alpha": -3.0, "lam": 0.1}))
+                                  support="renormalized", loss_params={"alpha": -3.0, "lam": 0.1}))
     assert summary.steps == 6 and summary.sparse_head
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # loadable by transformers
     assert model.config.vocab_size == 528

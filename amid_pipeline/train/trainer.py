@@ -246,6 +246,10 @@ def distill(config: DistillConfig) -> RunSummary:
         model.gradient_checkpointing_enable()
     head = model.get_output_embeddings()  # read for its size only; used inside DistillModule
     loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
+    recorded = output / "loss.json"
+    if resume_from is not None and recorded.exists() and json.loads(recorded.read_text()) != loss_fn.resolved():
+        raise TrainingError(f"{recorded} records another objective than this --resume asks for "
+                            f"({json.loads(recorded.read_text())} vs {loss_fn.resolved()}): resume with the same loss settings")
     sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             shuffle_buffer=config.shuffle_buffer, heldout_fraction=config.heldout_fraction,

@@ -212,3 +212,13 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_shards, tiny_models, tm
     a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_objective_is_refused(tiny_shards, tiny_models, tmp_path):
+    """A run's loss.json pins its objective: resuming it under other loss settings (e.g. changed defaults) stops."""
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=3))
+    with pytest.raises(TrainingError, match="records another objective"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="amid", max_steps=6, resume=True))
+    resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=6,
+                                  resume=True))
+    assert resumed.steps == 6

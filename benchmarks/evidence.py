@@ -35,7 +35,7 @@ from amid_pipeline.shards.manifest import load_manifest  # noqa: E402
 from amid_pipeline.shards.views import subset_directory  # noqa: E402
 from amid_pipeline.train.config import DistillConfig  # noqa: E402
 from amid_pipeline.train.data import ids_and_lengths, is_heldout, list_files  # noqa: E402
-from amid_pipeline.train.trainer import distill  # noqa: E402
+from amid_pipeline.train.trainer import TrainingError, distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = DistillConfig.__dataclass_fields__
@@ -130,19 +130,14 @@ def main() -> None:
     start = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-curve",
                      lambda: evaluate_on_shards(load_model(args.student)[0], heldout, max_batches=CURVE_BATCHES))
     results: dict[str, dict] = {}
+    stopped: dict[str, str] = {}
     for name in args.arms:
-        dev_perplexity = {}
-        for lr in args.lrs:  # the per-arm lr choice: seed 0, dev rows only
-            run = run_arm(name, lr, args.seeds[0], args, train, heldout)
-            dev_perplexity[lr] = measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], dev))["perplexity"]
-        lr = min(dev_perplexity, key=dev_perplexity.get)
-        per_seed = []
-        for seed in args.seeds:
-            run = run_arm(name, lr, seed, args, train, heldout)
-            per_seed.append(measured(run, key, lambda run=run: heldout_metrics(run / "model")))
-        results[name] = {"lr": lr, "dev_perplexity": dev_perplexity, "settings": arm_settings(name),
-                         "seeds": dict(zip(args.seeds, per_seed))}
-        print(name, {k: round(statistics.fmean(s[k] for s in per_seed), 3) for k in METRICS}, flush=True)
+        try:
+            results[name] = run_arm_seeds(name, args, train, dev, heldout, key, heldout_metrics)
+        except TrainingError as error:  # e.g. a non-finite loss: a row that says so, the other arms go on
+            stopped[name] = str(error).split(" (samples")[0]
+            print(f"{name}: stopped, {stopped[name]}", flush=True)
+
 
     def cell(name: str, key: str) -> str:
         values = [s[key] for s in results[name]["seeds"].values()]
@@ -152,6 +147,7 @@ def main() -> None:
     rows = [["student before (healed)", "–", "–", *(f"{before[key]:,.2f}" for key in METRICS)]]
     rows += [[name, results[name]["settings"]["support"] if name != "CE (ground truth only)" else "–",
              f"{results[name]['lr']:g}", *(cell(name, key) for key in METRICS)] for name in results]
+    rows += [[name, "–", "–", f"stopped: {reason}", *[""] * (len(METRICS) - 1)] for name, reason in stopped.items()]
     title = (f"Held-out (214 pairs; ROUGE-L on {args.rouge_prompts} prompts, {args.max_new_tokens} new tokens), "
              f"{args.steps} steps x 8 sequences from {Path(args.student).parent.name}, seeds {args.seeds}, mean ± sd")
     print_table(title, columns, rows)
@@ -161,6 +157,20 @@ def main() -> None:
                                     + "".join("| " + " | ".join(r) + " |\n" for r in rows))
     plot_curves(out, {name: run_arm(name, results[name]["lr"], args.seeds[0], args, train, heldout) for name in results},
                 start)
+
+
+def run_arm_seeds(name: str, args, train: str, dev: str, heldout: str, key: str, heldout_metrics) -> dict:
+    """The arm's lr chosen on dev rows at the first seed, then its held-out metrics at every seed."""
+    dev_perplexity = {}
+    for lr in args.lrs:  # the per-arm lr choice: seed 0, dev rows only
+        run = run_arm(name, lr, args.seeds[0], args, train, heldout)
+        dev_perplexity[lr] = measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], dev))["perplexity"]
+    lr = min(dev_perplexity, key=dev_perplexity.get)
+    per_seed = [measured(run_arm(name, lr, seed, args, train, heldout), key,
+                         lambda seed=seed: heldout_metrics(run_arm(name, lr, seed, args, train, heldout) / "model"))
+                for seed in args.seeds]
+    print(name, {k: round(statistics.fmean(s[k] for s in per_seed), 3) for k in METRICS}, flush=True)
+    return {"lr": lr, "dev_perplexity": dev_perplexity, "settings": arm_settings(name), "seeds": dict(zip(args.seeds, per_seed))}
 
 
 def plot_curves(out: Path, runs: dict[str, Path], start: dict[str, float]) -> None:

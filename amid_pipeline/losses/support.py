@@ -11,8 +11,9 @@ Inputs, flattened over supervised-or-not positions N:
 Support modes (losses.md §7); each equals the dense definition when the ids cover the vocabulary:
 
 - ``renormalized`` (this function's default; :class:`KDLoss` defaults to ``tail``): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
-- ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p, q normalised over the student's full vocabulary,
-  q_rest = 1 − Σ_S q. Needs the student's full normaliser (computed chunked for a StudentHead).
+- ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p (floored where rounding hid it: :func:`teacher_tail`),
+  q normalised over the student's full vocabulary, q_rest = 1 − Σ_S q. Needs the student's full
+  normaliser (computed chunked for a StudentHead).
 - ``teacher_renormalized``: S ∪ {rest}; p̃ = p|_S / Σ_S p and p_rest = 0 (the teacher renormalised over
   its stored ids), q normalised over the full vocabulary with q_rest = 1 − Σ_S q (the convention of
   DistillKit, Axolotl and Gemma 3). Losses that weigh the teacher's zero at ``rest`` against the
@@ -27,6 +28,7 @@ see it; a duplicate is masked with ``-inf`` on both sides.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -35,6 +37,7 @@ from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, supp
 
 SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized")
 FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized")  # need the student's full-vocabulary logsumexp
+LOG_ROUNDING_REST = math.log(-math.expm1(-1 / 128))  # log ρ: the most mass q64 rounding can hide (see teacher_tail)
 
 
 @dataclasses.dataclass
@@ -109,6 +112,31 @@ def student_logits_at(student: torch.Tensor | StudentHead, ids: torch.Tensor, ne
     return z, lse
 
 
+def vocabulary_size(student: torch.Tensor | StudentHead) -> int:
+    return student.weight.shape[0] if isinstance(student, StudentHead) else student.shape[-1]
+
+
+def teacher_tail(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p over the ids [N, S], log p_rest [N]) for a rest bucket that holds at least one id.
+
+    p_rest = max(1 − m, min(p_min, ρ)), m = Σ_S p, p_min = the smallest stored probability,
+    ρ = 1 − e^(−1/128); where the floor applies, the stored ids are scaled by (1 − p_rest)/m so that the
+    k + 1 outcomes sum to 1. Why: stored values carry the code's rounding (± 1/128 in log space for q64),
+    so a confident position's decoded mass m can reach 1 and leave p_rest = 0 although every id of a
+    softmax has p > 0 — and then losses that divide by p (reverse KL, AKL) put log(q_rest/0) there (an
+    expert teacher's shards: AKL's loss 20–40 from the first step, then NaN). The floor is the mass of
+    one more id below the k-th, capped at ρ, the most the rounding can hide; 1 − m is kept wherever it
+    is larger.
+    """
+    log_mass = torch.logsumexp(log_p, dim=-1)
+    log_rest = _log1mexp(log_mass)
+    smallest = torch.where(torch.isfinite(log_p), log_p, torch.zeros_like(log_p)).amin(dim=-1)
+    log_floor = torch.where(torch.isfinite(log_mass), smallest.clamp(max=LOG_ROUNDING_REST), log_mass)
+    floored = log_floor > log_rest
+    scale = torch.where(floored, _log1mexp(log_floor) - log_mass, torch.zeros_like(log_mass))
+    return log_p + scale[:, None], torch.where(floored, log_floor, log_rest)
+
+
 def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherTargets, mode: str = "renormalized",
                           with_target: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log p [N, S'], log q [N, S'], student full logsumexp [N] or None) on the chosen support."""
@@ -129,7 +157,9 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
     if mode == "teacher_renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
-    else:
+    elif teacher.topk_ids.shape[1] < vocabulary_size(student):
+        log_p, log_p_rest = teacher_tail(log_p)
+    else:  # the ids cover the vocabulary: the rest bucket holds no id
         log_p_rest = _log1mexp(torch.logsumexp(log_p, dim=-1))
     log_q_rest = _log1mexp(torch.logsumexp(log_q, dim=-1))
     return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1), lse

@@ -33,11 +33,15 @@ from amid_pipeline.chat import template_sha256, uses_chat_template
 from amid_pipeline.models import model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
-from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError, TeacherRow
+from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
 from amid_pipeline.shards.storage import Store, is_url, open_store
 from amid_pipeline.shards.writer import ShardWriter
 
 JOURNAL = re.compile(r"^progress\.w\d{5}-of-\d{5}\.jsonl$")
+# what a capture writes, each also as its staging file ".NAME.tmp"; the card alone does not make a capture
+CAPTURE_RECORD = re.compile(r"^\.?(manifest(\.w\d{5}-of-\d{5})?\.json|progress\.w\d{5}-of-\d{5}\.jsonl|"
+                            r"data/\.?part-w\d{5}-\d{5}\.parquet)(\.tmp)?$")
+CAPTURE_CARD = re.compile(r"^\.?README\.md(\.tmp)?$")
 
 
 class SettingsMismatch(ValueError):
@@ -99,12 +103,16 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
             raise SettingsMismatch(f"{output.url} was written with other settings ({detail}); "
                                    f"use another --output or --overwrite")
         if differing:
-            output.clear()
+            remove_capture(output)
             return []
     if not journals and not output.is_empty():
+        if not capture_files(output):
+            raise SettingsMismatch(f"{output.url} is not empty and holds no capture (no manifest, progress journal or "
+                                   f"data/part-*.parquet); --overwrite only replaces a capture: choose a new or empty --output")
         if not config.overwrite:
-            raise SettingsMismatch(f"{output.url} is not empty and holds no resumable capture; use --overwrite to replace it")
-        output.clear()
+            raise SettingsMismatch(f"{output.url} holds a capture that cannot be resumed (no progress journal); "
+                                   f"use --overwrite to replace it")
+        remove_capture(output)
     journal = journal_name(config)
     if journal not in journals:
         return []
@@ -115,6 +123,35 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         except json.JSONDecodeError:
             break  # a line cut by a crash: that chunk is redone
     return entries
+
+
+def capture_files(output: Store) -> list[str]:
+    """The files of ``output`` that a capture writes (manifests, journals, data/part-*.parquet, their staging
+    files, and the card when any of the others is there): the only ones ``overwrite`` removes."""
+    names = [*output.list(), *output.list(DATA_DIR)]
+    records = [name for name in names if CAPTURE_RECORD.match(name)]
+    return records + [name for name in names if CAPTURE_CARD.match(name)] if records else []
+
+
+def remove_capture(output: Store) -> None:
+    """Delete what a capture wrote into ``output``; anything else there stays."""
+    for name in capture_files(output):
+        output.remove(name)
+    if output.local and output.exists(DATA_DIR) and not output.list(DATA_DIR) and not os.listdir(output.where(DATA_DIR)):
+        os.rmdir(output.where(DATA_DIR))
+
+
+def check_output_location(config: CaptureConfig) -> None:
+    """Refuse an --output that is a file, or a local folder that holds the dataset or the teacher."""
+    if is_url(config.output):
+        return
+    output = Path(config.output).resolve()
+    if output.is_file():
+        raise SettingsMismatch(f"--output {config.output} is a file; name a directory (new or holding a capture)")
+    for option, value in (("--dataset", config.dataset), ("--teacher", config.teacher)):
+        if not is_url(value) and Path(value).exists() and Path(value).resolve().is_relative_to(output):
+            raise SettingsMismatch(f"--output {config.output} contains the input {option} {value}; "
+                                   f"choose an --output outside it")
 
 
 def _kept_chunks(output: Store, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,6 +234,7 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     started = time.perf_counter()
     config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
                                  **{name: _expand(getattr(config, name)) for name in ("dataset", "output")})
+    check_output_location(config)
     output = open_store(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)

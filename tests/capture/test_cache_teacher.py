@@ -188,6 +188,36 @@ def test_changed_settings_are_refused_by_name_and_overwrite_replaces(tiny_models
     assert ShardReader(tmp_path / "out").manifest.k == 4
 
 
+def test_overwrite_removes_only_what_a_capture_wrote(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    capture(tiny_models, tmp_path, data)
+    out = tmp_path / "out"
+    (out / "notes.txt").write_text("mine")
+    (out / "data" / "my-table.parquet").write_text("mine too")
+    capture(tiny_models, tmp_path, data, k=4, overwrite=True)
+    assert ShardReader(out).manifest.k == 4
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "my-table.parquet").read_text() == "mine too"
+
+
+def test_overwrite_refuses_a_folder_that_holds_no_capture_or_an_input(tiny_models, tmp_path):
+    """`--overwrite` with --output = a folder holding the dataset, notes and a sub-folder deleted all of it."""
+    folder = tmp_path / "project"
+    (folder / "sub").mkdir(parents=True)
+    data = write_jsonl(folder / "d.jsonl", PAIRS)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "sub" / "x.txt").write_text("mine")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    overrides = {"output": str(folder), "overwrite": True}
+    with pytest.raises(SettingsMismatch, match=f"--output {folder} contains the input --dataset {data}"):
+        capture(tiny_models, tmp_path, data, **overrides)
+    elsewhere = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    with pytest.raises(SettingsMismatch, match="holds no capture .*--overwrite only replaces a capture"):
+        capture(tiny_models, tmp_path, elsewhere, **overrides)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    with pytest.raises(SettingsMismatch, match=f"--output {data} is a file"):
+        capture(tiny_models, tmp_path, elsewhere, output=str(data))
+
+
 def test_bad_inputs_are_explained(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match=r"field\(s\) \['prompt', 'response'\] not found; available fields: \['question', 'answer'\]"):

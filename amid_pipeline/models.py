@@ -42,6 +42,19 @@ def model_source(name: str | os.PathLike, role: str) -> str:
     return text
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model: str | os.PathLike) -> int | None:
+    """The longest sequence ``model`` was built for (read from its config; None when it does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model))
+    config = getattr(config, "text_config", None) or config
+    values = [getattr(config, key, None) for key in CONTEXT_KEYS]
+    return next((int(v) for v in values if isinstance(v, int) and v > 0), None)
+
+
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     """Identity of a tokenizer: a hash over its vocabulary (token -> id) and special tokens.
 

@@ -4,7 +4,8 @@
 
 For k = 16 and 64 it prints bytes per stored position and per (id, value) entry, and the largest
 log-probability error, for the v1 layouts (value encodings q64-delta, q64, float32) next to the naive
-layout (int32 ids + float32 values, plain, zstd); then the reader's decode rate at k = 64 on one core.
+layout (int32 ids + float32 values, plain, zstd); then the reader's decode rate at k = 64 on one core and
+the share of it spent on the integrity checks every read makes (page CRC32, decoded values).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from harness import median_seconds, print_table  # noqa: E402
 from amid_pipeline.models import smollm2_teacher, tokenizer_fingerprint  # noqa: E402
 from amid_pipeline.shards.manifest import make_header, write_manifest  # noqa: E402
 from amid_pipeline.shards.reader import ShardReader  # noqa: E402
-from amid_pipeline.shards.schema import TeacherRow  # noqa: E402
+from amid_pipeline.shards.schema import TeacherRow, first_impossible_value  # noqa: E402
 from amid_pipeline.shards.writer import ShardWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +140,29 @@ def main() -> None:
         seconds = median_seconds(read_all, repeats=3)
         print_table("Reader decode throughput, k = 64, one core", ["positions", "seconds", "positions/s"],
                     [[total, seconds, f"{total / seconds:,.0f}"]])
+
+        # What the integrity checks of every read cost (measured apart, in the same run): page CRC32
+        # verification (Parquet reads with and without it) and the decoded-value check.
+        files = sorted((big / "data").glob("*.parquet"))
+
+        def read_pages(verify: bool) -> int:
+            for path in files:
+                parquet = pq.ParquetFile(path, memory_map=True, page_checksum_verification=verify)
+                for group in range(parquet.num_row_groups):
+                    parquet.read_row_group(group, use_threads=False)
+            return len(files)
+
+        decoded = list(ShardReader(big))
+        topk = np.concatenate([row.topk_logprobs.reshape(-1) for row in decoded])
+        target = np.concatenate([row.target_logprob for row in decoded])
+        crc_on, crc_off = median_seconds(lambda: read_pages(True), repeats=5), median_seconds(lambda: read_pages(False), repeats=5)
+        values = median_seconds(lambda: first_impossible_value(topk, 64, target), repeats=5)
+        share = (max(crc_on - crc_off, 0.0) + values) / seconds
+        print_table("Integrity checks on every read, k = 64, one core", ["check", "seconds", "share of decode time"], [
+            ["page CRC32 (Parquet read with - without)", f"{crc_on:.4f} - {crc_off:.4f}", f"{(crc_on - crc_off) / seconds:.1%}"],
+            ["decoded values (NaN, > 0, top-1 -inf)", f"{values:.4f}", f"{values / seconds:.1%}"],
+            ["both", "", f"{share:.1%}"],
+        ])
 
 
 if __name__ == "__main__":

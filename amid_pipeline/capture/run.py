@@ -31,7 +31,7 @@ from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTING
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.chat import template_sha256, uses_chat_template
 from amid_pipeline.models import context_length, model_source, tokenizer_fingerprint, weights_fingerprint
-from amid_pipeline.shards.card import write_dataset_card
+from amid_pipeline.shards.card import CARD_NAME, write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
 from amid_pipeline.shards.storage import Store, is_url, open_store
@@ -264,6 +264,8 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
         summary = CaptureSummary(output=output.url, backend="(finished earlier: nothing to do)", resumed_chunks=chunk_count)
         for entry in entries:
             _add_chunk_stats(summary, entry)
+        if not output.exists(CARD_NAME):  # killed between the manifest and the card
+            write_card_when_complete(output)
         summary.seconds = time.perf_counter() - started
         return summary
     fmt = resolve_format(config, list(rows.column_names))
@@ -311,15 +313,24 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     finally:
         bar.close()
 
+    if config.num_workers == 1 and not summary.sequences:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"
+        raise ValueError(f"{config.dataset}: none of the {summary.rows} rows read gave a sequence to store "
+                         f"(skipped: {skipped}); no manifest written")
     files = [FileRecord(**e["file"]) for e in kept if e.get("file")]
     write_manifest(output.url, header, files, name=manifest_name,
                    stats={"skipped": summary.skipped, "truncated": summary.truncated, "command": shlex.join(sys.argv)})
-    try:  # the card describes the whole directory: written by whichever worker completes it
+    write_card_when_complete(output)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def write_card_when_complete(output: Store) -> None:
+    """The card describes the whole directory: written by whichever worker completes it."""
+    try:
         write_dataset_card(output.url)
     except FormatError:
         pass  # other workers have not finished yet
-    summary.seconds = time.perf_counter() - started
-    return summary
 
 
 def _expand(location: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import typer
 
 from amid_pipeline.capture.config import CaptureConfig
@@ -22,6 +24,11 @@ def run(config: CaptureConfig) -> None:
         summary = run_capture(config)
     except (SettingsMismatch, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"no space left on the device while writing {config.output} ({exc.filename or exc}); the files "
+                        f"finished so far are kept: free space and run the same command again to resume") from exc
     echo_table(summary.lines())
 
 

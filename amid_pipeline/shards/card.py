@@ -23,6 +23,7 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     licence = dataset.get("license") or "other"
     command = manifest.stats.get("command", "(not recorded)")
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
+    mass = f"mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles}" if stats["topk_mass_mean"] is not None else "(no stored positions)"
     return f"""---
 license: {licence}
 tags:
@@ -59,7 +60,7 @@ normalised over the full vocabulary, plus the log-probability and rank of the ac
 | rows | {stats['rows']:,} |
 | stored positions | {stats['stored_positions']:,} (supervised {stats['supervised_positions']:,}) |
 | bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per top-k entry) |
-| teacher mass on the stored top-{header['k']} | mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles} |
+| teacher mass on the stored top-{header['k']} | {mass} |
 | actual next token outside the top-{header['k']} | {stats['target_outside_topk']:.2%} |
 
 ## How it was made

@@ -34,7 +34,7 @@ from amid_pipeline.models import context_length, model_source, tokenizer_fingerp
 from amid_pipeline.shards.card import CARD_NAME, write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
-from amid_pipeline.shards.storage import Store, is_url, open_store
+from amid_pipeline.shards.storage import Store, exclusive, is_url, open_store
 from amid_pipeline.shards.writer import ShardWriter
 
 JOURNAL = re.compile(r"^progress\.w\d{5}-of-\d{5}\.jsonl$")
@@ -246,14 +246,20 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
 
     ``backend``: an already started engine (its settings must match ``config``); default: start one.
     """
-    from transformers import AutoTokenizer
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
                                  **{name: _expand(getattr(config, name)) for name in ("dataset", "output")})
     check_output_location(config)
     config = fit_max_length(config)
+    with exclusive(config.output, role=f".w{config.worker_index:05d}-of-{config.num_workers:05d}"):
+        return _capture(config, backend, started)
+
+
+def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
+    """:func:`run_capture` once the settings are checked and this worker holds the output."""
+    from transformers import AutoTokenizer
+    from tqdm.auto import tqdm
+
     output = open_store(config.output)
     entries = prepare_output(output, config)
     rows = load_rows(config)

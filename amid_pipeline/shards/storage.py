@@ -20,15 +20,19 @@ Credentials and endpoints come from fsspec's usual places (``AWS_*`` variables, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import os
-import re
 import posixpath
+import re
+import shlex
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -47,6 +51,37 @@ READ_BLOCK_BYTES = 8 << 20
 
 class StorageError(OSError):
     """A storage operation that still failed after its retries; the message names the file."""
+
+
+class OutputInUse(StorageError):
+    """Another process is writing the same output (directory, or capture worker's share of it)."""
+
+
+LOCK_FILE = re.compile(r"^\.amid-pipeline[\w.-]*\.lock$")  # never data: ignored wherever a directory is listed
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, role: str = "") -> Iterator[None]:
+    """Hold ``directory/.amid-pipeline{role}.lock`` (an ``flock``) while the block runs: a second writer of
+    the same local output (and role, e.g. a capture worker index) is refused at once, naming the first.
+    The kernel releases the lock when its process ends, kill -9 included. Remote outputs are not locked."""
+    if is_url(str(directory)):
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f".amid-pipeline{role}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise OutputInUse(f"{directory} is being written by {holder}; wait for it to end or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({shlex.join(sys.argv)[:200]})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclasses.dataclass
@@ -164,8 +199,11 @@ class Store:
         return retry(lambda: fresh(self.fs, self.root).isdir(self.root), self.url)
 
     def is_empty(self) -> bool:
-        """True when the directory is missing or holds nothing."""
-        return not self.is_dir() or not retry(lambda: fresh(self.fs, self.root).ls(self.root, detail=False), self.url)
+        """True when the directory is missing or holds nothing (but lock files)."""
+        if not self.is_dir():
+            return not self.exists()
+        entries = retry(lambda: fresh(self.fs, self.root).ls(self.root, detail=False), self.url)
+        return all(LOCK_FILE.match(posixpath.basename(entry.rstrip("/"))) for entry in entries)
 
     def size(self, name: str) -> int:
         fs, path = self.locate(name)
@@ -178,7 +216,7 @@ class Store:
             return []
         found = retry(lambda: fresh(self.fs, base).ls(base, detail=True), self.where(folder))
         names = [posixpath.relpath(entry["name"].rstrip("/"), self.root) for entry in found if entry["type"] == "file"]
-        return sorted(names)
+        return sorted(name for name in names if not LOCK_FILE.match(posixpath.basename(name)))
 
     def read_bytes(self, name: str) -> bytes:
         fs, path = self.locate(name)

@@ -30,6 +30,7 @@ from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.models import model_source, tokenizer_fingerprint
 from amid_pipeline.shards.manifest import load_manifest, teacher_differences, write_json_atomic
+from amid_pipeline.shards.storage import exclusive
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, duplicate_ids, list_files
@@ -205,6 +206,12 @@ def evaluate(module: nn.Module, batches, device, autocast) -> dict[str, float]:
 
 
 def distill(config: DistillConfig) -> RunSummary:
+    """Train the student on the shards (see the module docstring); one writer per output directory."""
+    with exclusive(config.output) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _distill(config)
+
+
+def _distill(config: DistillConfig) -> RunSummary:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

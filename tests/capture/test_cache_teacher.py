@@ -337,3 +337,12 @@ def test_the_last_worker_to_finish_writes_the_card(tiny_models, tmp_path):
     assert not (tmp_path / "out" / "README.md").exists()
     capture(tiny_models, tmp_path, data, num_workers=2, worker_index=0)
     assert "| rows | 5 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_run_killed_between_manifest_and_card_gets_its_card_on_the_rerun(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(3)])
+    capture(tiny_models, tmp_path, data)
+    card = (tmp_path / "out" / "README.md").read_text()
+    (tmp_path / "out" / "README.md").unlink()  # what a kill after the manifest's rename leaves
+    summary = capture(tiny_models, tmp_path, data)
+    assert summary.backend.startswith("(finished earlier") and (tmp_path / "out" / "README.md").read_text() == card

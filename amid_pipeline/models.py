@@ -34,7 +34,9 @@ def model_source(name: str | os.PathLike, role: str) -> str:
     """``name`` as given to ``from_pretrained``, refusing a local-looking path that does not exist (which
     transformers would otherwise report as a malformed hub id). ``role`` names it in the message."""
     text = os.path.expanduser(str(name))
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1  # "org/name" may be a hub id
+    # "org/name" may be a hub id, unless "org" is a local folder (then it is a mistyped local path)
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1
+                   or (Path(text).parent.name != "" and Path(text).parent.is_dir()))
     if looks_local and not Path(text).is_dir():
         raise FileNotFoundError(f"{role} {name}: no such model folder")
     if Path(text).is_dir() and not (Path(text) / "config.json").exists():
@@ -45,14 +47,17 @@ def model_source(name: str | os.PathLike, role: str) -> str:
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def context_length(model: str | os.PathLike) -> int | None:
-    """The longest sequence ``model`` was built for (read from its config; None when it does not say)."""
+def model_limits(model: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(the longest sequence ``model`` was built for, its vocabulary size), read from its config; None where
+    the config does not say."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model))
     config = getattr(config, "text_config", None) or config
     values = [getattr(config, key, None) for key in CONTEXT_KEYS]
-    return next((int(v) for v in values if isinstance(v, int) and v > 0), None)
+    context = next((int(v) for v in values if isinstance(v, int) and v > 0), None)
+    vocabulary = getattr(config, "vocab_size", None)
+    return context, int(vocabulary) if isinstance(vocabulary, int) else None
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:

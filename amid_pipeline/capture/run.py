@@ -30,7 +30,7 @@ from amid_pipeline.capture.backends import backend_name, make_backend
 from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.chat import template_sha256, uses_chat_template
-from amid_pipeline.models import context_length, model_source, tokenizer_fingerprint, weights_fingerprint
+from amid_pipeline.models import model_limits, model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import CARD_NAME, write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
@@ -223,11 +223,14 @@ def _templated(config: CaptureConfig, fmt: str, tokenizer) -> bool:
     return fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer, config.teacher)
 
 
-def fit_max_length(config: CaptureConfig) -> CaptureConfig:
-    """``config`` with ``max_length`` fitted to the teacher's context: the default becomes the context
-    (at most DEFAULT_MAX_LENGTH), a larger explicit value is refused. vLLM generates one token after each
-    scored sequence, so there a sequence may be one token shorter than the context."""
-    context = context_length(config.teacher)
+def fit_to_teacher(config: CaptureConfig) -> CaptureConfig:
+    """``config`` checked against the teacher's config before any engine starts: ``k`` must not exceed its
+    vocabulary; ``max_length`` defaults to its context (at most DEFAULT_MAX_LENGTH) and a larger explicit
+    value is refused. vLLM generates one token after each scored sequence, so there a sequence may be one
+    token shorter than the context."""
+    context, vocabulary = model_limits(config.teacher)
+    if vocabulary is not None and config.k > vocabulary:
+        raise ValueError(f"--k {config.k} is larger than the teacher vocabulary ({vocabulary} tokens, {config.teacher})")
     on_vllm = backend_name(config) == "vllm"
     fit = None if context is None else context - 1 if on_vllm else context
     if config.max_length is None:
@@ -250,7 +253,7 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
     config = dataclasses.replace(config, teacher=model_source(config.teacher, "teacher"),
                                  **{name: _expand(getattr(config, name)) for name in ("dataset", "output")})
     check_output_location(config)
-    config = fit_max_length(config)
+    config = fit_to_teacher(config)
     with exclusive(config.output, role=f".w{config.worker_index:05d}-of-{config.num_workers:05d}"):
         return _capture(config, backend, started)
 

@@ -249,6 +249,8 @@ def test_vllm_max_length_leaves_room_for_its_generated_token(tiny_models, tmp_pa
     with pytest.raises(ValueError, match=r"its context is 512 tokens \(config.json\) less the one token vLLM generates "
                                          r"after each sequence; use --max-length 511 or less"):
         capture(tiny_models, tmp_path, data, backend="vllm", max_length=512)
+    with pytest.raises(ValueError, match=r"^--k 100000 is larger than the teacher vocabulary \(\d+ tokens"):
+        capture(tiny_models, tmp_path, data, backend="vllm", k=100_000)  # before the engine starts (it took 100 lines)
 
 
 def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):

@@ -18,9 +18,13 @@ runner = CliRunner()
     (["eval", "{tmp}/nope", "--shards", "{shards}"], "model {tmp}/nope: no such model folder"),
     (["compat", "{shards}", "{tmp}/nope"], "student {tmp}/nope: no such model folder"),
     (["init-student", "{tmp}/nope", "{tmp}/s"], "teacher {tmp}/nope: no such model folder"),
+    # relative "folder/name" whose folder exists here: a mistyped local path, not a hub id (no network)
+    (["distill", "--shards", "{shards}", "--student", "{rel}/nope", "--output", "{tmp}/run"], "student {rel}/nope: no such model folder"),
 ])
-def test_bad_paths_fail_in_one_line(tiny_shards, tiny_models, tmp_path, args, message):
-    fill = {"student": str(tiny_models["student"]), "shards": str(tiny_shards), "tmp": str(tmp_path)}
+def test_bad_paths_fail_in_one_line(tiny_shards, tiny_models, tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub lookup would be tried (and fail slowly) were it not refused first
+    fill = {"student": str(tiny_models["student"]), "shards": str(tiny_shards), "tmp": str(tmp_path), "rel": tmp_path.name}
     result = runner.invoke(app, [a.format(**fill) for a in args])
     assert result.exit_code == 1, result.output
     assert message.format(**fill) in result.output and "Traceback" not in result.output

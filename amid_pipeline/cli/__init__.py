@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: '[choices: ...]' must show, not be read as markup
 )
 app.command()(inspect)
 app.command()(verify)

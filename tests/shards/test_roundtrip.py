@@ -10,7 +10,7 @@ import pytest
 
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
-from amid_pipeline.shards.schema import PARQUET_METADATA_KEY, FormatError
+from amid_pipeline.shards.schema import PARQUET_METADATA_KEY, FormatError, encode_topk_logprobs
 from tests.conftest import random_rows, test_header, write_shards
 
 QUANT_ERROR = 1 / 128 + 1e-6
@@ -104,11 +104,13 @@ def test_writer_rejects_inconsistent_rows(tmp_path):
     row.topk_ids = row.topk_ids[:, :4]
     with pytest.raises(ValueError, match=r"sample 'sample-0-0': topk_ids has shape"):
         ShardWriter(tmp_path, header=test_header()).add(row)
-    unsorted = random_rows(1, k=8, vocab=100, max_len=10, seed=3)[0]
-    unsorted.topk_logprobs = unsorted.topk_logprobs[:, ::-1].copy()
-    if len(unsorted.positions):
-        with pytest.raises(ValueError, match="descending"):
-            ShardWriter(tmp_path, header=test_header()).add(unsorted)
+    unsorted = next(r for r in random_rows(10, k=8, vocab=100, max_len=10, seed=3) if len(r.positions) >= 2)
+    unsorted.topk_logprobs = unsorted.topk_logprobs[:, ::-1].copy()  # every position ascending: refused
+    for encoding in ("q64-delta", "float32"):  # the row check, whatever the encoding
+        with pytest.raises(ValueError, match="sample 'sample-3-.*': topk_logprobs must be in descending order"):
+            ShardWriter(tmp_path / encoding, header=test_header(encoding=encoding)).add(unsorted)
+    with pytest.raises(ValueError, match="descending"):  # and the delta encoding's own guard
+        encode_topk_logprobs(unsorted.topk_logprobs, "q64-delta")
 
 
 def test_crash_before_commit_leaves_no_data_file(tmp_path):

@@ -94,7 +94,7 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Ite
     target_logprob = decode_target_logprobs(flat["target_logprob"], encoding)
     ids = table.column("sample_id").to_pylist()
     tokens, pos = offsets["input_ids"], offsets["positions"]
-    impossible = first_impossible_value(topk_logprobs, k, target_logprob)
+    impossible = first_impossible_value(topk_logprobs, k, target_logprob, encoding)
     if impossible:
         column, position = impossible
         i = int(np.searchsorted(pos, position, side="right")) - 1

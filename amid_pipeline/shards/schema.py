@@ -161,17 +161,19 @@ def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarra
 LOGPROB_TOLERANCE = 1e-4  # a stored log-probability above this is not one
 
 
-def first_impossible_value(topk_logprobs: np.ndarray, k: int, target_logprob: np.ndarray) -> tuple[str, int] | None:
+def first_impossible_value(topk_logprobs: np.ndarray, k: int, target_logprob: np.ndarray,
+                           encoding: str = "float32") -> tuple[str, int] | None:
     """(column, stored position) of the first decoded value no teacher can produce, else None.
 
-    ``topk_logprobs`` [P·k] and ``target_logprob`` [P] as decoded. Impossible: NaN, +inf or > 0 anywhere,
-    and a top-1 of −inf (a position whose stored ids carry no probability at all).
+    ``topk_logprobs`` [P·k] and ``target_logprob`` [P] as decoded under ``encoding``. Impossible: NaN, +inf
+    or > 0 anywhere, and a top-1 of −inf (a position whose stored ids carry no probability at all). q64 codes
+    decode to values ≤ 0 by construction, so for them only the top-1 is looked at (the check sits on every read).
     """
     top = topk_logprobs.reshape(-1, k)
-    bad = {
-        "topk_logprobs": np.isnan(top).any(axis=1) | (top > LOGPROB_TOLERANCE).any(axis=1) | ~np.isfinite(top[:, 0]),
-        "target_logprob": np.isnan(target_logprob) | (target_logprob > LOGPROB_TOLERANCE),
-    }
+    bad = {"topk_logprobs": ~np.isfinite(top[:, 0])}
+    if encoding == "float32":
+        bad["topk_logprobs"] |= np.isnan(top).any(axis=1) | (top > LOGPROB_TOLERANCE).any(axis=1)
+        bad["target_logprob"] = np.isnan(target_logprob) | (target_logprob > LOGPROB_TOLERANCE)
     found = [(int(np.argmax(mask)), column) for column, mask in bad.items() if mask.any()]
     return (min(found)[1], min(found)[0]) if found else None
 

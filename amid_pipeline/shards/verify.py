@@ -17,7 +17,7 @@ import numpy as np
 
 from amid_pipeline.shards.manifest import FileRecord, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.reader import iter_file_rows, read_file_header
-from amid_pipeline.shards.schema import DATA_DIR, DATA_SUFFIX, LOGPROB_TOLERANCE, FormatError
+from amid_pipeline.shards.schema import DATA_DIR, DATA_SUFFIX, FormatError
 from amid_pipeline.shards.storage import StorageError
 
 
@@ -92,8 +92,6 @@ def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
             row.check(manifest.k, vocab)
         except ValueError as exc:
             return f"row {rows}: {exc}"
-        if np.any(np.isnan(row.target_logprob)) or np.any(row.target_logprob > LOGPROB_TOLERANCE):
-            return f"row {rows} (sample {row.sample_id!r}): target_logprob must be <= 0 (or -inf)"
         if len(row.target_rank) and row.target_rank.min() < 1:
             return f"row {rows} (sample {row.sample_id!r}): target_rank must be >= 1"
         rows += 1

@@ -105,3 +105,11 @@ def test_a_position_with_no_stored_probability_is_named_and_verify_stays_quiet(t
     report = verify_directory(directory)
     assert len(report.problems) == 1 and rows[index].sample_id in report.problems[0]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_card_of_a_directory_without_rows_is_written(tmp_path):
+    """Workers whose rows were all skipped finish a directory of zero rows: its card said TypeError."""
+    from amid_pipeline.shards.card import dataset_card
+
+    directory = write_shards(tmp_path / "s", [], test_header())
+    assert "| teacher mass on the stored top-8 | (no stored positions) |" in dataset_card(directory)

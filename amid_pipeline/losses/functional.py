@@ -56,12 +56,15 @@ def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _mixture(log_x: torch.Tensor, log_y: torch.Tensor, weight_x: float) -> torch.Tensor:
-    """log(w·x + (1−w)·y) for w in [0, 1], in log space."""
+    """log(w·x + (1−w)·y) for w in [0, 1], in log space; −inf, with no NaN gradient, where x = y = 0."""
     if weight_x <= 0:
         return log_y
     if weight_x >= 1:
         return log_x
-    return torch.logaddexp(log_x + math.log(weight_x), log_y + math.log1p(-weight_x))
+    absent = torch.isneginf(log_x) & torch.isneginf(log_y)  # logaddexp(−inf, −inf) differentiates to NaN
+    log_y_safe = torch.where(absent, torch.zeros_like(log_y), log_y)
+    mixed = torch.logaddexp(log_x + math.log(weight_x), log_y_safe + math.log1p(-weight_x))
+    return torch.where(absent, torch.full_like(mixed, float("-inf")), mixed)
 
 
 def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
@@ -211,25 +214,36 @@ def atkd_parts(log_p: torch.Tensor, log_q: torch.Tensor, target_index: torch.Ten
     log_p, log_q = _upcast(log_p, log_q)
     index = target_index.long()[:, None]
     lp_g, lq_g = log_p.gather(-1, index)[:, 0], log_q.gather(-1, index)[:, 0]
-    binary_p = torch.stack([lp_g, _log1mexp(lp_g)], dim=-1)
-    binary_q = torch.stack([lq_g, _log1mexp(lq_g)], dim=-1)
     others = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, index, False)
     neg_inf = torch.full_like(log_p, float("-inf"))
     rest_p = torch.where(others, log_p, neg_inf)
     rest_q = torch.where(others, log_q, neg_inf)
-    rest_p = rest_p - torch.logsumexp(rest_p, dim=-1, keepdim=True).clamp(min=LOG_FLOOR)
-    rest_q = rest_q - torch.logsumexp(rest_q, dim=-1, keepdim=True).clamp(min=LOG_FLOOR)
+    # log(1 − p_g) as the logsumexp of the other outcomes, not log1mexp(log p_g): a confident student's
+    # log q_g lies within float32 rounding of 0, where 1 − q_g cancels (value off, gradient NaN)
+    log_rest_p, log_rest_q = torch.logsumexp(rest_p, dim=-1), torch.logsumexp(rest_q, dim=-1)
+    binary_p = torch.stack([lp_g, log_rest_p], dim=-1)
+    binary_q = torch.stack([lq_g, log_rest_q], dim=-1)
+    rest_p = rest_p - log_rest_p.clamp(min=LOG_FLOOR)[:, None]
+    rest_q = rest_q - log_rest_q.clamp(min=LOG_FLOOR)[:, None]
     tkd = kl(binary_p, binary_q)
     dkd = kl(rest_p, rest_q)
     return tkd, dkd, -torch.expm1(lp_g)
 
 
 def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(log_x)) for log_x ≤ 0, accurate near 0 and at −inf; −inf at log_x = 0."""
+    """log(1 − exp(log_x)) for log_x ≤ 0, accurate near 0 and at −inf; −inf at log_x = 0.
+
+    log(−expm1(x)) for x > −log 2, log1p(−exp(x)) below. Each formula only ever sees inputs where it is
+    finite: torch.where back-propagates 0 × the untaken branch's gradient, which is NaN where that branch
+    is infinite (log1p(−exp(x)) for 0 > x > −3e-8 in float32, where exp(x) rounds to 1).
+    """
     log_x = log_x.clamp(max=0.0)
-    safe = torch.where(log_x < 0, log_x, torch.full_like(log_x, -1.0))
-    out = torch.where(safe > -math.log(2), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
-    return torch.where(log_x < 0, out, torch.full_like(out, float("-inf")))
+    negative, near_zero = log_x < 0, log_x > -math.log(2)
+    placeholder = torch.full_like(log_x, -1.0)
+    near = torch.where(negative & near_zero, log_x, placeholder)
+    far = torch.where(near_zero, placeholder, log_x)
+    out = torch.where(near_zero, torch.log(-torch.expm1(near)), torch.log1p(-torch.exp(far)))
+    return torch.where(negative, out, torch.full_like(out, float("-inf")))
 
 
 def atkd(log_p: torch.Tensor, log_q: torch.Tensor, target_index: torch.Tensor, mask: torch.Tensor,

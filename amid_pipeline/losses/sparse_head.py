@@ -3,7 +3,9 @@
 - :func:`support_logits`: z[n, j] = h[n] · W[ids[n, j]] (+ bias) for the k stored ids only. Memory
   O(chunk · k · H) in forward and backward (the gathered rows are recomputed in backward, not saved).
 - :func:`full_logsumexp`: lse[n] = logsumexp_v(h[n] · W[v] + bias[v]) over the whole vocabulary,
-  holding at most one [chunk × V] float32 block; backward recomputes each block's softmax.
+  holding at most one [chunk × V] float32 block; backward recomputes each block's softmax. Given
+  ``outside_of`` ids [N, S] it also returns rest[n] = logsumexp over the ids not in row n's S (−inf
+  where S covers the vocabulary), from the same blocks: log q_rest = rest − lse with no cancellation.
 
 Both run their matmuls in the inputs' dtype (bf16 on GPU) and accumulate the logits in float32.
 """
@@ -81,35 +83,59 @@ def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits + bias.float() if bias is not None else logits
 
 
+def _outside(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with −inf at each row's ``ids``, [rows] mask of rows that keep at least one entry)."""
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter(1, ids, False)
+    return torch.where(outside, logits, torch.full_like(logits, float("-inf"))), outside.any(dim=-1)
+
+
+def logsumexp_outside(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of ``logits`` [N, V] over the entries not in its ``ids`` [N, S]; −inf (and no
+    gradient, where logsumexp's own would be NaN) for a row whose ids cover the vocabulary. -> [N]."""
+    masked, kept = _outside(logits, ids)
+    safe = torch.where(kept[:, None], masked, torch.zeros_like(masked))
+    return torch.where(kept, torch.logsumexp(safe, dim=-1), torch.full_like(kept, float("-inf"), dtype=logits.dtype))
+
+
 class _FullLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk):
+    def forward(ctx, hidden, weight, bias, chunk, outside_of):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        rest = torch.empty_like(out) if outside_of is not None else None
         for a, b in _chunks(hidden.shape[0], chunk):
-            out[a:b] = torch.logsumexp(_logits_block(hidden[a:b], weight, bias), dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, out)
+            logits = _logits_block(hidden[a:b], weight, bias)
+            out[a:b] = torch.logsumexp(logits, dim=-1)
+            if rest is not None:
+                rest[a:b] = logsumexp_outside(logits, outside_of[a:b])
+        ctx.save_for_backward(hidden, weight, bias, out, rest, outside_of)
         ctx.chunk = chunk
-        return out
+        return out if rest is None else (out, rest)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_rest=None):
+        hidden, weight, bias, lse, rest, outside_of = ctx.saved_tensors
         grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
         for a, b in _chunks(hidden.shape[0], ctx.chunk):
             logits = _logits_block(hidden[a:b], weight, bias)
             probs = torch.exp(logits - lse[a:b, None]) * grad_out[a:b, None]  # d lse / d logits, scaled
+            if grad_rest is not None:  # d rest / d logits: the softmax over the entries outside the ids
+                masked, kept = _outside(logits, outside_of[a:b])
+                shift = torch.where(kept, rest[a:b], torch.zeros_like(rest[a:b]))
+                probs = probs + torch.exp(masked - shift[:, None]) * (grad_rest[a:b] * kept)[:, None]
             if grad_hidden is not None:
                 grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += probs.T @ hidden[a:b].float()
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
-        return (*_cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias), None)
+        return (*_cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias), None, None)
 
 
 def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """logsumexp over the whole vocabulary of hidden @ weight.T (+ bias). [N, H], [V, H] -> [N] float32."""
+                   chunk: int = DEFAULT_CHUNK, outside_of: torch.Tensor | None = None
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp over the whole vocabulary of hidden @ weight.T (+ bias). [N, H], [V, H] -> [N] float32;
+    with ``outside_of`` ids [N, S], the pair (that, the logsumexp over the ids outside each row's S)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    return _FullLogSumExp.apply(hidden, weight, bias, chunk)
+    return _FullLogSumExp.apply(hidden, weight, bias, chunk, None if outside_of is None else outside_of.long())

@@ -326,9 +326,10 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
         if owned:
             backend.close()
 
-    if config.num_workers == 1 and not summary.sequences:
+    if not summary.sequences and _others_finished_empty(output, config):
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"
-        raise ValueError(f"{config.dataset}: none of the {summary.rows} rows read gave a sequence to store "
+        workers = "" if config.num_workers == 1 else f" by this worker (and none by the other {config.num_workers - 1})"
+        raise ValueError(f"{config.dataset}: none of the {summary.rows} rows read{workers} gave a sequence to store "
                          f"(skipped: {skipped}); no manifest written")
     files = [FileRecord(**e["file"]) for e in kept if e.get("file")]
     write_manifest(output.url, header, files, name=manifest_name,
@@ -336,6 +337,13 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
     write_card_when_complete(output)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _others_finished_empty(output: Store, config: CaptureConfig) -> bool:
+    """Whether every other worker has finished with no rows: this worker's manifest would complete a
+    directory of zero rows (always true for a single worker). A worker still running may yet store rows."""
+    others = [worker_manifest_name(i, config.num_workers) for i in range(config.num_workers) if i != config.worker_index]
+    return all(output.exists(name) and not json.loads(output.read_text(name))["totals"]["rows"] for name in others)
 
 
 def write_card_when_complete(output: Store) -> None:

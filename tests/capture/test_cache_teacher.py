@@ -350,3 +350,22 @@ def test_a_run_killed_between_manifest_and_card_gets_its_card_on_the_rerun(tiny_
     (tmp_path / "out" / "README.md").unlink()  # what a kill after the manifest's rename leaves
     summary = capture(tiny_models, tmp_path, data)
     assert summary.backend.startswith("(finished earlier") and (tmp_path / "out" / "README.md").read_text() == card
+
+
+def test_workers_that_store_no_row_at_all_are_refused_by_the_last_one(tiny_models, tmp_path):
+    """Every row skipped over two workers: the first to finish cannot know and writes its (empty)
+    manifest; the one that would complete a zero-row directory refuses in one line, as one worker does."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": " "} for i in range(4)])
+    capture(tiny_models, tmp_path, data, num_workers=2, worker_index=0)
+    with pytest.raises(ValueError, match=r"none of the 2 rows read by this worker \(and none by the other 1\) gave a "
+                                         r"sequence to store \(skipped: 2 empty or whitespace response\)"):
+        capture(tiny_models, tmp_path, data, num_workers=2, worker_index=1)
+    assert not (tmp_path / "out" / "manifest.w00001-of-00002.json").exists()
+    assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_a_worker_with_no_rows_of_its_own_finishes_when_another_stores_some(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": " "}])
+    capture(tiny_models, tmp_path, data, num_workers=2, worker_index=0)
+    summary = capture(tiny_models, tmp_path, data, num_workers=2, worker_index=1)
+    assert summary.sequences == 0 and load_manifest(tmp_path / "out").totals["rows"] == 1

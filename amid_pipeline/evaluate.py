@@ -150,14 +150,21 @@ def rouge_l_on_prompts(model, tokenizer, data: str | Path, *, limit: int | None 
                        prompt_field: str = "prompt", response_field: str = "response") -> dict[str, float]:
     """ROUGE-L (× 100, see :func:`rouge_l`) of responses to the first ``limit`` prompts of a JSONL file:
     greedy (``rouge_l``), and with ``sample_seeds`` > 0 sampled at ``temperature`` once per seed
-    (``rouge_l_sampled``: mean over seeds of the per-run mean; ``rouge_l_sampled_sd``: their sd)."""
+    (``rouge_l_sampled``: mean over seeds of the per-run mean; ``rouge_l_sampled_sd``: their sd).
+    ``greedy_words`` and ``reference_words``: mean words per greedy answer and per (first) reference —
+    ROUGE-L's F-measure falls with a length mismatch, e.g. answers cut by ``max_new_tokens``."""
     prompts, references = read_prompts(data, limit, prompt_field, response_field)
     settings = {"chat_template": chat_template, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
     def score(responses: list[str]) -> float:
         return sum(rouge_l(r, refs) for r, refs in zip(responses, references)) / max(len(references), 1)
 
-    metrics = {"rouge_l": score(generate_responses(model, tokenizer, prompts, **settings)), "generated": len(prompts)}
+    def mean_words(texts: list[str]) -> float:
+        return statistics.fmean(len(text.split()) for text in texts) if texts else 0.0
+
+    greedy = generate_responses(model, tokenizer, prompts, **settings)
+    metrics = {"rouge_l": score(greedy), "generated": len(prompts), "greedy_words": mean_words(greedy),
+               "reference_words": mean_words([refs[0] for refs in references])}
     if sample_seeds:
         runs = [score(generate_responses(model, tokenizer, prompts, temperature=temperature, seed=1000 * seed, **settings))
                 for seed in range(sample_seeds)]

@@ -115,5 +115,7 @@ def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards
     assert metrics["generated"] == 2 and metrics["data_positions"] > 0 and metrics["perplexity"] > 1
     assert metrics["data_skipped_rows"] == 1  # the row with two references is scored by ROUGE-L only
     assert {"rouge_l", "rouge_l_sampled", "rouge_l_sampled_sd", "kl_to_teacher"} <= set(metrics)
+    assert metrics["reference_words"] == (5 + 3) / 2  # the first reference of each prompt
+    assert 0 <= metrics["greedy_words"] <= 8  # at most one word per new token here
     nothing = runner.invoke(app, ["eval", str(tiny_models["teacher"])])
     assert nothing.exit_code == 1 and "nothing to evaluate" in nothing.output

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK = 256  # positions per block: [256, k, H] gathered rows or one [256, V] logits block
+DENSE_CHUNK = 32  # rows per block of given logits: [32, V] stays in cache (256 rows ran 3x slower on CPU)
 
 
 def _chunks(n: int, chunk: int):
@@ -83,18 +84,58 @@ def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits + bias.float() if bias is not None else logits
 
 
-def _outside(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits with −inf at each row's ``ids``, [rows] mask of rows that keep at least one entry)."""
-    outside = torch.ones_like(logits, dtype=torch.bool).scatter(1, ids, False)
-    return torch.where(outside, logits, torch.full_like(logits, float("-inf"))), outside.any(dim=-1)
+def _block_logsumexps(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp over all entries, over the entries not in ``ids``) of a [c, V] float block, from one
+    exp: the rest is a sum of non-negative terms, so it keeps full relative precision however small."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    exps = torch.exp(logits - peak)
+    lse = peak[:, 0] + torch.log(exps.sum(dim=-1))
+    rest = peak[:, 0] + torch.log(exps.scatter_(1, ids, 0.0).sum(dim=-1))  # −inf where the ids cover the row
+    return lse, rest
 
 
-def logsumexp_outside(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """logsumexp of each row of ``logits`` [N, V] over the entries not in its ``ids`` [N, S]; −inf (and no
-    gradient, where logsumexp's own would be NaN) for a row whose ids cover the vocabulary. -> [N]."""
-    masked, kept = _outside(logits, ids)
-    safe = torch.where(kept[:, None], masked, torch.zeros_like(masked))
-    return torch.where(kept, torch.logsumexp(safe, dim=-1), torch.full_like(kept, float("-inf"), dtype=logits.dtype))
+def _block_gradient(logits, ids, lse, rest, grad_lse, grad_rest) -> torch.Tensor:
+    """d(grad_lse·lse + grad_rest·rest) / d logits for one [c, V] block: the softmax over every entry, plus
+    the softmax over the entries outside ``ids`` (none where the rest is empty)."""
+    grad = torch.exp(logits - lse[:, None]) * grad_lse[:, None]
+    if grad_rest is None:
+        return grad
+    kept = torch.isfinite(rest)
+    outside = torch.exp(logits - torch.where(kept, rest, lse)[:, None])  # every entry <= 1: finite times 0 is 0
+    outside = outside.scatter_(1, ids, 0.0) * torch.where(kept, grad_rest, torch.zeros_like(grad_rest))[:, None]
+    return grad + outside
+
+
+class _LogSumExps(torch.autograd.Function):
+    """(logsumexp, logsumexp outside ``ids``) of dense logits [N, V], one [chunk, V] block at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, chunk):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        rest = torch.empty_like(lse)
+        for a, b in _chunks(logits.shape[0], chunk):
+            lse[a:b], rest[a:b] = _block_logsumexps(logits[a:b].to(dtype), ids[a:b])
+        ctx.save_for_backward(logits, ids, lse, rest)
+        ctx.chunk = chunk
+        return lse, rest
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_rest):
+        logits, ids, lse, rest = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for a, b in _chunks(logits.shape[0], ctx.chunk):
+            grad[a:b] = _block_gradient(logits[a:b].to(lse.dtype), ids[a:b], lse[a:b], rest[a:b], grad_lse[a:b],
+                                        grad_rest[a:b])
+        return grad, None, None
+
+
+def logsumexps(logits: torch.Tensor, ids: torch.Tensor, chunk: int = DENSE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp over the vocabulary [N], logsumexp over the ids not in each row's ``ids`` [N]) of dense
+    logits [N, V], in float32 (float64 stays float64); the second is −inf where ``ids`` cover the row.
+    log q_rest = rest − lse, exact where 1 − Σ_S q would cancel."""
+    return _LogSumExps.apply(logits, ids.long(), chunk)
 
 
 class _FullLogSumExp(torch.autograd.Function):
@@ -104,9 +145,10 @@ class _FullLogSumExp(torch.autograd.Function):
         rest = torch.empty_like(out) if outside_of is not None else None
         for a, b in _chunks(hidden.shape[0], chunk):
             logits = _logits_block(hidden[a:b], weight, bias)
-            out[a:b] = torch.logsumexp(logits, dim=-1)
-            if rest is not None:
-                rest[a:b] = logsumexp_outside(logits, outside_of[a:b])
+            if rest is None:
+                out[a:b] = torch.logsumexp(logits, dim=-1)
+            else:
+                out[a:b], rest[a:b] = _block_logsumexps(logits, outside_of[a:b])
         ctx.save_for_backward(hidden, weight, bias, out, rest, outside_of)
         ctx.chunk = chunk
         return out if rest is None else (out, rest)
@@ -117,11 +159,9 @@ class _FullLogSumExp(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
         for a, b in _chunks(hidden.shape[0], ctx.chunk):
             logits = _logits_block(hidden[a:b], weight, bias)
-            probs = torch.exp(logits - lse[a:b, None]) * grad_out[a:b, None]  # d lse / d logits, scaled
-            if grad_rest is not None:  # d rest / d logits: the softmax over the entries outside the ids
-                masked, kept = _outside(logits, outside_of[a:b])
-                shift = torch.where(kept, rest[a:b], torch.zeros_like(rest[a:b]))
-                probs = probs + torch.exp(masked - shift[:, None]) * (grad_rest[a:b] * kept)[:, None]
+            probs = _block_gradient(logits, None if grad_rest is None else outside_of[a:b], lse[a:b],
+                                    None if grad_rest is None else rest[a:b], grad_out[a:b],
+                                    None if grad_rest is None else grad_rest[a:b])
             if grad_hidden is not None:
                 grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:

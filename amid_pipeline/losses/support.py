@@ -36,7 +36,7 @@ import torch
 
 from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, SUPPORT_MODES
 from amid_pipeline.losses.functional import _log1mexp
-from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, logsumexp_outside, support_logits
+from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, logsumexps, support_logits
 
 LOG_ROUNDING_REST = math.log(-math.expm1(-1 / 128))  # log ρ: the most mass q64 rounding can hide (see teacher_tail)
 
@@ -113,8 +113,7 @@ def student_logits_at(student: torch.Tensor | StudentHead, ids: torch.Tensor, ne
     z = _fp32_or_wider(student.gather(1, ids))
     if not need_normalizer:
         return z, None, None
-    logits = _fp32_or_wider(student)
-    return z, torch.logsumexp(logits, dim=-1), logsumexp_outside(logits, ids)
+    return z, *logsumexps(student, ids)
 
 
 def vocabulary_size(student: torch.Tensor | StudentHead) -> int:

@@ -15,7 +15,7 @@ def quickstart(
     train_rows: Annotated[int, typer.Option(help="Training pairs sent through the teacher (30 steps x 8 use 240 of them).")] = 300,
     heldout_rows: Annotated[int, typer.Option(help="Held-out pairs for the evaluation.")] = 100,
     steps: Annotated[int, typer.Option(help="Training steps of each student run (batch 8 x <= 256 tokens).")] = 30,
-    rouge_prompts: Annotated[int, typer.Option(help="Held-out prompts answered greedily and scored with ROUGE-L (0 = skip).")] = 20,
+    rouge_prompts: Annotated[int, typer.Option(help="Held-out prompts answered greedily (up to 64 new tokens, one batch of 16) and scored with ROUGE-L (0 = skip).")] = 16,
     backend: Annotated[str, typer.Option(help="Teacher engine for stage one: auto, vllm or hf.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:

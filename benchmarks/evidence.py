@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
     python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
-        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 50] [--max-new-tokens 256] [--arms NAME ...]
+        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 48] [--max-new-tokens 256] [--arms NAME ...]
 
 Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
 training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4])
-    parser.add_argument("--rouge-prompts", type=int, default=50)
+    parser.add_argument("--rouge-prompts", type=int, default=48)  # three generation batches of 16
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
     python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
-        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 48] [--max-new-tokens 256] [--arms NAME ...]
+        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--arms NAME ...]
 
 Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
 training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
@@ -104,8 +104,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4])
-    parser.add_argument("--rouge-prompts", type=int, default=48)  # three generation batches of 16
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--rouge-prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--generate-batch", type=int, default=32, help="prompts generated together (CPU: one batch of all)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     args = parser.parse_args()
     args.work = ROOT / args.work
@@ -121,12 +122,12 @@ def main() -> None:
     def heldout_metrics(model_dir: Path) -> dict:
         model, tokenizer = load_model(model_dir)
         metrics = evaluate_on_shards(model, heldout)
-        settings = {"limit": args.rouge_prompts, "max_new_tokens": args.max_new_tokens}
+        settings = {"limit": args.rouge_prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.generate_batch}
         greedy = rouge_l_on_prompts(model, tokenizer, prompts, **settings)
         sampled = rouge_l_on_prompts(model, tokenizer, prompts, sample_seeds=1, temperature=1.0, **settings)
         return {**metrics, **greedy, "rouge_l_sampled": sampled["rouge_l_sampled"]}
 
-    key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}"
+    key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}-b{args.generate_batch}"
     before = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-{key}", lambda: heldout_metrics(Path(args.student)))
     start = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-curve",
                      lambda: evaluate_on_shards(load_model(args.student)[0], heldout, max_batches=CURVE_BATCHES))

@@ -3,7 +3,7 @@
     python benchmarks/rest_bucket_precision.py --student runs/heal-importance/model --shards runs/jargon-smollm2-k64
 
 On the dev rows (5 % of the sample ids, as benchmarks/amid_diagnosis.py) the student's float32 logits
-(bf16 autocast, as distill runs it on CPU) give, per supervised position, q_rest three ways: exact (float64
+(bf16 autocast, as benchmarks/evidence.py trains) give, per supervised position, q_rest three ways: exact (float64
 logsumexp over the ids outside the teacher's top-k), the old float32 form 1 − Σ_S q, and the library's
 float32 form (:func:`amid_pipeline.losses.sparse_head.logsumexps`). Reported: the share of positions by
 exact q_rest, how far each float32 form is from exact there (median |log ratio|), and forward KL on the

@@ -159,9 +159,9 @@ class _FullLogSumExp(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
         for a, b in _chunks(hidden.shape[0], ctx.chunk):
             logits = _logits_block(hidden[a:b], weight, bias)
-            probs = _block_gradient(logits, None if grad_rest is None else outside_of[a:b], lse[a:b],
-                                    None if grad_rest is None else rest[a:b], grad_out[a:b],
-                                    None if grad_rest is None else grad_rest[a:b])
+            rest_part = (None, None, None) if grad_rest is None else (outside_of[a:b], rest[a:b], grad_rest[a:b])
+            ids, block_rest, block_grad_rest = rest_part
+            probs = _block_gradient(logits, ids, lse[a:b], block_rest, grad_out[a:b], block_grad_rest)
             if grad_hidden is not None:
                 grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:

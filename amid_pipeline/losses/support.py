@@ -17,7 +17,7 @@ Support modes (losses.md §7); each equals the dense definition when the ids cov
   ~1e-7: forward KL read 738 instead of 3.56 on such a batch). Needs the student's full normaliser
   (computed chunked for a StudentHead).
 - ``teacher_renormalized``: S ∪ {rest}; p̃ = p|_S / Σ_S p and p_rest = 0 (the teacher renormalised over
-  its stored ids), q normalised over the full vocabulary with q_rest = 1 − Σ_S q (the convention of
+  its stored ids), q normalised over the full vocabulary with q_rest as under ``tail`` (the convention of
   DistillKit, Axolotl and Gemma 3). Losses that weigh the teacher's zero at ``rest`` against the
   student's mass there (reverse KL, AKL, JSD at β = 1, AMiD orders that anchor on q or r where r can
   be positive while p = 0) are infinite under it and refused (:func:`infinite_under_zero_teacher_mass`).

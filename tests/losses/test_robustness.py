@@ -238,3 +238,14 @@ def test_log1mexp_gradient_is_finite_and_exact_next_to_zero():
     (grad,) = torch.autograd.grad(_log1mexp(x).sum(), x)
     exact = -torch.exp(x.double()) / -torch.expm1(x.double())
     torch.testing.assert_close(grad.double(), exact.detach(), rtol=1e-4, atol=0.0)
+
+
+def test_logsumexps_of_a_row_without_finite_logits_is_minus_inf_not_nan():
+    """A row whose logits are all −inf (a fully masked vocabulary) has no mass anywhere: −inf, not NaN."""
+    from amid_pipeline.losses.sparse_head import logsumexps
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [float("-inf")] * 4])
+    lse, rest = logsumexps(logits, torch.tensor([[3], [0]]))
+    torch.testing.assert_close(lse[0], torch.logsumexp(logits[0], -1))
+    torch.testing.assert_close(rest[0], torch.logsumexp(logits[0, :3], -1))
+    assert torch.isneginf(lse[1]) and torch.isneginf(rest[1])

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
     python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
-        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--arms NAME ...]
+        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--jobs 2] [--arms NAME ...]
 
 Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
 training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
@@ -16,16 +16,23 @@ mean words per greedy answer; mean ± sd over seeds. ``--max-new-tokens`` should
 (held-out: median 86 tokens, p95 195, max 313; the default 192 covers 94 %): answers cut shorter score by
 where they are cut (at 64 tokens the healed student scored 11.88 greedy, at 192 8.60). Writes WORK/evidence/results.md, results.json and curves.png (held-out curves on the first
 32 held-out pairs, every 10 steps, seed 0). Runs are kept, so a rerun only does what is missing.
+
+Two phases, each a list of independent runs spread over ``--jobs`` processes: (1) every arm at every lr,
+seed 0, scored on dev (and the student before, on held-out); (2) every arm at its chosen lr and every seed,
+scored on held-out. On 2 CPU cores, two one-thread jobs: the 7 arms take about 75 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import print_table  # noqa: E402
@@ -54,6 +61,7 @@ METRICS = {"perplexity": "held-out perplexity", "kl_to_teacher": "KL to teacher"
            "rouge_l": "ROUGE-L greedy", "rouge_l_sampled": "ROUGE-L sampled", "greedy_words": "words per greedy answer"}
 DEV_FRACTION = 0.05
 CURVE_BATCHES = 4
+PROMPTS = ROOT / "data" / "jargon" / "heldout.jsonl"
 
 
 def arm_settings(name: str) -> dict:
@@ -76,13 +84,14 @@ def split_train_dev(shards: str, work: Path) -> tuple[str, str]:
     return str(train), str(dev)
 
 
-def run_arm(name: str, lr: float, seed: int, args, train: str, heldout: str) -> Path:
+def run_arm(name: str, lr: float, seed: int, args) -> Path:
+    """The arm trained at ``lr`` and ``seed`` (trained once; a later call finds it on disk)."""
     tag = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     run = args.work / "evidence" / f"{tag}-lr{lr:g}-seed{seed}"
     if not (run / "model" / "config.json").exists():
         started = time.perf_counter()
         distill(load_config(DistillConfig, None, {
-            "shards": [train], "eval_shards": [heldout], "student": args.student, "output": str(run),
+            "shards": [args.train], "eval_shards": [args.heldout], "student": args.student, "output": str(run),
             "max_steps": args.steps, "batch_size": 8, "max_length": 256, "lr": lr, "warmup_steps": 2,
             "weight_decay": 0.01, "seed": seed, "eval_every": 10, "eval_batches": CURVE_BATCHES, "save_every": 0,
             "dtype": "bfloat16", "progress": False, "resume": True, **arm_settings(name)}))
@@ -98,6 +107,57 @@ def measured(run: Path, key: str, compute) -> dict:
     return json.loads(path.read_text())
 
 
+def heldout_metrics(model_dir: Path, args) -> dict:
+    """Held-out perplexity, KL, top-1 (all pairs) and ROUGE-L greedy and sampled (the first prompts)."""
+    model, tokenizer = load_model(model_dir)
+    metrics = evaluate_on_shards(model, args.heldout)
+    settings = {"limit": args.rouge_prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.generate_batch}
+    greedy = rouge_l_on_prompts(model, tokenizer, PROMPTS, **settings)
+    sampled = rouge_l_on_prompts(model, tokenizer, PROMPTS, sample_seeds=1, temperature=1.0, **settings)
+    return {**metrics, **greedy, "rouge_l_sampled": sampled["rouge_l_sampled"]}
+
+
+def dev_perplexity(name: str, lr: float, args) -> float:
+    """Phase 1, the per-arm lr choice: the arm trained at the first seed, its perplexity on the dev rows."""
+    run = run_arm(name, lr, args.seeds[0], args)
+    return measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], args.dev))["perplexity"]
+
+
+def heldout_of_seed(name: str, lr: float, seed: int, args) -> dict:
+    """Phase 2: the arm at its chosen lr and ``seed``, measured on the held-out pairs."""
+    run = run_arm(name, lr, seed, args)
+    return measured(run, args.key, lambda: heldout_metrics(run / "model", args))
+
+
+def heldout_of_student(args) -> dict:
+    """The student before any distillation, on the same held-out measures and its step-0 curve point."""
+    out, tag = args.work / "evidence", f"before-{Path(args.student).parent.name}"
+    measured(out, f"{tag}-curve", lambda: evaluate_on_shards(load_model(args.student)[0], args.heldout, max_batches=CURVE_BATCHES))
+    return measured(out, f"{tag}-{args.key}", lambda: heldout_metrics(Path(args.student), args))
+
+
+def in_parallel(calls: list[tuple], jobs: int) -> list:
+    """``[function(*arguments) for function, *arguments in calls]``, over ``jobs`` processes of
+    cpu_count / jobs torch threads each; a TrainingError (e.g. a non-finite loss) is returned, not raised,
+    so that one stopped run does not stop the others."""
+    def guarded(call):
+        try:
+            return call[0](*call[1:])
+        except TrainingError as error:
+            return error
+
+    if jobs == 1:
+        return [guarded(call) for call in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(max(1, (os.cpu_count() or 1) // jobs),)) as pool:
+        futures = [pool.submit(*call) for call in calls]
+        return [future.exception() if isinstance(future.exception(), TrainingError) else future.result()
+                for future in futures]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs"), help="the recipe's run folder")
@@ -108,39 +168,48 @@ def main() -> None:
     parser.add_argument("--rouge-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--generate-batch", type=int, default=32, help="prompts generated together (CPU: one batch of all)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained and measured at once, in processes of "
+                        "cpu_count / jobs threads (2 on a 2-core CPU; 1 on one GPU)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     args = parser.parse_args()
+    started = time.perf_counter()
     args.work = ROOT / args.work
     args.student = args.student or str(args.work / "heal-importance" / "model")
-    shards, heldout = str(args.work / "jargon-smollm2-k64"), str(args.work / "jargon-heldout-k64")
-    for needed in (args.student, shards, heldout):
+    shards, args.heldout = str(args.work / "jargon-smollm2-k64"), str(args.work / "jargon-heldout-k64")
+    for needed in (args.student, shards, args.heldout):
         if not Path(needed).exists():
             raise SystemExit(f"{needed} is missing: run `python benchmarks/recipe.py` first")
-    load_manifest(heldout)
-    train, dev = split_train_dev(shards, args.work / "evidence")
-    prompts = ROOT / "data" / "jargon" / "heldout.jsonl"
+    load_manifest(args.heldout)
+    args.train, args.dev = split_train_dev(shards, args.work / "evidence")
+    args.key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}-b{args.generate_batch}"
 
-    def heldout_metrics(model_dir: Path) -> dict:
-        model, tokenizer = load_model(model_dir)
-        metrics = evaluate_on_shards(model, heldout)
-        settings = {"limit": args.rouge_prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.generate_batch}
-        greedy = rouge_l_on_prompts(model, tokenizer, prompts, **settings)
-        sampled = rouge_l_on_prompts(model, tokenizer, prompts, sample_seeds=1, temperature=1.0, **settings)
-        return {**metrics, **greedy, "rouge_l_sampled": sampled["rouge_l_sampled"]}
-
-    key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}-b{args.generate_batch}"
-    before = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-{key}", lambda: heldout_metrics(Path(args.student)))
-    start = measured(args.work / "evidence", f"before-{Path(args.student).parent.name}-curve",
-                     lambda: evaluate_on_shards(load_model(args.student)[0], heldout, max_batches=CURVE_BATCHES))
-    results: dict[str, dict] = {}
+    # phase 1: every arm at every lr, seed 0, scored on dev rows; the student before on held-out beside them
+    lr_runs = [(name, lr) for name in args.arms for lr in args.lrs]
+    before, *dev = in_parallel([(heldout_of_student, args), *((dev_perplexity, name, lr, args) for name, lr in lr_runs)],
+                               args.jobs)
     stopped: dict[str, str] = {}
-    for name in args.arms:
-        try:
-            results[name] = run_arm_seeds(name, args, train, dev, heldout, key, heldout_metrics)
-        except TrainingError as error:  # e.g. a non-finite loss: a row that says so, the other arms go on
-            stopped[name] = str(error).split(" (samples")[0]
-            print(f"{name}: stopped, {stopped[name]}", flush=True)
-
+    dev_by_arm: dict[str, dict[float, float]] = {name: {} for name in args.arms}
+    for (name, lr), value in zip(lr_runs, dev):
+        if isinstance(value, TrainingError):
+            stopped[name] = str(value).split(" (samples")[0]
+        else:
+            dev_by_arm[name][lr] = value
+    chosen = {name: min(values, key=values.get) for name, values in dev_by_arm.items() if values}
+    # phase 2: the chosen lr of every arm at every seed, on the held-out pairs
+    seed_runs = [(name, chosen[name], seed) for name in chosen for seed in args.seeds]
+    measures = in_parallel([(heldout_of_seed, name, lr, seed, args) for name, lr, seed in seed_runs], args.jobs)
+    results: dict[str, dict] = {}
+    for name in chosen:
+        per_seed = dict((seed, value) for (arm, _, seed), value in zip(seed_runs, measures) if arm == name)
+        failed = [value for value in per_seed.values() if isinstance(value, TrainingError)]
+        if failed:
+            stopped[name] = str(failed[0]).split(" (samples")[0]
+            continue
+        stopped.pop(name, None)  # an lr that stopped, when the other one trained, is simply not chosen
+        results[name] = {"lr": chosen[name], "dev_perplexity": dev_by_arm[name], "settings": arm_settings(name),
+                         "seeds": per_seed}
+    for name, reason in stopped.items():
+        print(f"{name}: stopped, {reason}", flush=True)
 
     def cell(name: str, key: str) -> str:
         values = [s[key] for s in results[name]["seeds"].values()]
@@ -159,22 +228,10 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(f"{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
                                     + "".join("| " + " | ".join(r) + " |\n" for r in rows))
-    plot_curves(out, {name: run_arm(name, results[name]["lr"], args.seeds[0], args, train, heldout) for name in results},
-                start)
-
-
-def run_arm_seeds(name: str, args, train: str, dev: str, heldout: str, key: str, heldout_metrics) -> dict:
-    """The arm's lr chosen on dev rows at the first seed, then its held-out metrics at every seed."""
-    dev_perplexity = {}
-    for lr in args.lrs:  # the per-arm lr choice: seed 0, dev rows only
-        run = run_arm(name, lr, args.seeds[0], args, train, heldout)
-        dev_perplexity[lr] = measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], dev))["perplexity"]
-    lr = min(dev_perplexity, key=dev_perplexity.get)
-    per_seed = [measured(run_arm(name, lr, seed, args, train, heldout), key,
-                         lambda seed=seed: heldout_metrics(run_arm(name, lr, seed, args, train, heldout) / "model"))
-                for seed in args.seeds]
-    print(name, {k: round(statistics.fmean(s[k] for s in per_seed), 3) for k in METRICS}, flush=True)
-    return {"lr": lr, "dev_perplexity": dev_perplexity, "settings": arm_settings(name), "seeds": dict(zip(args.seeds, per_seed))}
+    start = json.loads((out / f"before-{Path(args.student).parent.name}-curve.json").read_text())
+    plot_curves(out, {name: run_arm(name, results[name]["lr"], args.seeds[0], args) for name in results}, start)
+    print(f"{len(lr_runs) + len(seed_runs) - len(chosen)} training runs, {args.jobs} at a time: "
+          f"{(time.perf_counter() - started) / 60:.1f} minutes (runs already on disk are reused)")
 
 
 def plot_curves(out: Path, runs: dict[str, Path], start: dict[str, float]) -> None:

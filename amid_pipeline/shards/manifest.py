@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,12 +106,6 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         raise FormatError(f"{where}: unknown value_encoding {header['value_encoding']!r}")
     if int(header["k"]) < 1:
         raise FormatError(f"{where}: k must be >= 1, got {header['k']}")
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Replace the local file ``path`` with ``payload`` as JSON (temporary file, fsync, rename)."""
-    path = Path(path)
-    Store(path.parent).write_text(path.name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def teacher_differences(header: dict[str, Any], other: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -356,3 +357,8 @@ def fsync_dir(directory: str | os.PathLike) -> None:
     finally:
         os.close(fd)
 
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Replace the local file ``path`` with ``payload`` as JSON (temporary file, fsync, rename)."""
+    path = os.fspath(path)
+    Store(os.path.dirname(path) or ".").write_text(os.path.basename(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")

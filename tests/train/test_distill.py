@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from amid_pipeline.config import load_config
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.trainer import TrainingError, distill
+from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.loop import distill
 from tests.conftest import ROOT
 
 
@@ -111,14 +112,14 @@ def test_corrupted_shard_names_the_file_and_keeps_the_checkpoint(shards_copy, ti
 
 
 def test_non_finite_loss_stops_with_step_and_samples(tiny_shards, tiny_models, tmp_path, monkeypatch):
-    import amid_pipeline.train.trainer as trainer
+    import amid_pipeline.train.step as step
 
-    original = trainer.student_output
+    original = step.student_output
 
     def poisoned(hidden, head, sparse):  # a diverged student: its hidden states became NaN
         return original(hidden * float("nan"), head, sparse)
 
-    monkeypatch.setattr(trainer, "student_output", poisoned)
+    monkeypatch.setattr(step, "student_output", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run"))
 

@@ -186,7 +186,6 @@ class Manifest:
     header: dict[str, Any]
     files: tuple[FileRecord, ...]
     stats: dict[str, Any]
-    sources: tuple[str, ...]
     parts: tuple[dict[str, Any], ...]
     selection: dict[str, np.ndarray] | None = None
     view: dict[str, Any] | None = None
@@ -296,7 +295,7 @@ def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[
             raise FormatError(f"{store.where(sources[0])}: a file record names a part the view does not have")
         if view.get("selection"):
             selection = _read_selection(store, view["selection"], view.get("selection_sha256"))
-    return Manifest(store, header, tuple(sorted(files, key=lambda r: r.name)), stats, sources, parts, selection, view)
+    return Manifest(store, header, tuple(sorted(files, key=lambda r: r.name)), stats, parts, selection, view)
 
 
 def _read_selection(store: Store, name: str, sha256: str | None) -> dict[str, np.ndarray]:

@@ -14,13 +14,13 @@ from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.verify import verify_directory
 from amid_pipeline.shards.views import combine_directories, subset_directory
-from tests.conftest import assert_same_rows, random_rows, rows_by_id, test_header, write_shards
+from tests.helpers import assert_same_rows, random_rows, rows_by_id, synthetic_header, write_shards
 
 runner = CliRunner()
 
 
 def header_for(source: str, **changes) -> dict:
-    header = test_header()
+    header = synthetic_header()
     header["dataset"] = {"source": source}
     header.update(changes)
     return header

@@ -16,7 +16,7 @@ from amid_pipeline.evaluate import evaluate_on_shards, load_model
 from amid_pipeline.train.config import DistillConfig, SFTConfig
 from amid_pipeline.train.sft import sft
 from amid_pipeline.train.loop import distill
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from amid_pipeline.shards.schema import FormatError
 
 T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -52,6 +51,11 @@ READ_BLOCK_BYTES = 8 << 20
 
 class StorageError(OSError):
     """A storage operation that still failed after its retries; the message names the file."""
+
+
+class IntegrityError(StorageError):
+    """A file whose bytes differ from the digest the caller expected (changed or corrupted since it
+    was recorded); the message names the file. The storage layer checks bytes, never their format."""
 
 
 class OutputInUse(StorageError):
@@ -263,8 +267,8 @@ class Store:
         try:
             digest = retry(download, self.where(name))
             if digest != sha256:
-                raise FormatError(f"{self.where(name)}: sha256 {digest[:16]}… differs from the manifest's "
-                                  f"{sha256[:16]}… (changed or corrupted since the manifest was written)")
+                raise IntegrityError(f"{self.where(name)}: sha256 {digest[:16]}… differs from the expected "
+                                     f"{sha256[:16]}… (changed or corrupted since it was recorded)")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -174,7 +174,7 @@ def test_remote_cache_keeps_verified_copies_and_refuses_changed_files(s3, s3_end
     write_shards(f"{bucket}/other", random_rows(10, k=8, vocab=100, seed=7), synthetic_header(encoding="float32"))
     record = load_manifest(f"{bucket}/other").files[0]
     fs.pipe_file(f"{bucket}/other/{record.name}", fs.cat_file(f"{bucket}/other/{load_manifest(f'{bucket}/other').files[1].name}"))
-    with pytest.raises(FormatError, match=rf"other/{record.name}: sha256 .* \(changed or corrupted since the manifest"):
+    with pytest.raises(storage.IntegrityError, match=rf"other/{record.name}: sha256 .* \(changed or corrupted since it was recorded"):
         list(ShardReader(f"{bucket}/other"))
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 

@@ -23,7 +23,8 @@ from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
-from amid_pipeline.train.trainer import DistillModule, evaluate
+from amid_pipeline.train.metrics import evaluate
+from amid_pipeline.train.step import DistillModule
 
 
 def load_model(path: str | Path, device: str = "cpu"):

@@ -19,7 +19,7 @@ from amid_pipeline.config import load_config
 from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts
 from amid_pipeline.models import init_student, smollm2_teacher
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.trainer import distill
+from amid_pipeline.train.loop import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")

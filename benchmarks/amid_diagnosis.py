@@ -30,7 +30,7 @@ from amid_pipeline.config import load_config  # noqa: E402
 from amid_pipeline.evaluate import load_model  # noqa: E402
 from amid_pipeline.train.config import DistillConfig  # noqa: E402
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files  # noqa: E402
-from amid_pipeline.train.trainer import distill  # noqa: E402
+from amid_pipeline.train.loop import distill  # noqa: E402
 
 DEV_FRACTION = 0.05
 ARMS = {
@@ -64,18 +64,18 @@ def abandonment(model, shards: str, alpha: float = -3.0, lam: float = 0.1) -> di
     abandoned = weight = collapsed = positions = 0.0
     for batch in ShardBatches(list_files([shards]), settings, seed=0, heldout=True, shuffle=False):
         base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).last_hidden_state[batch["row"], batch["column"]]
+        hidden = base(input_ids=batch.inputs.input_ids, attention_mask=batch.inputs.attention_mask,
+                      position_ids=batch.inputs.position_ids).last_hidden_state[batch.inputs.row, batch.inputs.column]
         log_q_full = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
-        log_q = log_q_full.gather(1, batch["topk_ids"].long())
-        p = torch.softmax(batch["topk_logprobs"].float(), -1)
+        log_q = log_q_full.gather(1, batch.teacher.topk_ids.long())
+        p = torch.softmax(batch.teacher.topk_logprobs.float(), -1)
         q = torch.softmax(log_q, -1)
         low = q < p / 10
         w = (1 - lam) * q**s / (lam * p**s + (1 - lam) * q**s)
-        mask = batch["mask"].float()
+        mask = batch.teacher.mask.float()
         abandoned += float(((p * low).sum(-1) * mask).sum())
         weight += float((torch.where(low, w, torch.zeros_like(w)).sum(-1) / low.sum(-1).clamp(min=1) * mask).sum())
-        target = log_q_full.gather(1, batch["target_ids"].long()[:, None])[:, 0]
+        target = log_q_full.gather(1, batch.teacher.target_ids.long()[:, None])[:, 0]
         collapsed += float(((target < -9.21).float() * mask).sum())
         positions += float(mask.sum())
     return {"abandoned_mass": abandoned / positions, "w_on_abandoned": weight / positions,

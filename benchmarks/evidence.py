@@ -43,8 +43,10 @@ from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, reso
 from amid_pipeline.shards.manifest import load_manifest  # noqa: E402
 from amid_pipeline.shards.views import subset_directory  # noqa: E402
 from amid_pipeline.train.config import DistillConfig  # noqa: E402
-from amid_pipeline.train.data import ids_and_lengths, is_heldout, list_files  # noqa: E402
-from amid_pipeline.train.trainer import TrainingError, distill  # noqa: E402
+from amid_pipeline.train.data import ids_and_lengths, list_files  # noqa: E402
+from amid_pipeline.train.order import is_heldout  # noqa: E402
+from amid_pipeline.train.checks import TrainingError  # noqa: E402
+from amid_pipeline.train.loop import distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = DistillConfig.__dataclass_fields__

@@ -47,9 +47,9 @@ def main() -> None:
         if number == args.batches:
             break
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"]).logits[batch["row"], batch["column"]]
-        mask, ids = batch["mask"], batch["topk_ids"].long()
+            logits = model(input_ids=batch.inputs.input_ids, attention_mask=batch.inputs.attention_mask,
+                           position_ids=batch.inputs.position_ids).logits[batch.inputs.row, batch.inputs.column]
+        mask, ids = batch.teacher.mask, batch.teacher.topk_ids.long()
         logits, ids = logits[mask].float(), ids[mask]
         lse64, rest64 = logsumexps(logits.double(), ids)
         exact.append(rest64 - lse64)
@@ -57,8 +57,8 @@ def main() -> None:
         old.append(torch.log1p(-torch.exp(log_mass)).double())  # the old form, in float32
         lse, rest = logsumexps(logits, ids)
         new.append((rest - lse).double())
-        teacher = TeacherTargets(ids, batch["topk_logprobs"][mask].float(), batch["target_ids"][mask].long(),
-                                 batch["target_logprob"][mask].float(), torch.ones(len(ids), dtype=torch.bool))
+        teacher = TeacherTargets(ids, batch.teacher.topk_logprobs[mask].float(), batch.teacher.target_ids[mask].long(),
+                                 batch.teacher.target_logprob[mask].float(), torch.ones(len(ids), dtype=torch.bool))
         kl_exact.append(loss(logits.double(), teacher).per_position.double())
         # the old form's loss: forward KL with the rest outcome's log q replaced, floored at −1e4 as kl() does
         log_p, log_q, _ = support_distributions(logits, teacher, "tail")

@@ -66,7 +66,7 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
     from transformers import AutoModelForCausalLM
 
     from amid_pipeline.losses import KDLoss
-    from amid_pipeline.train.trainer import DistillModule, student_inputs, teacher_targets
+    from amid_pipeline.train.step import DistillModule
 
     torch.manual_seed(0)
     data = batches(shards, batch_size, max_length, count=6)
@@ -81,18 +81,19 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
         cursor["i"] += 1
         optimizer.zero_grad(set_to_none=True)
         if mode == "ce":
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-            picked = logits[batch["row"], batch["column"]]
-            loss = torch.nn.functional.cross_entropy(picked.float(), batch["target_ids"])
+            inputs = batch.inputs
+            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits  # [B, T, V]
+            picked = logits[inputs.row, inputs.column]
+            loss = torch.nn.functional.cross_entropy(picked.float(), batch.teacher.target_ids)
         else:
-            loss = module(student_inputs(batch, "cpu"), teacher_targets(batch, "cpu")).loss
+            loss = module(batch.inputs, batch.teacher).loss
         loss.backward()
         optimizer.step()
 
     step()  # warm-up: optimizer state allocated, kernels chosen
     with PeakRSS() as memory:
         seconds = median_seconds(step, repeats=5, warmup=0)
-    tokens = sum(b["tokens"] for b in data) / len(data)
+    tokens = sum(b.tokens for b in data) / len(data)
     return {"seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": memory.mib}
 
 
@@ -127,7 +128,7 @@ def main() -> None:
     started = time.perf_counter()
     produced = batches(shards, args.batch_size, args.max_length)
     seconds = time.perf_counter() - started
-    tokens = sum(b["tokens"] for b in produced)
+    tokens = sum(b.tokens for b in produced)
     fastest = max(r["tokens_per_s"] for r in results.values())
     print_table("Data pipeline (one process, decode + shuffle + bucket + collate)",
                 ["batches", "tokens", "seconds", "tokens/s", "vs fastest step"],

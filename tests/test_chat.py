@@ -87,7 +87,7 @@ def test_a_model_whose_template_differs_from_the_shards_is_warned_about(tiny_mod
     from amid_pipeline.chat import template_sha256
     from amid_pipeline.cli import app
     from amid_pipeline.shards.manifest import load_manifest
-    from amid_pipeline.train.trainer import template_warning
+    from amid_pipeline.train.checks import template_warning
 
     header = load_manifest(tiny_shards).header
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import in_fresh_process
+from tests.helpers import in_fresh_process
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def compat(
 
         from amid_pipeline.models import tokenizer_fingerprint
         from amid_pipeline.shards.manifest import load_manifest
-        from amid_pipeline.train.trainer import TrainingError, check_student
+        from amid_pipeline.train.checks import TrainingError, check_student
 
         header = load_manifest(shards).header
         from amid_pipeline.models import model_source

@@ -16,7 +16,8 @@ A killed run continues with --resume from its last checkpoint.
 
 
 def run(config: DistillConfig) -> None:
-    from amid_pipeline.train.trainer import TrainingError, distill
+    from amid_pipeline.train.checks import TrainingError
+    from amid_pipeline.train.loop import distill
 
     try:
         summary = distill(config)

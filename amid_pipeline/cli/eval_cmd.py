@@ -48,7 +48,7 @@ def eval_model(
         metrics: dict[str, float] = {}
         if shards is not None:
             from amid_pipeline.shards.manifest import load_manifest
-            from amid_pipeline.train.trainer import template_warning
+            from amid_pipeline.train.checks import template_warning
 
             warning = template_warning(load_manifest(shards).header, tokenizer, model)
             if warning:

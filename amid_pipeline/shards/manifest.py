@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,12 +108,6 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         raise FormatError(f"{where}: k must be >= 1, got {header['k']}")
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Replace the local file ``path`` with ``payload`` as JSON (temporary file, fsync, rename)."""
-    path = Path(path)
-    Store(path.parent).write_text(path.name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
 def teacher_differences(header: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
@@ -193,7 +186,6 @@ class Manifest:
     header: dict[str, Any]
     files: tuple[FileRecord, ...]
     stats: dict[str, Any]
-    sources: tuple[str, ...]
     parts: tuple[dict[str, Any], ...]
     selection: dict[str, np.ndarray] | None = None
     view: dict[str, Any] | None = None
@@ -303,7 +295,7 @@ def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[
             raise FormatError(f"{store.where(sources[0])}: a file record names a part the view does not have")
         if view.get("selection"):
             selection = _read_selection(store, view["selection"], view.get("selection_sha256"))
-    return Manifest(store, header, tuple(sorted(files, key=lambda r: r.name)), stats, sources, parts, selection, view)
+    return Manifest(store, header, tuple(sorted(files, key=lambda r: r.name)), stats, parts, selection, view)
 
 
 def _read_selection(store: Store, name: str, sha256: str | None) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -39,7 +40,6 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from amid_pipeline.shards.schema import FormatError
 
 T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -51,6 +51,11 @@ READ_BLOCK_BYTES = 8 << 20
 
 class StorageError(OSError):
     """A storage operation that still failed after its retries; the message names the file."""
+
+
+class IntegrityError(StorageError):
+    """A file whose bytes differ from the digest the caller expected (changed or corrupted since it
+    was recorded); the message names the file. The storage layer checks bytes, never their format."""
 
 
 class OutputInUse(StorageError):
@@ -262,8 +267,8 @@ class Store:
         try:
             digest = retry(download, self.where(name))
             if digest != sha256:
-                raise FormatError(f"{self.where(name)}: sha256 {digest[:16]}… differs from the manifest's "
-                                  f"{sha256[:16]}… (changed or corrupted since the manifest was written)")
+                raise IntegrityError(f"{self.where(name)}: sha256 {digest[:16]}… differs from the expected "
+                                     f"{sha256[:16]}… (changed or corrupted since it was recorded)")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -356,3 +361,8 @@ def fsync_dir(directory: str | os.PathLike) -> None:
     finally:
         os.close(fd)
 
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Replace the local file ``path`` with ``payload`` as JSON (temporary file, fsync, rename)."""
+    path = os.fspath(path)
+    Store(os.path.dirname(path) or ".").write_text(os.path.basename(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")

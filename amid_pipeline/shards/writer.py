@@ -40,7 +40,6 @@ class ShardWriter:
         rows_per_file: rows after which a file is committed and a new one started.
         rows_per_group: rows per Parquet row group (the reader's streaming unit).
         compression_level: zstd level.
-        first_index: index of the first file (a resumed run continues the numbering).
     """
 
     def __init__(
@@ -52,7 +51,6 @@ class ShardWriter:
         rows_per_file: int = 4096,
         rows_per_group: int = 256,
         compression_level: int = 1,
-        first_index: int = 0,
     ) -> None:
         validate_header(header, "ShardWriter header")
         if rows_per_file < 1 or rows_per_group < 1:
@@ -70,7 +68,7 @@ class ShardWriter:
         self.rows_per_file = rows_per_file
         self.rows_per_group = rows_per_group
         self.compression_level = compression_level
-        self.next_index = first_index
+        self.next_index = 0  # index of the next file; a resumed capture sets it to continue the numbering
         self.committed: list[FileRecord] = []
         self._pending: list[TeacherRow] = []
         self._file: pq.ParquetWriter | None = None

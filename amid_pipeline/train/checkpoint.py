@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from amid_pipeline.shards.manifest import write_json_atomic
-from amid_pipeline.shards.storage import fsync_dir
+from amid_pipeline.shards.storage import fsync_dir, write_json_atomic
 
 LATEST = "latest.json"
 

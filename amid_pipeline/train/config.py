@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from amid_pipeline.capture.config import DatasetSettings
@@ -33,6 +34,17 @@ class OptimizationSettings:
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
     progress: bool = setting(True, "Show a progress bar.")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The learning rate at ``step`` (finished steps) of ``total`` as a fraction of ``lr``: linear
+        warm-up, then cosine, linear or constant decay to ``min_lr_ratio``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / max(total - self.warmup_steps, 1), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
 @dataclasses.dataclass

@@ -1,27 +1,15 @@
 """Stage-two data pipeline: shard rows -> shuffled, partitioned, batched tensors.
 
-Order is a pure function of (seed, epoch, world size, rank, data workers), so runs resume exactly:
-
-1. :func:`epoch_files`: the files of every shard directory, shuffled by (seed, epoch).
-2. Rows are read in that order and numbered globally; rank ``r`` of ``R`` keeps rows ``i ≡ r (mod R)``,
-   and DataLoader worker ``w`` of ``W`` keeps every W-th of those (no row is seen twice per epoch).
-   Each rank stops after ``floor(rows / R)`` rows so that all ranks take the same number of steps.
-3. A bounded buffer shuffles rows (``shuffle_buffer``), then pools of rows are sorted by length and
-   cut into batches (length bucketing), or packed several to a row (``packing``).
-4. The held-out split is by sample id (a stable hash), so it is the same for every run and rank.
-
-A batch is a dict of tensors (``B`` sequences of padded length ``T``, ``N`` stored positions):
-``input_ids`` [B, T], ``attention_mask`` [B, T] or [B, 1, T, T] when packed, ``position_ids`` [B, T],
-``row`` [N] and ``column`` [N] (where each stored position sits in the padded batch), ``topk_ids``
-[N, k], ``topk_logprobs`` [N, k], ``target_ids`` [N], ``target_logprob`` [N], ``mask`` [N], plus
-``sample_ids`` (list) and ``files`` (list).
+The order of rows (file order, rank and worker shares, the held-out split) is the pure functions of
+:mod:`amid_pipeline.train.order`. Here: rows are read in that order, a bounded buffer shuffles them
+(``shuffle_buffer``), then pools of rows are sorted by length and cut into batches (length bucketing),
+or packed several to a row (``packing``), and collated into a :class:`Batch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import random
 from collections.abc import Iterator
 
@@ -30,9 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from amid_pipeline.losses import TeacherTargets
 from amid_pipeline.shards.manifest import Manifest, load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError, TeacherRow
+from amid_pipeline.train.order import epoch_files, is_heldout, row_owner, rows_per_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +46,6 @@ def list_files(directories: list[str]) -> list[ShardFile]:
     for directory in directories:
         files.extend(ShardFile(str(directory), record.name, record.rows) for record in cached_manifest(str(directory)).files)
     return files
-
-
-def epoch_files(files: list[ShardFile], seed: int, epoch: int) -> list[ShardFile]:
-    """The epoch's file order: a permutation seeded by (seed, epoch)."""
-    order = list(files)
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def is_heldout(sample_id: str, fraction: float) -> bool:
-    """Stable held-out membership by sample id (sha1 bucket out of 10,000)."""
-    if fraction <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha1(sample_id.encode()).digest()[:4], "big") % 10_000
-    return bucket < fraction * 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +84,36 @@ def duplicate_ids(files: list[ShardFile]) -> dict[str, int]:
     return {sample_id: n for sample_id, n in counts.items() if n > 1}
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentInputs:
+    """What the student's forward needs: ``B`` sequences of padded length ``T``, ``N`` stored positions."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, or [B, 1, T, T] bool when packed (block-diagonal causal)
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 in every packed sequence
+    row: torch.Tensor  # [N] long: the batch row of each stored position
+    column: torch.Tensor  # [N] long: its column in the padded row
+
+    def to(self, device) -> StudentInputs:
+        return StudentInputs(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One micro-batch: the student's inputs, the teacher's targets at the ``N`` stored positions (the
+    loss's :class:`TeacherTargets`), and where it came from (for error messages and throughput)."""
+
+    inputs: StudentInputs
+    teacher: TeacherTargets
+    sample_ids: list[str]
+    files: list[str]
+    tokens: int  # sequence tokens fed to the student (padding excluded)
+
+    def to(self, device) -> Batch:
+        teacher = TeacherTargets(*(getattr(self.teacher, f.name).to(device) for f in dataclasses.fields(self.teacher)))
+        return dataclasses.replace(self, inputs=self.inputs.to(device), teacher=teacher)
+
+
 @dataclasses.dataclass
 class DataSettings:
     batch_size: int = 8
@@ -136,7 +141,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _rows(self, worker: int, workers: int) -> Iterator[tuple[TeacherRow, str]]:
         s = self.settings
         order = epoch_files(self.files, self.seed, self.epoch) if self.shuffle else self.files
-        per_rank = sum(f.rows for f in order) // self.world
+        per_rank = rows_per_rank(sum(f.rows for f in order), self.world)
         index = 0
         for shard in order:
             path = f"{shard.directory}/{shard.name}"
@@ -148,7 +153,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     i, index = index, index + 1
                     if i // self.world >= per_rank:
                         return
-                    mine = i % self.world == self.rank and (i // self.world) % workers == worker
+                    mine = row_owner(i, self.world, workers) == (self.rank, worker)
                     if mine and is_heldout(row.sample_id, s.heldout_fraction) == self.heldout:
                         yield row, path
             except (FormatError, OSError, ValueError) as exc:
@@ -156,7 +161,6 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     if isinstance(exc, FormatError):
                         raise
                     raise FormatError(f"{path}: unreadable ({exc})") from exc
-                    raise
                 self.bad_files.append(f"{path}: {exc}")
                 index = file_start + shard.rows
 
@@ -170,11 +174,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         yield from self.worker_batches(*((info.id, info.num_workers) if info else (0, 1)))
 
-    def worker_batches(self, worker: int, workers: int) -> Iterator[dict]:
+    def worker_batches(self, worker: int, workers: int) -> Iterator[Batch]:
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         s = self.settings
         skip = len(range(worker, self.skip_batches, workers))  # batches are taken from workers in turn
@@ -193,7 +197,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
             if produced > skip:
                 yield batch
 
-    def _batches(self, pool: list, rng: random.Random) -> list[dict]:
+    def _batches(self, pool: list, rng: random.Random) -> list:
         if not pool:
             return []
         s = self.settings
@@ -204,8 +208,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             groups = [[[item] for item in pool[i : i + s.batch_size]] for i in range(0, len(pool), s.batch_size)]
         if self.shuffle:
             rng.shuffle(groups)
-        if self.light:
-            return [{"tokens": sum(len(r.input_ids) for items in g for r, _ in items)} for g in groups]
+        if self.light:  # counting only: one token count per batch
+            return [sum(len(r.input_ids) for items in g for r, _ in items) for g in groups]
         return [collate(group, s.max_length, s.student_vocab) for group in groups]
 
 
@@ -237,8 +241,8 @@ def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:
     return [bins[i : i + batch_size] for i in range(0, len(bins), batch_size)]
 
 
-def collate(group: list[list], max_length: int, student_vocab: int | None) -> dict:
-    """Tensors for a batch; ``group`` is a list of batch rows, each a list of (TeacherRow, path)."""
+def collate(group: list[list], max_length: int, student_vocab: int | None) -> Batch:
+    """The :class:`Batch` of ``group``: a list of batch rows, each a list of (TeacherRow, path)."""
     lengths = [sum(min(len(r.input_ids), max_length) for r, _ in items) for items in group]
     width = max(lengths)
     packed = any(len(items) > 1 for items in group)
@@ -268,24 +272,15 @@ def collate(group: list[list], max_length: int, student_vocab: int | None) -> di
             ids.append(row.sample_id)
             paths.append(path)
             offset += length
-    batch = {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "row": torch.from_numpy(np.concatenate(rows)).long(),
-        "column": torch.from_numpy(np.concatenate(columns)).long(),
-        "topk_ids": torch.from_numpy(np.concatenate(topk_ids)),
-        "topk_logprobs": torch.from_numpy(np.concatenate(topk_logprobs)),
-        "target_ids": torch.from_numpy(np.concatenate(targets)),
-        "target_logprob": torch.from_numpy(np.concatenate(target_lp)),
-        "mask": torch.from_numpy(np.concatenate(masks)),
-        "sample_ids": ids,
-        "files": sorted(set(paths)),
-        "tokens": sum(lengths),
-    }
     if packed:  # block-diagonal causal mask: attention stays inside each packed sequence
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        batch["attention_mask"] = (same & causal & (segment[:, :, None] >= 0))[:, None]
+        attention_mask = (same & causal & (segment[:, :, None] >= 0))[:, None]
     else:
-        batch["attention_mask"] = (segment >= 0).long()
-    return batch
+        attention_mask = (segment >= 0).long()
+    inputs = StudentInputs(input_ids, attention_mask, position_ids, torch.from_numpy(np.concatenate(rows)).long(),
+                           torch.from_numpy(np.concatenate(columns)).long())
+    teacher = TeacherTargets(torch.from_numpy(np.concatenate(topk_ids)), torch.from_numpy(np.concatenate(topk_logprobs)),
+                             torch.from_numpy(np.concatenate(targets)), torch.from_numpy(np.concatenate(target_lp)),
+                             torch.from_numpy(np.concatenate(masks)))
+    return Batch(inputs, teacher, ids, sorted(set(paths)), sum(lengths))

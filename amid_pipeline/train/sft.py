@@ -35,8 +35,9 @@ from amid_pipeline.config import save_config
 from amid_pipeline.models import model_source
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import SFTConfig
-from amid_pipeline.train.data import is_heldout
-from amid_pipeline.train.trainer import MetricsLog, TrainingError, lr_factor, trim_metrics
+from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.metrics import MetricsLog, trim_metrics
+from amid_pipeline.train.order import is_heldout
 
 
 @dataclasses.dataclass
@@ -164,7 +165,7 @@ def sft(config: SFTConfig) -> SFTSummary:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s, total_steps))
     state = {"step": 0, "consumed": 0, "tokens": 0, "best_step": None, "best_dev_loss": None, "bad_evals": 0, "done": False}
     if resume_from is not None:
         saved = load_trainer_state(resume_from)

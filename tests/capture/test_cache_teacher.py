@@ -18,7 +18,7 @@ from amid_pipeline.config import load_config
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.verify import verify_directory
-from tests.conftest import assert_same_rows, in_fresh_process, rows_by_id
+from tests.helpers import assert_same_rows, in_fresh_process, rows_by_id
 
 PAIRS = [
     {"prompt": "What is a kludge?", "response": "A clumsy but working solution."},
@@ -310,9 +310,9 @@ def test_generate_through_vllm(tiny_models, tmp_path):
 
 
 def test_tokenizer_larger_than_the_model_head_is_explained(tiny_models, tmp_path):
-    from tests.conftest import _load_data_module
+    from tests.helpers import load_data_module
 
-    tiny = _load_data_module("tiny_models")
+    tiny = load_data_module("tiny_models")
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     mismatched = tiny.build_model(tmp_path / "bad", tokenizer, layers=1, seed=0, head_padding=-12)
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}])

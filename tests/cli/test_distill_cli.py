@@ -54,9 +54,9 @@ def test_compat_accepts_the_padded_student_and_refuses_another_tokenizer(tiny_sh
     result = runner.invoke(app, ["compat", str(tiny_shards), str(tiny_models["student"])])
     assert result.exit_code == 0, result.output
     assert "compatible:" in result.output and "padded head" in result.output
-    from tests.conftest import _load_data_module
+    from tests.helpers import load_data_module
 
-    tiny = _load_data_module("tiny_models")
+    tiny = load_data_module("tiny_models")
     other = tiny.build_model(tmp_path / "other", tiny.build_tokenizer(tmp_path / "tok", vocab_size=300), layers=1, seed=2)
     result = runner.invoke(app, ["compat", str(tiny_shards), str(other)])
     assert result.exit_code == 1
@@ -71,9 +71,9 @@ def test_init_student_by_importance_keeps_the_layers_that_change_the_hidden_stat
 
     from amid_pipeline.models import block_influence
     from amid_pipeline.shards.reader import ShardReader
-    from tests.conftest import _load_data_module
+    from tests.helpers import load_data_module
 
-    tiny = _load_data_module("tiny_models")
+    tiny = load_data_module("tiny_models")
     deep = tiny.build_model(tmp_path / "deep", AutoTokenizer.from_pretrained(tiny_models["teacher"]), layers=5, seed=3)
     model = AutoModelForCausalLM.from_pretrained(deep, dtype=torch.float32).eval()
     sequences = [row.input_ids.tolist() for row, _ in zip(ShardReader(tiny_shards), range(6))]

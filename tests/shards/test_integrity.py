@@ -13,7 +13,7 @@ import pytest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.verify import verify_directory
-from tests.conftest import random_rows, test_header, write_shards
+from tests.helpers import random_rows, synthetic_header, write_shards
 
 
 def first_file(directory):
@@ -41,7 +41,7 @@ def flip_a_byte_that_still_decodes(path, column="topk_ids"):
 
 
 def test_a_flipped_byte_that_zstd_decodes_is_named_on_every_read_path(tmp_path):
-    directory = write_shards(tmp_path / "s", random_rows(20, k=8, vocab=100, max_len=60), test_header(), rows_per_file=20,
+    directory = write_shards(tmp_path / "s", random_rows(20, k=8, vocab=100, max_len=60), synthetic_header(), rows_per_file=20,
                              rows_per_group=20)
     path = first_file(directory)
     flip_a_byte_that_still_decodes(path)
@@ -80,7 +80,7 @@ def rewrite_values(path, column, row, values):
                                           ("target_logprob", np.nan), ("target_logprob", 0.5)])
 def test_impossible_float_values_are_named_by_file_and_sample(tmp_path, column, value):
     rows = random_rows(6, k=8, vocab=100, seed=3)
-    directory = write_shards(tmp_path / "s", rows, test_header(encoding="float32"), rows_per_file=6)
+    directory = write_shards(tmp_path / "s", rows, synthetic_header(encoding="float32"), rows_per_file=6)
     path = first_file(directory)
     index = next(i for i, r in enumerate(rows) if len(r.positions) >= 2)
     stored = np.asarray(getattr(rows[index], column), dtype=np.float32).reshape(-1).copy()
@@ -95,7 +95,7 @@ def test_impossible_float_values_are_named_by_file_and_sample(tmp_path, column, 
 
 def test_a_position_with_no_stored_probability_is_named_and_verify_stays_quiet(tmp_path, recwarn):
     rows = random_rows(6, k=8, vocab=100, seed=4)
-    directory = write_shards(tmp_path / "s", rows, test_header(), rows_per_file=6)
+    directory = write_shards(tmp_path / "s", rows, synthetic_header(), rows_per_file=6)
     path = first_file(directory)
     index = next(i for i, r in enumerate(rows) if len(r.positions))
     codes = [65535] + [0] * 7 + list(np.asarray(pq.read_table(path).column("topk_logprobs")[index].as_py()[8:]))
@@ -111,5 +111,5 @@ def test_the_card_of_a_directory_without_rows_is_written(tmp_path):
     """Workers whose rows were all skipped finish a directory of zero rows: its card said TypeError."""
     from amid_pipeline.shards.card import dataset_card
 
-    directory = write_shards(tmp_path / "s", [], test_header())
+    directory = write_shards(tmp_path / "s", [], synthetic_header())
     assert "| teacher mass on the stored top-8 | (no stored positions) |" in dataset_card(directory)

@@ -27,7 +27,7 @@ from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.storage import StorageError, configure
-from tests.conftest import ROOT, assert_same_rows, random_rows, rows_by_id, test_header, write_shards
+from tests.helpers import ROOT, assert_same_rows, random_rows, rows_by_id, synthetic_header, write_shards
 
 runner = CliRunner()
 
@@ -161,7 +161,7 @@ def test_a_failed_upload_leaves_no_manifest_and_the_rerun_resumes(s3, tiny_model
 def test_remote_cache_keeps_verified_copies_and_refuses_changed_files(s3, s3_endpoint, tmp_path):
     bucket, fs = s3
     rows = random_rows(10, k=8, vocab=100, seed=5)
-    write_shards(f"{bucket}/run", rows, test_header(encoding="float32"))
+    write_shards(f"{bucket}/run", rows, synthetic_header(encoding="float32"))
     configure(storage_options={"endpoint_url": s3_endpoint}, cache_dir=str(tmp_path / "cache"), backoff=0.01)
     expected = {row.sample_id: row for row in rows}
     assert_same_rows(rows_by_id(f"{bucket}/run"), expected)
@@ -171,10 +171,10 @@ def test_remote_cache_keeps_verified_copies_and_refuses_changed_files(s3, s3_end
     fs.rm(f"{bucket}/run/data", recursive=True)  # served from the cache from now on
     assert_same_rows(rows_by_id(f"{bucket}/run"), expected)
 
-    write_shards(f"{bucket}/other", random_rows(10, k=8, vocab=100, seed=7), test_header(encoding="float32"))
+    write_shards(f"{bucket}/other", random_rows(10, k=8, vocab=100, seed=7), synthetic_header(encoding="float32"))
     record = load_manifest(f"{bucket}/other").files[0]
     fs.pipe_file(f"{bucket}/other/{record.name}", fs.cat_file(f"{bucket}/other/{load_manifest(f'{bucket}/other').files[1].name}"))
-    with pytest.raises(FormatError, match=rf"other/{record.name}: sha256 .* \(changed or corrupted since the manifest"):
+    with pytest.raises(storage.IntegrityError, match=rf"other/{record.name}: sha256 .* \(changed or corrupted since it was recorded"):
         list(ShardReader(f"{bucket}/other"))
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
@@ -234,7 +234,7 @@ def flaky():
 
 def test_transient_errors_are_retried_then_reported_by_file_name(flaky, tmp_path):
     rows = random_rows(15, k=8, vocab=100, seed=6)
-    write_shards("flaky://bucket/run", rows, test_header(encoding="float32"), rows_per_file=5, rows_per_group=2)  # writes retried too
+    write_shards("flaky://bucket/run", rows, synthetic_header(encoding="float32"), rows_per_file=5, rows_per_group=2)  # writes retried too
     assert flaky.calls > 10  # failures really happened along the way
     assert_same_rows(rows_by_id("flaky://bucket/run"), {row.sample_id: row for row in rows})
 
@@ -248,7 +248,7 @@ def test_transient_errors_are_retried_then_reported_by_file_name(flaky, tmp_path
 def test_remote_reads_stream_row_groups_instead_of_whole_files(flaky):
     flaky.every = 10**9  # no failures here
     rows = random_rows(500, k=8, vocab=100, seed=8, max_len=80)
-    write_shards("flaky://bucket/run", rows, test_header(encoding="float32"), rows_per_file=500, rows_per_group=10)
+    write_shards("flaky://bucket/run", rows, synthetic_header(encoding="float32"), rows_per_file=500, rows_per_group=10)
     (record,) = load_manifest("flaky://bucket/run").files
     FlakyReads.bytes_read = 0
     first = next(iter(ShardReader("flaky://bucket/run")))

@@ -11,7 +11,7 @@ import pytest
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import PARQUET_METADATA_KEY, FormatError, encode_topk_logprobs
-from tests.conftest import random_rows, test_header, write_shards
+from tests.helpers import random_rows, synthetic_header, write_shards
 
 QUANT_ERROR = 1 / 128 + 1e-6
 
@@ -32,7 +32,7 @@ def assert_rows_equal(expected, found, tolerance):
 @pytest.mark.parametrize("neg_inf", [False, True])
 def test_reader_roundtrip(tmp_path, encoding, tolerance, neg_inf):
     rows = random_rows(23, k=8, vocab=50, neg_inf=neg_inf)
-    directory = write_shards(tmp_path / "s", rows, test_header(k=8, vocab=50, encoding=encoding))
+    directory = write_shards(tmp_path / "s", rows, synthetic_header(k=8, vocab=50, encoding=encoding))
     assert pq.read_schema(next((directory / "data").glob("*.parquet"))).field("topk_ids").type.value_type == "uint16"
     reader = ShardReader(directory)
     assert len(reader) == 23
@@ -103,12 +103,12 @@ def test_writer_rejects_inconsistent_rows(tmp_path):
     row = random_rows(1, k=8, vocab=100, max_len=10)[0]
     row.topk_ids = row.topk_ids[:, :4]
     with pytest.raises(ValueError, match=r"sample 'sample-0-0': topk_ids has shape"):
-        ShardWriter(tmp_path, header=test_header()).add(row)
+        ShardWriter(tmp_path, header=synthetic_header()).add(row)
     unsorted = next(r for r in random_rows(10, k=8, vocab=100, max_len=10, seed=3) if len(r.positions) >= 2)
     unsorted.topk_logprobs = unsorted.topk_logprobs[:, ::-1].copy()  # every position ascending: refused
     for encoding in ("q64-delta", "float32"):  # the row check, whatever the encoding
         with pytest.raises(ValueError, match="sample 'sample-3-.*': topk_logprobs must be in descending order"):
-            ShardWriter(tmp_path / encoding, header=test_header(encoding=encoding)).add(unsorted)
+            ShardWriter(tmp_path / encoding, header=synthetic_header(encoding=encoding)).add(unsorted)
     with pytest.raises(ValueError, match="descending"):  # and the delta encoding's own guard
         encode_topk_logprobs(unsorted.topk_logprobs, "q64-delta")
 
@@ -118,7 +118,7 @@ def test_crash_before_commit_leaves_no_data_file(tmp_path):
 
     rows = random_rows(5, k=8, vocab=100)
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, header=test_header(), rows_per_file=100, rows_per_group=2) as writer:
+        with ShardWriter(tmp_path, header=synthetic_header(), rows_per_file=100, rows_per_group=2) as writer:
             for row in rows:
                 writer.add(row)
             raise RuntimeError("killed")
@@ -129,7 +129,7 @@ def test_worker_manifests_merge_and_incomplete_sets_are_refused(tmp_path):
     from amid_pipeline.shards.manifest import worker_manifest_name, write_manifest
     from amid_pipeline.shards.writer import ShardWriter
 
-    header = test_header()
+    header = synthetic_header()
     for worker in range(2):
         rows = random_rows(4, k=8, vocab=100, seed=worker)
         with ShardWriter(tmp_path, header=header, stem=f"part-w{worker:05d}") as writer:
@@ -148,6 +148,6 @@ def test_large_vocabulary_ids_are_int32_and_exact(tmp_path):
     rows = random_rows(4, k=4, vocab=70_000, max_len=8)
     for row in rows:  # ids above 65,535 must survive
         row.topk_ids[:, 0] = 69_999 - np.arange(len(row.positions))
-    directory = write_shards(tmp_path / "s", rows, test_header(k=4, vocab=70_000))
+    directory = write_shards(tmp_path / "s", rows, synthetic_header(k=4, vocab=70_000))
     assert pq.read_schema(next((directory / "data").glob("*.parquet"))).field("topk_ids").type.value_type == "int32"
     assert_rows_equal(rows, list(ShardReader(directory)), QUANT_ERROR)

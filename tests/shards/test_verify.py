@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from amid_pipeline.shards.verify import verify_directory
-from tests.conftest import random_rows, test_header, write_shards
+from tests.helpers import random_rows, synthetic_header, write_shards
 
 
 def first_file(shard_dir):
@@ -64,7 +64,7 @@ def test_manifest_counts_that_disagree_with_the_data(shard_dir):
 def test_out_of_range_ids_are_reported(tmp_path):
     """A file written for a larger vocabulary than its manifest claims: ids >= vocab are caught."""
     rows = random_rows(5, k=8, vocab=100)
-    directory = write_shards(tmp_path / "s", rows, test_header(vocab=100), rows_per_file=100)
+    directory = write_shards(tmp_path / "s", rows, synthetic_header(vocab=100), rows_per_file=100)
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["model_vocab_size"] = 10
     (directory / "manifest.json").write_text(json.dumps(manifest))

@@ -14,13 +14,13 @@ from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.verify import verify_directory
 from amid_pipeline.shards.views import combine_directories, subset_directory
-from tests.conftest import assert_same_rows, random_rows, rows_by_id, test_header, write_shards
+from tests.helpers import assert_same_rows, random_rows, rows_by_id, synthetic_header, write_shards
 
 runner = CliRunner()
 
 
 def header_for(source: str, **changes) -> dict:
-    header = test_header()
+    header = synthetic_header()
     header["dataset"] = {"source": source}
     header.update(changes)
     return header
@@ -84,7 +84,7 @@ def test_directories_of_another_teacher_tokenizer_or_k_are_refused(two_runs, tmp
     k4 = write_shards(tmp_path / "k4", random_rows(3, k=4, vocab=100, seed=9), {**header_for("z"), "k": 4})
     result = runner.invoke(app, ["combine", str(tmp_path / "view"), str(a), str(k4)])
     assert result.exit_code == 1 and "k differs (8 vs 4)" in result.output
-    from amid_pipeline.train.trainer import TrainingError, check_shard_dirs
+    from amid_pipeline.train.checks import TrainingError, check_shard_dirs
 
     with pytest.raises(TrainingError, match=r"k4 cannot be trained on together with .*run-a: k differs \(8 vs 4\)"):
         check_shard_dirs([str(a), str(k4)])  # the same refusal when the directories are listed in --shards
@@ -135,7 +135,7 @@ def test_views_are_not_written_over_data_rewrite_cleanly_and_refuse_a_damaged_se
 def test_distill_reports_duplicates_across_shards_and_trains_from_a_view(tiny_shards, tiny_models, tmp_path, capsys):
     from amid_pipeline.config import load_config
     from amid_pipeline.train.config import DistillConfig
-    from amid_pipeline.train.trainer import distill
+    from amid_pipeline.train.loop import distill
 
     first = [row.sample_id for row in ShardReader(tiny_shards)][:20]
     subset_directory(str(tiny_shards), str(tmp_path / "first"), sample_ids=first)

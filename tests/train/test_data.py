@@ -11,7 +11,7 @@ from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, 
 
 def epoch_ids(files, settings, world, rank, workers=1, epoch=0, heldout=False):
     data = ShardBatches(files, settings, seed=7, epoch=epoch, rank=rank, world=world, heldout=heldout)
-    return [sid for w in range(workers) for batch in data.worker_batches(w, workers) for sid in batch["sample_ids"]]
+    return [sid for w in range(workers) for batch in data.worker_batches(w, workers) for sid in batch.sample_ids]
 
 
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (3, 1), (2, 2), (1, 3)])
@@ -44,8 +44,8 @@ def test_order_is_reproducible_and_changes_with_the_epoch(tiny_shards):
 def test_skip_resumes_mid_epoch(tiny_shards):
     files = list_files([str(tiny_shards)])
     settings = DataSettings(batch_size=4)
-    full = [b["sample_ids"] for b in ShardBatches(files, settings, seed=1)]
-    resumed = [b["sample_ids"] for b in ShardBatches(files, settings, seed=1, skip_batches=3)]
+    full = [b.sample_ids for b in ShardBatches(files, settings, seed=1)]
+    resumed = [b.sample_ids for b in ShardBatches(files, settings, seed=1, skip_batches=3)]
     assert resumed == full[3:]
 
 
@@ -53,12 +53,12 @@ def test_packed_rows_attend_only_within_each_sequence(tiny_shards, tiny_models):
     """Hidden states of a packed row equal those of each sequence run alone."""
     files = list_files([str(tiny_shards)])
     packed = next(iter(ShardBatches(files, DataSettings(batch_size=1, packing=True, max_length=400), seed=0, shuffle=False)))
-    assert packed["attention_mask"].dim() == 4 and len(packed["sample_ids"]) > 1
+    assert packed.inputs.attention_mask.dim() == 4 and len(packed.sample_ids) > 1
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
     with torch.no_grad():
-        together = model.model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                               position_ids=packed["position_ids"]).last_hidden_state[0]
-        starts = (packed["position_ids"][0] == 0).nonzero()[:, 0].tolist() + [packed["input_ids"].shape[1]]
+        together = model.model(input_ids=packed.inputs.input_ids, attention_mask=packed.inputs.attention_mask,
+                               position_ids=packed.inputs.position_ids).last_hidden_state[0]
+        starts = (packed.inputs.position_ids[0] == 0).nonzero()[:, 0].tolist() + [packed.inputs.input_ids.shape[1]]
         for a, b in zip(starts[:-1], starts[1:]):
-            alone = model.model(input_ids=packed["input_ids"][:, a:b]).last_hidden_state[0]
+            alone = model.model(input_ids=packed.inputs.input_ids[:, a:b]).last_hidden_state[0]
             torch.testing.assert_close(together[a:b], alone, rtol=1e-4, atol=1e-5)

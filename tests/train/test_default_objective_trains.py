@@ -15,8 +15,8 @@ from amid_pipeline.config import load_config
 from amid_pipeline.evaluate import evaluate_on_shards, load_model
 from amid_pipeline.train.config import DistillConfig, SFTConfig
 from amid_pipeline.train.sft import sft
-from amid_pipeline.train.trainer import distill
-from tests.conftest import ROOT
+from amid_pipeline.train.loop import distill
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

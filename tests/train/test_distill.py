@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from amid_pipeline.config import load_config
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.trainer import TrainingError, distill
-from tests.conftest import ROOT
+from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.loop import distill
+from tests.helpers import ROOT
 
 
 def make_config(shards, student, output, **overrides):
@@ -87,9 +88,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_shards, tiny_mod
 
 
 def test_student_with_another_tokenizer_is_refused(tiny_shards, tiny_models, tmp_path):
-    from tests.conftest import _load_data_module
+    from tests.helpers import load_data_module
 
-    tiny = _load_data_module("tiny_models")
+    tiny = load_data_module("tiny_models")
     tokenizer = tiny.build_tokenizer(tmp_path / "tok", vocab_size=300)
     other = tiny.build_model(tmp_path / "other", tokenizer, layers=1, seed=2)
     with pytest.raises(TrainingError, match=r"student tokenizer .*300 tokens.* differs from the shards' .*512 tokens"):
@@ -97,28 +98,37 @@ def test_student_with_another_tokenizer_is_refused(tiny_shards, tiny_models, tmp
 
 
 def test_corrupted_shard_names_the_file_and_keeps_the_checkpoint(shards_copy, tiny_models, tmp_path):
+    """A file damaged between two runs: the resumed run stops with an error naming it, the checkpoint of
+    the first run stays the latest and loads; --skip-bad-files trains past the file and reports it."""
+    from amid_pipeline.shards.schema import FormatError
+
+    run = tmp_path / "run"
+    distill(make_config(shards_copy, tiny_models["student"], run, max_steps=2, save_every=2))
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 2
+    saved = weights(run / "checkpoints" / latest["path"])
     victim = sorted((shards_copy / "data").glob("*.parquet"))[-1]
     data = bytearray(victim.read_bytes())
     data[100:4000] = bytes(3900)
     victim.write_bytes(bytes(data))
-    from amid_pipeline.shards.schema import FormatError
-
-    with pytest.raises(FormatError, match=victim.name):
-        distill(make_config(shards_copy, tiny_models["student"], tmp_path / "run", max_steps=40, save_every=1))
-    assert (tmp_path / "run" / "checkpoints" / "latest.json").exists() or not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(FormatError, match=victim.name):  # 40 steps = 4 epochs: every file is read
+        distill(make_config(shards_copy, tiny_models["student"], run, max_steps=40, save_every=0, resume=True))
+    assert json.loads((run / "checkpoints" / "latest.json").read_text()) == latest
+    after = weights(run / "checkpoints" / latest["path"])
+    assert all(torch.equal(saved[name], after[name]) for name in saved)
     summary = distill(make_config(shards_copy, tiny_models["student"], tmp_path / "skip", skip_bad_files=True))
     assert summary.steps == 6 and any(victim.name in bad for bad in summary.bad_files)
 
 
 def test_non_finite_loss_stops_with_step_and_samples(tiny_shards, tiny_models, tmp_path, monkeypatch):
-    import amid_pipeline.train.trainer as trainer
+    import amid_pipeline.train.step as step
 
-    original = trainer.student_output
+    original = step.student_output
 
     def poisoned(hidden, head, sparse):  # a diverged student: its hidden states became NaN
         return original(hidden * float("nan"), head, sparse)
 
-    monkeypatch.setattr(trainer, "student_output", poisoned)
+    monkeypatch.setattr(step, "student_output", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run"))
 

@@ -17,8 +17,8 @@ from amid_pipeline.config import load_config
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.sft import collate_examples, sft, supervised_ce_sum
-from amid_pipeline.train.trainer import TrainingError
-from tests.conftest import ROOT
+from amid_pipeline.train.checks import TrainingError
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,90 @@
+"""Pre-flight checks of a distill run (also ``amid-pipeline compat``): refusals with the reason, and the
+notes printed at start-up about differences that are accepted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from amid_pipeline.chat import template_sha256
+from amid_pipeline.losses import KDLoss
+from amid_pipeline.models import tokenizer_fingerprint
+from amid_pipeline.shards.manifest import load_manifest, teacher_differences
+from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.data import ShardFile, duplicate_ids
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
+
+
+def check_shard_dirs(directories: list[str]) -> dict:
+    """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, k or encoding);
+    return the first one's header."""
+    headers = [(d, load_manifest(d).header) for d in directories]
+    first_dir, first = headers[0]
+    for directory, header in headers[1:]:
+        reasons = teacher_differences(first, header)
+        if reasons:
+            raise TrainingError(f"{directory} cannot be trained on together with {first_dir}: {'; '.join(reasons)}")
+    return first
+
+
+def check_student(manifest_header: dict, tokenizer, head_size: int, student_name: str) -> list[str]:
+    """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
+    shard_tok = manifest_header["tokenizer"]
+    student_tok = tokenizer_fingerprint(tokenizer)
+    if student_tok["fingerprint"] != shard_tok.get("fingerprint"):
+        raise TrainingError(
+            f"student tokenizer ({student_name}: {student_tok['vocab_size']} tokens, fingerprint "
+            f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header['teacher'].get('name_or_path')}: "
+            f"{shard_tok.get('vocab_size')} tokens, fingerprint {str(shard_tok.get('fingerprint'))[:12]}); "
+            f"the student must use the teacher's tokenizer"
+        )
+    if head_size < shard_tok.get("vocab_size", 0):
+        raise TrainingError(f"student head has {head_size} outputs but the tokenizer has {shard_tok['vocab_size']} tokens")
+    notes = []
+    if head_size > student_tok["vocab_size"]:
+        notes.append(f"student head has {head_size} outputs for {student_tok['vocab_size']} tokens (padded head: fine, "
+                     f"the extra outputs are never targets)")
+    if head_size < manifest_header["model_vocab_size"]:
+        notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head_size}: ids beyond the "
+                     f"student head would be refused per sample")
+    template = template_warning(manifest_header, tokenizer, student_name)
+    if template:
+        notes.append(template)
+    return notes
+
+
+def template_warning(header: dict, tokenizer, model_name: str) -> str | None:
+    """A warning when the shards' rows were rendered with a chat template other than the model's own:
+    the model learns (or is measured on) conversations in a format it will not be prompted with."""
+    rendered = header.get("dataset", {}).get("chat_template_sha256")
+    if rendered is None or rendered == template_sha256(tokenizer):
+        return None
+    own = "has no chat template" if template_sha256(tokenizer) is None else "has another chat template"
+    return (f"warning: the shards were rendered with the teacher's chat template (sha256 {rendered[:12]}) but {model_name} "
+            f"{own}; prompt it with the shards' template (copy the teacher's tokenizer_config.json chat_template)")
+
+
+def objective_and_data_notes(config: DistillConfig, files: list[ShardFile]) -> list[str]:
+    """Notes on settings that train, but maybe not as meant: a support that lets mass leak, sample ids
+    repeated across several shard directories."""
+    notes = []
+    if config.support == "renormalized" and config.kd_ratio == 1.0:
+        notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
+                     "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
+    if len(config.shards) > 1:
+        repeated = duplicate_ids(files)
+        if repeated:
+            examples = ", ".join(repr(sample_id) for sample_id in list(repeated)[:5])
+            notes.append(f"{len(repeated)} sample ids occur more than once across --shards (e.g. {examples}); those rows "
+                         f"are trained on once per copy (`amid-pipeline combine --duplicates drop` writes a view without them)")
+    return notes
+
+
+def check_resumed_objective(recorded: Path, loss_fn: KDLoss) -> None:
+    """Refuse to resume a run under another objective than the one it recorded in ``loss.json``."""
+    if recorded.exists() and json.loads(recorded.read_text()) != loss_fn.resolved():
+        raise TrainingError(f"{recorded} records another objective than this --resume asks for "
+                            f"({json.loads(recorded.read_text())} vs {loss_fn.resolved()}): resume with the same loss settings")

@@ -1,0 +1,213 @@
+"""Stage two: train a student from teacher shards. The recipe; its parts are the modules beside it.
+
+    amid-pipeline distill -c stages/distill_jargon.toml
+    torchrun --nproc-per-node 2 -m amid_pipeline distill -c stages/distill_jargon.toml   # DDP
+    torchrun --nproc-per-node 8 -m amid_pipeline distill -c ... --parallel fsdp           # sharded student
+
+(1) processes and devices, (2) shards, student, objective and the pre-flight checks, (3) parallel
+wrapping, optimiser, schedule and resume, (4) the step loop: micro-batches -> student hidden states at
+the stored positions -> KD loss (sparse head when allowed) -> clip -> step -> log / evaluate / checkpoint,
+(5) the final model, saved with ``save_pretrained`` beside its tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amid_pipeline.config import save_config
+from amid_pipeline.losses import KDLoss
+from amid_pipeline.models import model_source
+from amid_pipeline.shards.storage import exclusive, write_json_atomic
+from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from amid_pipeline.train.checks import (TrainingError, check_resumed_objective, check_shard_dirs, check_student,
+                                        objective_and_data_notes)
+from amid_pipeline.train.config import DistillConfig
+from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
+from amid_pipeline.train.distributed import full_states, load_optimizer_state, start_processes, wrap
+from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
+from amid_pipeline.train.step import DistillModule
+
+
+@dataclasses.dataclass
+class RunSummary:
+    output: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    eval: dict[str, float]
+    heldout: str
+    bad_files: list[str]
+    sparse_head: bool
+
+
+def distill(config: DistillConfig) -> RunSummary:
+    """Train the student on the shards (see the module docstring); one writer per output directory."""
+    with exclusive(config.output) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _distill(config)
+
+
+def _distill(config: DistillConfig) -> RunSummary:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started, output = time.perf_counter(), Path(config.output)
+
+    # --- 1. processes and devices --------------------------------------------------------------
+    processes = start_processes()
+    world, rank, device = processes.world, processes.rank, processes.device
+    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    torch.manual_seed(config.seed)
+
+    # --- 2. shards, student, objective, checks -------------------------------------------------
+    header = check_shard_dirs(config.shards)
+    files = list_files(config.shards)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(config.student, "student"))
+    checkpoints = output / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if config.resume else None
+    if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
+        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    model = AutoModelForCausalLM.from_pretrained(resume_from or config.student, dtype=torch.float32).to(device)
+    head_size = model.get_output_embeddings().weight.shape[0]
+    notes = check_student(header, tokenizer, head_size, config.student) + objective_and_data_notes(config, files)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
+    if resume_from is not None:
+        check_resumed_objective(output / "loss.json", loss_fn)
+    sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
+    settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
+                            shuffle_buffer=config.shuffle_buffer, heldout_fraction=config.heldout_fraction,
+                            skip_bad_files=config.skip_bad_files, student_vocab=head_size)
+    if config.eval_shards:  # evaluate on those; train on every row of --shards
+        check_shard_dirs([*config.shards, *config.eval_shards])
+        settings = dataclasses.replace(settings, heldout_fraction=0.0)
+    eval_files = list_files(config.eval_shards) if config.eval_shards else files
+    heldout = (f"all rows of {', '.join(config.eval_shards)}" if config.eval_shards
+               else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
+
+    def epoch_batches(epoch: int) -> int:
+        return count_batches(files, settings, seed=config.seed, epoch=epoch, world=world, workers=config.num_data_workers)
+
+    batches_per_epoch = epoch_batches(0)
+    if batches_per_epoch == 0:
+        raise TrainingError(f"no training rows for {world} process(es) in {config.shards}")
+    total_steps = config.max_steps or max(batches_per_epoch * config.epochs // config.grad_accum, 1)
+
+    # --- 3. parallel wrapping, optimiser, schedule, resume ---------------------------------------------
+    module = DistillModule(model, loss_fn, sparse)
+    wrapped, fsdp = wrap(module, model, processes, config.parallel)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s, total_steps))
+    step, epoch, consumed, tokens = 0, 0, 0, 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        load_optimizer_state(module, optimizer, state["optimizer"], fsdp)
+        scheduler.load_state_dict(state["scheduler"])
+        if loss_fn.schedule is not None:
+            loss_fn.schedule.load_state_dict(state["loss_schedule"])
+        step, epoch, consumed, tokens = state["step"], state["epoch"], state["consumed"], state["tokens"]
+        set_rng_state(state["rng"])
+    if processes.main:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(config, output / "distill_config.toml")
+        write_json_atomic(output / "loss.json", loss_fn.resolved())  # every parameter as it ran, presets expanded
+        trim_metrics(output / "metrics.jsonl", step)
+        for note in notes:
+            print(note if note.startswith("warning:") else f"note: {note}")
+        print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
+              f"{world} process(es), loss {config.loss} ({config.support}), "
+              f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}")
+
+    def train_batches(epoch: int, skip: int):
+        data = ShardBatches(files, settings, seed=config.seed, epoch=epoch, rank=rank, world=world, skip_batches=skip)
+        return data, iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_data_workers))
+
+    def heldout_batches():
+        data = ShardBatches(eval_files, settings, seed=config.seed, rank=rank, world=world,
+                            heldout=not config.eval_shards, shuffle=False)
+        return (batch for index, batch in zip(range(config.eval_batches), data))
+
+    def checkpoint() -> None:
+        weights, optimizer_state = full_states(module, optimizer, fsdp)  # collective under FSDP
+        if processes.main:
+            save_checkpoint(checkpoints, step, model, tokenizer, {
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "consumed": consumed, "tokens": tokens,
+                "loss_schedule": loss_fn.schedule.state_dict() if loss_fn.schedule else None,
+            }, config.keep_checkpoints, weights=weights)
+        processes.barrier()
+
+    # --- 4. the step loop ---------------------------------------------------------------------------
+    data, batches = train_batches(epoch, consumed)
+    batches_per_epoch = epoch_batches(epoch)
+    bar = tqdm(total=total_steps, initial=step, disable=not config.progress or not processes.main, unit="step", desc="distill")
+    metrics_file = MetricsLog(output, tensorboard=config.tensorboard) if processes.main else None
+    last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
+    try:
+        while step < total_steps:
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = step_kd = 0.0
+            for micro in range(config.grad_accum):
+                if consumed >= batches_per_epoch:  # every process ends its epoch after the same count
+                    epoch, consumed = epoch + 1, 0
+                    data, batches = train_batches(epoch, 0)
+                    batches_per_epoch = epoch_batches(epoch)
+                batch = next(batches).to(device)
+                consumed += 1
+                last_micro = micro == config.grad_accum - 1
+                with wrapped.no_sync() if world > 1 and not fsdp and not last_micro else nullcontext():
+                    with autocast:
+                        out = wrapped(batch.inputs, batch.teacher, progress=(step, total_steps))
+                    if not torch.isfinite(out.loss):
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1} (samples {batch.sample_ids[:8]}, files "
+                            f"{batch.files}); the last checkpoint in {checkpoints} is intact")
+                    (out.loss / config.grad_accum).backward()
+                step_loss += float(out.loss.detach()) / config.grad_accum
+                step_kd += float(out.kd.detach()) / config.grad_accum
+                tokens += batch.tokens * world
+                run_tokens += batch.tokens * world
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf")))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_fn.end_step(step, total_steps, step_kd)
+            last_loss = step_loss
+            speed = run_tokens / max(time.perf_counter() - run_started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tokens_per_s=f"{speed:,.0f}")
+            if metrics_file and (step % config.log_every == 0 or step == total_steps):
+                metrics_file.write({"step": step, "epoch": epoch, "loss": step_loss, "kd": step_kd,
+                                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
+                                    "tokens_per_s": speed})
+            if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
+                model.eval()
+                last_eval = evaluate(wrapped, heldout_batches(), device, autocast)
+                if metrics_file:
+                    metrics_file.write({"step": step, "eval": last_eval})
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                checkpoint()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+
+    # --- 5. the final model ---------------------------------------------------------------------------
+    weights, _ = full_states(module, None, fsdp)
+    if processes.main:
+        model.save_pretrained(output / "model", state_dict=weights)
+        tokenizer.save_pretrained(output / "model")
+    processes.barrier()
+    return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
+                      final_loss=last_loss, eval=last_eval, heldout=heldout,
+                      bad_files=data.bad_files, sparse_head=sparse)

@@ -1,0 +1,66 @@
+"""The module that DDP and FSDP wrap: the student and the KD loss in one forward, and the held-out sums.
+
+The LM head is applied only at the ``N`` stored positions ([N, H] hidden states), and only at the stored
+ids when ``sparse`` (the loss sees a :class:`StudentHead` instead of [N, V] logits).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
+from amid_pipeline.train.data import StudentInputs
+
+METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once for the metrics
+
+
+class DistillModule(nn.Module):
+    """``forward(inputs, teacher)`` returns the loss's :class:`LossOutput`; with ``metrics=True`` the
+    held-out metric sums of :func:`heldout_sums` instead (one forward, so that DDP and FSDP see every
+    use of every parameter)."""
+
+    def __init__(self, model: nn.Module, loss_fn: KDLoss, sparse: bool) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.sparse = model, loss_fn, sparse
+
+    def forward(self, inputs: StudentInputs, teacher: TeacherTargets, progress=None, metrics: bool = False):
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                      position_ids=inputs.position_ids).last_hidden_state[inputs.row, inputs.column]
+        head = self.model.get_output_embeddings()
+        if metrics:
+            return heldout_sums(hidden, head, teacher, self.loss_fn)
+        return self.loss_fn(student_output(hidden, head, self.sparse), teacher, progress=progress)
+
+
+def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch.Tensor | StudentHead:
+    """The loss's view of the student at the stored positions: the head itself, or its logits [N, V]."""
+    if sparse:
+        return StudentHead(hidden, head.weight, getattr(head, "bias", None))
+    return head(hidden)
+
+
+def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss) -> dict[str, float]:
+    """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
+    renormalised top-k (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
+    agreement with the teacher, student mass on the teacher's support; and their count."""
+    mask = teacher.mask.float()
+    sums = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
+            "positions": float(mask.sum())}
+    if sums["positions"] == 0:
+        return sums
+    sums["kd"] = float(loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd) * sums["positions"]
+    for a in range(0, hidden.shape[0], METRIC_CHUNK):
+        b = a + METRIC_CHUNK
+        logits = head(hidden[a:b]).float()
+        log_q = torch.log_softmax(logits, dim=-1)
+        m = mask[a:b]
+        sums["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
+        sums["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
+        log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
+        sums["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
+        log_p = teacher.topk_logprobs[a:b].float()
+        kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
+        sums["kl_to_teacher"] += float((kl * m).sum())
+    return sums

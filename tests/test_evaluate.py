@@ -1,0 +1,50 @@
+"""`amid-pipeline eval --shards` against an independent reference: one plain float64 forward per row."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from amid_pipeline.cli import app
+from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.reader import ShardReader
+
+
+def reference_metrics(model_dir, shards) -> dict[str, float]:
+    """Mean over every supervised position of every row: CE of the actual next token, top-1 agreement with
+    the teacher, the student's mass on the teacher's ids, KL(p̃‖q̃) on those ids renormalised."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    sums = {"ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0, "kl_to_teacher": 0.0}
+    positions = 0
+    for row in ShardReader(load_manifest(shards)):
+        ids = torch.from_numpy(row.input_ids.astype("int64"))
+        with torch.no_grad():
+            log_q = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)  # [L, V]
+        for t, supervised, top, log_p in zip(row.positions, row.loss_mask, row.topk_ids, row.topk_logprobs):
+            if not supervised:
+                continue
+            top = torch.from_numpy(top.astype("int64"))
+            q_top = log_q[t, top]
+            p = torch.softmax(torch.from_numpy(log_p).double(), -1)
+            sums["ce"] -= float(log_q[t, ids[t + 1]])
+            sums["top1_agreement"] += float(log_q[t].argmax() == top[0])
+            sums["support_mass"] += float(q_top.exp().sum())
+            sums["kl_to_teacher"] += float((p * (p.log() - torch.log_softmax(q_top, -1))).sum())
+            positions += 1
+    return {**{key: value / positions for key, value in sums.items()}, "positions": positions}
+
+
+def test_eval_on_shards_equals_a_plain_forward_over_every_row(tiny_models, tiny_shards):
+    result = CliRunner().invoke(app, ["eval", str(tiny_models["student"]), "--shards", str(tiny_shards), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    expected = reference_metrics(tiny_models["student"], tiny_shards)
+    assert metrics["positions"] == expected["positions"] > 0  # every row, every supervised position
+    for key in ("ce", "support_mass", "kl_to_teacher"):
+        assert math.isclose(metrics[key], expected[key], rel_tol=1e-4), (key, metrics[key], expected[key])
+    assert math.isclose(metrics["perplexity"], math.exp(expected["ce"]), rel_tol=1e-4)
+    assert abs(metrics["top1_agreement"] - expected["top1_agreement"]) <= 1 / expected["positions"]  # one near-tie

@@ -97,6 +97,39 @@ def test_student_with_another_tokenizer_is_refused(tiny_shards, tiny_models, tmp
         distill(make_config(tiny_shards, other, tmp_path / "run"))
 
 
+def test_student_head_smaller_than_the_tokenizer_is_refused(tiny_shards, tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.helpers import load_data_module
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+    cut = load_data_module("tiny_models").build_model(tmp_path / "cut", tokenizer, layers=1, seed=2, head_padding=-16)
+    with pytest.raises(TrainingError, match="student head has 496 outputs but the tokenizer has 512 tokens"):
+        distill(make_config(tiny_shards, cut, tmp_path / "run"))
+
+
+def test_shards_whose_rows_are_all_held_out_are_refused(tiny_shards, tiny_models, tmp_path):
+    from amid_pipeline.shards.reader import ShardReader
+    from amid_pipeline.shards.views import subset_directory
+    from amid_pipeline.train.order import is_heldout
+
+    held = [row.sample_id for row in ShardReader(str(tiny_shards)) if is_heldout(row.sample_id, 0.2)]
+    subset_directory(str(tiny_shards), str(tmp_path / "held"), sample_ids=held)
+    with pytest.raises(TrainingError, match=r"no training rows for 1 process\(es\)"):
+        distill(make_config(tmp_path / "held", tiny_models["student"], tmp_path / "run"))
+
+
+def test_a_stored_teacher_id_outside_the_student_head_names_the_file_and_sample():
+    from amid_pipeline.shards.schema import FormatError
+    from amid_pipeline.train.data import collate
+    from tests.helpers import random_rows
+
+    row = next(r for r in random_rows(10, k=8, vocab=120, seed=4) if len(r.positions) and r.topk_ids.max() >= 100)
+    with pytest.raises(FormatError, match=rf"x.parquet: sample '{row.sample_id}' stores teacher id 1\d\d, outside the student head \(100"):
+        collate([[(row, "x.parquet")]], max_length=64, student_vocab=100)
+    assert collate([[(row, "x.parquet")]], max_length=64, student_vocab=120).teacher.topk_ids.max() >= 100
+
+
 def test_corrupted_shard_names_the_file_and_keeps_the_checkpoint(shards_copy, tiny_models, tmp_path):
     """A file damaged between two runs: the resumed run stops with an error naming it, the checkpoint of
     the first run stays the latest and loads; --skip-bad-files trains past the file and reports it."""

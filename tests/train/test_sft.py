@@ -116,6 +116,8 @@ def test_killed_run_resumes_to_identical_weights(tiny_models, pairs, tmp_path, m
         patch.setattr(torch.optim.AdamW, "step", dying_step)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_models, pairs, tmp_path / "killed", max_steps=6, save_every=3, eval_every=0, dev_fraction=0.0)
+    with pytest.raises(TrainingError, match="already holds checkpoints: use --resume"):  # never over a run silently
+        run(tiny_models, pairs, tmp_path / "killed", max_steps=6, save_every=3, eval_every=0, dev_fraction=0.0)
     run(tiny_models, pairs, tmp_path / "killed", max_steps=6, save_every=3, eval_every=0, dev_fraction=0.0, resume=True)
     straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "model").state_dict()

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import median_seconds, print_table  # noqa: E402
 
-from amid_pipeline.shards.manifest import make_header, write_manifest  # noqa: E402
+from amid_pipeline.shards.manifest import Header, write_manifest  # noqa: E402
 from amid_pipeline.shards.reader import ShardReader  # noqa: E402
 from amid_pipeline.shards.schema import TeacherRow  # noqa: E402
 from amid_pipeline.shards.storage import configure  # noqa: E402
@@ -46,7 +46,7 @@ def synthetic_rows(count: int, length: int, k: int, seed: int = 0) -> list[Teach
 
 
 def write(location: str, rows: list[TeacherRow], k: int) -> None:
-    header = make_header(teacher={"name_or_path": "synthetic"}, tokenizer={"fingerprint": "0" * 64, "vocab_size": VOCAB},
+    header = Header(teacher={"name_or_path": "synthetic"}, tokenizer={"fingerprint": "0" * 64, "vocab_size": VOCAB},
                          model_vocab_size=VOCAB, k=k, backend={"name": "synthetic"})
     with ShardWriter(location, header=header, rows_per_file=100, rows_per_group=25) as writer:
         for row in rows:

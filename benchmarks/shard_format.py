@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import median_seconds, print_table  # noqa: E402
 
 from amid_pipeline.models import smollm2_teacher, tokenizer_fingerprint  # noqa: E402
-from amid_pipeline.shards.manifest import make_header, write_manifest  # noqa: E402
+from amid_pipeline.shards.manifest import Header, write_manifest  # noqa: E402
 from amid_pipeline.shards.reader import ShardReader  # noqa: E402
 from amid_pipeline.shards.schema import TeacherRow, first_impossible_value  # noqa: E402
 from amid_pipeline.shards.writer import ShardWriter  # noqa: E402
@@ -71,7 +71,7 @@ def truncate(row: TeacherRow, k: int) -> TeacherRow:
 
 
 def write_v1(directory: Path, rows: list[TeacherRow], k: int, encoding: str, tokenizer: dict, vocab: int) -> int:
-    header = make_header(teacher={"name_or_path": "SmolLM2-135M-Instruct"}, tokenizer=tokenizer,
+    header = Header(teacher={"name_or_path": "SmolLM2-135M-Instruct"}, tokenizer=tokenizer,
                          model_vocab_size=vocab, k=k, value_encoding=encoding, backend={"name": "hf"})
     with ShardWriter(directory, header=header, rows_per_file=10**6) as writer:
         for row in rows:

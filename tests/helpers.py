@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amid_pipeline.shards.manifest import make_header, write_manifest
+from amid_pipeline.shards.manifest import Header, write_manifest
 from amid_pipeline.shards.schema import TeacherRow
 from amid_pipeline.shards.writer import ShardWriter
 
@@ -65,8 +65,8 @@ def random_rows(n: int, *, k: int, vocab: int, seed: int = 0, max_len: int = 40,
     return rows
 
 
-def synthetic_header(k: int = 8, vocab: int = 100, encoding: str = "q64-delta") -> dict:
-    return make_header(
+def synthetic_header(k: int = 8, vocab: int = 100, encoding: str = "q64-delta") -> Header:
+    return Header(
         teacher={"name_or_path": "synthetic", "dtype": "float32"},
         tokenizer={"fingerprint": "0" * 64, "vocab_size": vocab},
         model_vocab_size=vocab,

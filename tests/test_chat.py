@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 
 import numpy as np
@@ -91,9 +93,10 @@ def test_a_model_whose_template_differs_from_the_shards_is_warned_about(tiny_mod
 
     header = load_manifest(tiny_shards).header
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
-    assert header["dataset"]["chat_template_sha256"] == template_sha256(tokenizer)
+    assert header.dataset["chat_template_sha256"] == template_sha256(tokenizer)
     assert template_warning(header, tokenizer, "s") is None
-    assert template_warning({"dataset": {"chat_template_sha256": None}}, tokenizer, "s") is None  # raw rows
+    raw = dataclasses.replace(header, dataset={**header.dataset, "chat_template_sha256": None})
+    assert template_warning(raw, tokenizer, "s") is None  # raw rows
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert "has another chat template" in template_warning(header, tokenizer, "s")
     other = tmp_path / "student"

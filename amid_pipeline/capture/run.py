@@ -32,7 +32,7 @@ from amid_pipeline.capture.examples import Example, iter_examples, load_rows, re
 from amid_pipeline.chat import template_sha256, uses_chat_template
 from amid_pipeline.models import model_limits, model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import CARD_NAME, write_dataset_card
-from amid_pipeline.shards.manifest import FileRecord, make_header, worker_manifest_name, write_manifest
+from amid_pipeline.shards.manifest import FileRecord, Header, worker_manifest_name, write_manifest
 from amid_pipeline.shards.schema import DATA_DIR, MANIFEST_NAME, FormatError, TeacherRow
 from amid_pipeline.shards.storage import Store, exclusive, is_url, open_store
 from amid_pipeline.shards.writer import ShardWriter
@@ -181,7 +181,7 @@ def _write_journal(output: Store, config: CaptureConfig, entries: list[dict[str,
     output.write_text(journal_name(config), "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
 
 
-def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> dict[str, Any]:
+def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> Header:
     tokenizer_info = tokenizer_fingerprint(tokenizer)
     if tokenizer_info["vocab_size"] > backend.vocab_size:
         raise ValueError(
@@ -189,7 +189,7 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> d
             f"{backend.vocab_size} outputs: they do not belong together"
         )
     teacher_path = Path(config.teacher)
-    return make_header(
+    return Header(
         teacher={
             "name_or_path": config.teacher,
             "revision": None,

@@ -33,12 +33,12 @@ def compat(
         except OSError as exc:
             raise UserError(f"cannot read student {student}: {exc}") from exc
         head = int(config.get_text_config().vocab_size)
-        mine, theirs = tokenizer_fingerprint(tokenizer), header["tokenizer"]
+        mine, theirs = tokenizer_fingerprint(tokenizer), header.tokenizer
         echo_table([
             ("", "shards (teacher)  |  student"),
             ("tokenizer fingerprint", f"{str(theirs.get('fingerprint'))[:16]}  |  {mine['fingerprint'][:16]}"),
             ("tokenizer size", f"{theirs.get('vocab_size')}  |  {mine['vocab_size']}"),
-            ("model head", f"{header['model_vocab_size']}  |  {head}"),
+            ("model head", f"{header.model_vocab_size}  |  {head}"),
             ("special tokens", f"{theirs.get('special_tokens')}  |  {mine['special_tokens']}"),
             ("chat template", "same" if theirs.get("chat_template_sha256") == mine["chat_template_sha256"] else "differs"),
         ])

@@ -24,12 +24,12 @@ def inspect(
         stats = collect_stats(directory, max_rows=max_rows)
         header = stats.header
         summary = {
-            "teacher": header["teacher"].get("name_or_path"),
-            "backend": f"{header['backend'].get('name')} {header['backend'].get('version', '')}".strip(),
-            "k": header["k"],
-            "value_encoding": header["value_encoding"],
-            "format_version": header["format_version"],
-            "stored positions": header.get("positions"),
+            "teacher": header.teacher.get("name_or_path"),
+            "backend": f"{header.backend.get('name')} {header.backend.get('version', '')}".strip(),
+            "k": header.k,
+            "value_encoding": header.value_encoding,
+            "format_version": header.format_version,
+            "stored positions": header.positions,
             **stats.summary(),
         }
         if as_json:

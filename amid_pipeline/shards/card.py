@@ -19,7 +19,7 @@ CARD_NAME = "README.md"
 def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     manifest = load_manifest(directory)
     header, stats = manifest.header, collect_stats(directory, max_rows=max_rows).summary()
-    teacher, tokenizer, dataset = header["teacher"], header["tokenizer"], header.get("dataset", {})
+    teacher, tokenizer, dataset = header.teacher, header.tokenizer, header.dataset
     licence = dataset.get("license") or "other"
     command = manifest.stats.get("command", "(not recorded)")
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
@@ -37,19 +37,19 @@ configs:
     path: {DATA_DIR}/*.parquet
 ---
 
-# Teacher top-{header['k']} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
+# Teacher top-{header.k} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
 
 Cached teacher targets for offline knowledge distillation, written by amid-pipeline (shard format
-{header['format_version']}). One row per sequence: the token ids, the stored positions and their loss
-mask, and at each stored position the teacher's top-{header['k']} token ids with log-probabilities
+{header.format_version}). One row per sequence: the token ids, the stored positions and their loss
+mask, and at each stored position the teacher's top-{header.k} token ids with log-probabilities
 normalised over the full vocabulary, plus the log-probability and rank of the actual next token.
 
 | | |
 |---|---|
 | teacher | `{teacher.get('name_or_path')}` (weights fingerprint `{str(teacher.get('weights_sha256'))[:16]}`, dtype {teacher.get('dtype')}) |
-| tokenizer | fingerprint `{str(tokenizer.get('fingerprint'))[:16]}`, {tokenizer.get('vocab_size')} tokens; model head {header['model_vocab_size']} |
-| targets | top-{header['k']}, value encoding `{header['value_encoding']}`, {header.get('positions')} positions, max length {header.get('max_length')} |
-| capture backend | {header['backend'].get('name')} {header['backend'].get('version', '')} |
+| tokenizer | fingerprint `{str(tokenizer.get('fingerprint'))[:16]}`, {tokenizer.get('vocab_size')} tokens; model head {header.model_vocab_size} |
+| targets | top-{header.k}, value encoding `{header.value_encoding}`, {header.positions} positions, max length {header.max_length} |
+| capture backend | {header.backend.get('name')} {header.backend.get('version', '')} |
 | source data | `{dataset.get('source')}`, split `{dataset.get('split')}`, rows from {dataset.get('start')} (limit {dataset.get('limit')}), format {dataset.get('format')} |
 | source licence | {licence} |
 
@@ -60,8 +60,8 @@ normalised over the full vocabulary, plus the log-probability and rank of the ac
 | rows | {stats['rows']:,} |
 | stored positions | {stats['stored_positions']:,} (supervised {stats['supervised_positions']:,}) |
 | bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per top-k entry) |
-| teacher mass on the stored top-{header['k']} | {mass} |
-| actual next token outside the top-{header['k']} | {stats['target_outside_topk']:.2%} |
+| teacher mass on the stored top-{header.k} | {mass} |
+| actual next token outside the top-{header.k} | {stats['target_outside_topk']:.2%} |
 
 ## How it was made
 
@@ -89,7 +89,7 @@ The same commands take this directory's URL where it is published (`hf://dataset
 
 With `datasets`: `load_dataset("parquet", data_files="{DATA_DIR}/*.parquet", split="train")`.
 With any Parquet reader: `pyarrow.parquet.read_table("{DATA_DIR}")`; decode `topk_logprobs` under
-`{header['value_encoding']}` as described in the amid-pipeline README (format {FORMAT_VERSION}, "Value encodings").
+`{header.value_encoding}` as described in the amid-pipeline README (format {FORMAT_VERSION}, "Value encodings").
 """
 
 

@@ -56,78 +56,82 @@ class FileRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def make_header(
-    *,
-    teacher: dict[str, Any],
-    tokenizer: dict[str, Any],
-    model_vocab_size: int,
-    k: int,
-    value_encoding: str = "q64-delta",
-    backend: dict[str, Any],
-    max_length: int | None = None,
-    dataset: dict[str, Any] | None = None,
-    positions: str = "supervised",
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Build a validated v1 header.
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """How every file of a directory was produced; stored in each file's Parquet metadata and in the manifest.
 
     ``teacher``: name_or_path, revision, weights_sha256, dtype. ``tokenizer``: fingerprint, vocab_size,
     special_tokens, chat_template_sha256. ``backend``: name, version. ``dataset``: source, split,
-    fingerprint, fields. ``positions``: "supervised" (only supervised positions stored) or "all".
+    fingerprint, fields, chat_template_sha256. ``positions``: "supervised" (only supervised positions
+    stored) or "all". ``extra``: keys a newer 1.x writer added, kept and written back unchanged.
+    Construction validates (an unknown value encoding, k < 1: :class:`FormatError`).
     """
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "target_kind": "topk",
-        "teacher": dict(teacher),
-        "tokenizer": dict(tokenizer),
-        "model_vocab_size": int(model_vocab_size),
-        "k": int(k),
-        "value_encoding": value_encoding,
-        "backend": dict(backend),
-        "max_length": max_length,
-        "dataset": dict(dataset or {}),
-        "positions": positions,
-        "config": dict(config or {}),
-    }
-    validate_header(header, "header")
-    return header
+
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    model_vocab_size: int
+    k: int
+    value_encoding: str
+    backend: dict[str, Any]
+    max_length: int | None = None
+    dataset: dict[str, Any] = dataclasses.field(default_factory=dict)
+    positions: str = "supervised"
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    target_kind: str = "topk"
+    format: str = FORMAT_NAME
+    format_version: str = FORMAT_VERSION
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise FormatError(f"unknown value_encoding {self.value_encoding!r}")
+        if int(self.k) < 1:
+            raise FormatError(f"k must be >= 1, got {self.k}")
+        object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any], where: str) -> Header:
+        """The header of ``payload`` (a manifest's top level or a file's metadata); refuses another format,
+        an unreadable version, missing or invalid fields, naming ``where``."""
+        if payload.get("format") != FORMAT_NAME:
+            raise FormatError(f"{where}: not an amid-pipeline shard header (format={payload.get('format')!r})")
+        check_version(payload.get("format_version", "?"), where)
+        missing = [key for key in REQUIRED_HEADER_KEYS if key not in payload]
+        if missing:
+            raise FormatError(f"{where}: header lacks {', '.join(missing)}")
+        known = {field.name for field in dataclasses.fields(cls)} - {"extra"}
+        try:
+            return cls(**{key: value for key, value in payload.items() if key in known},
+                       extra={key: value for key, value in payload.items() if key not in known})
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "extra"}
+        return json.loads(json.dumps({**self.extra, **fields}))  # a deep copy: the header stays as it was
 
 
-def validate_header(header: dict[str, Any], where: str) -> None:
-    """Refuse a header of another format, an unreadable version or missing/invalid fields."""
-    if header.get("format") != FORMAT_NAME:
-        raise FormatError(f"{where}: not an amid-pipeline shard header (format={header.get('format')!r})")
-    check_version(header.get("format_version", "?"), where)
-    missing = [key for key in REQUIRED_HEADER_KEYS if key not in header]
-    if missing:
-        raise FormatError(f"{where}: header lacks {', '.join(missing)}")
-    if header["value_encoding"] not in VALUE_ENCODINGS:
-        raise FormatError(f"{where}: unknown value_encoding {header['value_encoding']!r}")
-    if int(header["k"]) < 1:
-        raise FormatError(f"{where}: k must be >= 1, got {header['k']}")
-
-
-def teacher_differences(header: dict[str, Any], other: dict[str, Any]) -> list[str]:
+def teacher_differences(header: Header, other: Header) -> list[str]:
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
     Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, k and value
     encoding are required; dataset, backend, dtype and lengths may differ.
     """
     reasons = []
-    teacher, theirs = header["teacher"], other["teacher"]
+    teacher, theirs = header.teacher, other.teacher
     if teacher.get("weights_sha256") and theirs.get("weights_sha256"):
         if teacher["weights_sha256"] != theirs["weights_sha256"]:
             reasons.append(f"teacher weights differ ({teacher.get('name_or_path')} {teacher['weights_sha256'][:12]} vs "
                            f"{theirs.get('name_or_path')} {theirs['weights_sha256'][:12]})")
     elif teacher.get("name_or_path") != theirs.get("name_or_path"):
         reasons.append(f"teacher differs ({teacher.get('name_or_path')} vs {theirs.get('name_or_path')})")
-    if header["tokenizer"].get("fingerprint") != other["tokenizer"].get("fingerprint"):
-        reasons.append(f"tokenizer differs (fingerprint {str(header['tokenizer'].get('fingerprint'))[:12]} vs "
-                       f"{str(other['tokenizer'].get('fingerprint'))[:12]})")
+    if header.tokenizer.get("fingerprint") != other.tokenizer.get("fingerprint"):
+        reasons.append(f"tokenizer differs (fingerprint {str(header.tokenizer.get('fingerprint'))[:12]} vs "
+                       f"{str(other.tokenizer.get('fingerprint'))[:12]})")
     for key in ("model_vocab_size", "k", "value_encoding"):
-        if header[key] != other[key]:
-            reasons.append(f"{key} differs ({header[key]} vs {other[key]})")
+        if getattr(header, key) != getattr(other, key):
+            reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
     return reasons
 
 
@@ -137,7 +141,7 @@ def worker_manifest_name(worker_index: int, num_workers: int) -> str:
 
 def write_manifest(
     location: str | os.PathLike,
-    header: dict[str, Any],
+    header: Header,
     files: list[FileRecord],
     *,
     stats: dict[str, Any] | None = None,
@@ -150,9 +154,8 @@ def write_manifest(
     parts its files come from and the name of its row selection.
     """
     store = open_store(location)
-    validate_header(header, store.url)
     payload = {
-        **header,
+        **header.to_json(),
         "files": [record.to_json() for record in sorted(files, key=lambda r: r.name)],
         "totals": _totals(files),
         "stats": dict(stats or {}),
@@ -183,10 +186,10 @@ class Manifest:
     """
 
     store: Store
-    header: dict[str, Any]
+    header: Header
     files: tuple[FileRecord, ...]
     stats: dict[str, Any]
-    parts: tuple[dict[str, Any], ...]
+    parts: tuple[Header, ...]
     selection: dict[str, np.ndarray] | None = None
     view: dict[str, Any] | None = None
 
@@ -205,13 +208,13 @@ class Manifest:
 
     @property
     def k(self) -> int:
-        return int(self.header["k"])
+        return self.header.k
 
     @property
     def value_encoding(self) -> str:
-        return self.header["value_encoding"]
+        return self.header.value_encoding
 
-    def part_header(self, record: FileRecord) -> dict[str, Any]:
+    def part_header(self, record: FileRecord) -> Header:
         """The header ``record``'s file was written under (stored in its Parquet metadata)."""
         return self.parts[record.part or 0]
 
@@ -222,10 +225,10 @@ HEADER_COMPARE_SKIP = ("config",)
 def header_differences(found: dict[str, Any], manifest: Manifest, record: FileRecord) -> list[str]:
     """Keys in which a file's own header ``found`` differs from what the manifest says of that file (the
     header it lists the file under, and the k and value encoding every reader decodes with)."""
-    expected = {k: v for k, v in manifest.part_header(record).items() if k not in HEADER_COMPARE_SKIP}
+    expected = {k: v for k, v in manifest.part_header(record).to_json().items() if k not in HEADER_COMPARE_SKIP}
     found = {k: v for k, v in found.items() if k not in HEADER_COMPARE_SKIP}
     differing = {key for key in set(found) | set(expected) if found.get(key) != expected.get(key)}
-    differing |= {key for key in ("k", "value_encoding") if found.get(key) != manifest.header.get(key)}
+    differing |= {key for key in ("k", "value_encoding") if found.get(key) != getattr(manifest.header, key)}
     return sorted(differing)
 
 
@@ -266,12 +269,12 @@ def _read_json(store: Store, name: str) -> dict[str, Any]:
 
 def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[str, ...]) -> Manifest:
     own_keys = ("files", "totals", "stats", "view")
-    header = {k: v for k, v in payloads[0].items() if k not in own_keys}
-    validate_header(header, store.where(sources[0]))
+    first = {k: v for k, v in payloads[0].items() if k not in own_keys}
+    header = Header.from_json(first, store.where(sources[0]))
     files: list[FileRecord] = []
     for source, payload in zip(sources, payloads):
         other = {k: v for k, v in payload.items() if k not in (*own_keys, *HEADER_COMPARE_SKIP)}
-        base = {k: v for k, v in header.items() if k not in HEADER_COMPARE_SKIP}
+        base = {k: v for k, v in first.items() if k not in HEADER_COMPARE_SKIP}
         if other != base:
             differing = sorted(key for key in set(other) | set(base) if other.get(key) != base.get(key))
             raise FormatError(f"{store.where(source)}: header differs from {sources[0]} in {differing}")
@@ -285,12 +288,12 @@ def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[
         raise FormatError(f"{store.url}: files listed twice across manifests: {duplicated}")
     stats = payloads[0].get("stats", {}) if len(payloads) == 1 else {}
     view = payloads[0].get("view")
-    parts: tuple[dict[str, Any], ...] = (header,)
+    parts: tuple[Header, ...] = (header,)
     selection = None
+    if view is not None and view.get("parts"):
+        parts = tuple(Header.from_json(part, f"{store.where(sources[0])} (view part {i})")
+                      for i, part in enumerate(view["parts"]))
     if view is not None:
-        parts = tuple(view.get("parts") or (header,))
-        for i, part in enumerate(parts):
-            validate_header(part, f"{store.where(sources[0])} (view part {i})")
         if any(not 0 <= (record.part or 0) < len(parts) for record in files):
             raise FormatError(f"{store.where(sources[0])}: a file record names a part the view does not have")
         if view.get("selection"):

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, Manifest, header_differences, load_manifest
+from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.schema import (
     COLUMNS,
     PARQUET_METADATA_KEY,
@@ -134,7 +134,7 @@ class ShardReader:
         self.files: list[FileRecord] = [known[name] for name in names]
 
     @property
-    def header(self) -> dict:
+    def header(self) -> Header:
         return self.manifest.header
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amid_pipeline.shards.manifest import Header
 from amid_pipeline.shards.reader import ShardReader
 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -19,7 +20,7 @@ QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 @dataclasses.dataclass
 class ShardStats:
-    header: dict
+    header: Header
     rows: int
     rows_read: int  # rows the coverage and rank statistics were computed on (all, or the first --max-rows)
     tokens_read: int

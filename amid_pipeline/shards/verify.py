@@ -84,7 +84,7 @@ def _verify_file(manifest: Manifest, record: FileRecord, deep: bool) -> str | No
 
 
 def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
-    vocab = int(manifest.header["model_vocab_size"])
+    vocab = manifest.header.model_vocab_size
     keep = None if manifest.selection is None else manifest.selection.get(record.name, np.zeros(0, np.int64))
     rows = positions = supervised = 0
     for row in iter_file_rows(manifest, record):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, Manifest, load_manifest, teacher_differences, write_manifest
+from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, load_manifest, teacher_differences, write_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError
 from amid_pipeline.shards.storage import open_store
@@ -142,7 +141,7 @@ def subset_directory(source: str, output: str, *, sample_ids: Iterable[str] | No
     notes = []
     if datasets is not None:  # chosen from the manifest, before any file is read
         wanted = set(datasets)
-        available = sorted({str(manifest.part_header(record)["dataset"].get("source")) for record in records})
+        available = sorted({str(manifest.part_header(record).dataset.get("source")) for record in records})
         records = [record for record in records if _dataset_names(manifest.part_header(record)) & wanted]
         if not records:
             raise FormatError(f"{manifest.directory}: no files from datasets {sorted(wanted)}; it holds {available}")
@@ -162,8 +161,8 @@ def subset_directory(source: str, output: str, *, sample_ids: Iterable[str] | No
     return summary
 
 
-def _dataset_names(header: dict) -> set[str]:
-    source = str(header.get("dataset", {}).get("source"))
+def _dataset_names(header: Header) -> set[str]:
+    source = str(header.dataset.get("source"))
     return {source, os.path.basename(source.rstrip("/"))}
 
 
@@ -176,7 +175,7 @@ def write_view(output: str, files: list[FileRows]) -> ViewSummary:
     if not store.is_empty():
         if not store.exists(MANIFEST_NAME) or not load_manifest(output).is_view:
             raise FormatError(f"{store.url} is not empty and is not a view; choose a new folder for the view")
-    parts: list[dict] = []
+    parts: list[Header] = []
     records, selection_files, selection_rows = [], [], []
     for rows in files:
         part = rows.manifest.part_header(rows.record)
@@ -192,7 +191,7 @@ def write_view(output: str, files: list[FileRows]) -> ViewSummary:
         selection_files.extend([name] * len(rows.rows))
         selection_rows.append(rows.rows)
     whole = all(len(rows.rows) == rows.file_rows for rows in files)
-    view = {"parts": parts, "sources": sorted({rows.manifest.directory for rows in files})}
+    view = {"parts": [part.to_json() for part in parts], "sources": sorted({rows.manifest.directory for rows in files})}
     if not whole:
         table = pa.table({"file": pa.array(selection_files, pa.string()),
                           "row": pa.array(np.concatenate(selection_rows), pa.int64())})
@@ -213,12 +212,12 @@ def write_view(output: str, files: list[FileRows]) -> ViewSummary:
     return ViewSummary(store.url, len(records), sum(r.rows for r in records), len(parts))
 
 
-def merged_header(parts: list[dict]) -> dict:
+def merged_header(parts: list[Header]) -> Header:
     """One header for rows written under ``parts``: fields they share are kept; a dict field keeps the sub-fields
     all agree on; the dataset becomes ``{"source": "combined", "sources": [...]}`` when parts differ."""
-    first = parts[0]
     if len(parts) == 1:
-        return dict(first)
+        return parts[0]
+    first, parts = parts[0].to_json(), [part.to_json() for part in parts]
     header = {}
     for key, value in first.items():
         values = [part.get(key) for part in parts]
@@ -231,4 +230,4 @@ def merged_header(parts: list[dict]) -> dict:
             header[key]["differs_by_part"] = sorted(set().union(*(p.keys() for p in values if isinstance(p, dict))) - set(header[key]))
         else:
             header[key] = None
-    return json.loads(json.dumps(header))
+    return Header.from_json(header, "merged header")

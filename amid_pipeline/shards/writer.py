@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, validate_header
+from amid_pipeline.shards.manifest import FileRecord, Header
 from amid_pipeline.shards.schema import (
     COLUMN_ENCODINGS,
     DATA_DIR,
@@ -35,7 +35,7 @@ class ShardWriter:
     """Write :class:`TeacherRow` objects into Parquet files named ``{stem}-{index:05d}.parquet``.
 
     Args (keyword-only after ``directory``):
-        header: a validated header (:func:`make_header`); stored in every file's metadata.
+        header: the directory's :class:`Header`; stored in every file's metadata.
         stem: file-name prefix, unique per writer (e.g. ``part-w00000``).
         rows_per_file: rows after which a file is committed and a new one started.
         rows_per_group: rows per Parquet row group (the reader's streaming unit).
@@ -46,23 +46,22 @@ class ShardWriter:
         self,
         directory: str | os.PathLike,
         *,
-        header: dict[str, Any],
+        header: Header,
         stem: str = "part",
         rows_per_file: int = 4096,
         rows_per_group: int = 256,
         compression_level: int = 1,
     ) -> None:
-        validate_header(header, "ShardWriter header")
         if rows_per_file < 1 or rows_per_group < 1:
             raise ValueError("rows_per_file and rows_per_group must be >= 1")
         self.store = open_store(directory)
         self.store.makedirs(DATA_DIR)
         self.header = header
-        self.k = int(header["k"])
-        self.encoding = header["value_encoding"]
-        self.vocab_size = int(header["model_vocab_size"])
+        self.k = header.k
+        self.encoding = header.value_encoding
+        self.vocab_size = header.model_vocab_size
         self.schema = arrow_schema(self.encoding, self.vocab_size).with_metadata(
-            {PARQUET_METADATA_KEY: json.dumps(header, sort_keys=True).encode()}
+            {PARQUET_METADATA_KEY: json.dumps(header.to_json(), sort_keys=True).encode()}
         )
         self.stem = stem
         self.rows_per_file = rows_per_file

@@ -9,7 +9,7 @@ from pathlib import Path
 from amid_pipeline.chat import template_sha256
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import tokenizer_fingerprint
-from amid_pipeline.shards.manifest import load_manifest, teacher_differences
+from amid_pipeline.shards.manifest import Header, load_manifest, teacher_differences
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import ShardFile, duplicate_ids
 
@@ -18,7 +18,7 @@ class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
 
 
-def check_shard_dirs(directories: list[str]) -> dict:
+def check_shard_dirs(directories: list[str]) -> Header:
     """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, k or encoding);
     return the first one's header."""
     headers = [(d, load_manifest(d).header) for d in directories]
@@ -30,14 +30,14 @@ def check_shard_dirs(directories: list[str]) -> dict:
     return first
 
 
-def check_student(manifest_header: dict, tokenizer, head_size: int, student_name: str) -> list[str]:
+def check_student(manifest_header: Header, tokenizer, head_size: int, student_name: str) -> list[str]:
     """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
-    shard_tok = manifest_header["tokenizer"]
+    shard_tok = manifest_header.tokenizer
     student_tok = tokenizer_fingerprint(tokenizer)
     if student_tok["fingerprint"] != shard_tok.get("fingerprint"):
         raise TrainingError(
             f"student tokenizer ({student_name}: {student_tok['vocab_size']} tokens, fingerprint "
-            f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header['teacher'].get('name_or_path')}: "
+            f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header.teacher.get('name_or_path')}: "
             f"{shard_tok.get('vocab_size')} tokens, fingerprint {str(shard_tok.get('fingerprint'))[:12]}); "
             f"the student must use the teacher's tokenizer"
         )
@@ -47,8 +47,8 @@ def check_student(manifest_header: dict, tokenizer, head_size: int, student_name
     if head_size > student_tok["vocab_size"]:
         notes.append(f"student head has {head_size} outputs for {student_tok['vocab_size']} tokens (padded head: fine, "
                      f"the extra outputs are never targets)")
-    if head_size < manifest_header["model_vocab_size"]:
-        notes.append(f"teacher head had {manifest_header['model_vocab_size']} outputs, student {head_size}: ids beyond the "
+    if head_size < manifest_header.model_vocab_size:
+        notes.append(f"teacher head had {manifest_header.model_vocab_size} outputs, student {head_size}: ids beyond the "
                      f"student head would be refused per sample")
     template = template_warning(manifest_header, tokenizer, student_name)
     if template:
@@ -56,10 +56,10 @@ def check_student(manifest_header: dict, tokenizer, head_size: int, student_name
     return notes
 
 
-def template_warning(header: dict, tokenizer, model_name: str) -> str | None:
+def template_warning(header: Header, tokenizer, model_name: str) -> str | None:
     """A warning when the shards' rows were rendered with a chat template other than the model's own:
     the model learns (or is measured on) conversations in a format it will not be prompted with."""
-    rendered = header.get("dataset", {}).get("chat_template_sha256")
+    rendered = header.dataset.get("chat_template_sha256")
     if rendered is None or rendered == template_sha256(tokenizer):
         return None
     own = "has no chat template" if template_sha256(tokenizer) is None else "has another chat template"

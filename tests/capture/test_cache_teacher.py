@@ -84,9 +84,9 @@ def test_prompt_response_under_the_chat_template_equals_the_same_row_as_messages
     supervised = tokenizer.decode(row.input_ids[row.positions + 1])
     assert supervised == pairs[0]["response"] + "<|im_end|>\n"  # the assistant's tokens, end of turn included
     header = load_manifest(tmp_path / "pr" / "out").header
-    assert header["dataset"]["chat_template_sha256"] == template_sha256(tokenizer)
+    assert header.dataset["chat_template_sha256"] == template_sha256(tokenizer)
     capture(tiny_models, tmp_path / "raw", write_jsonl(tmp_path / "raw.jsonl", pairs), chat_template="off")
-    assert load_manifest(tmp_path / "raw" / "out").header["dataset"]["chat_template_sha256"] is None
+    assert load_manifest(tmp_path / "raw" / "out").header.dataset["chat_template_sha256"] is None
 
 
 def test_chat_template_on_without_a_template_is_refused_before_the_engine(tiny_models, tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_max_length_fits_the_teachers_context(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "long.jsonl", [long_row])
     capture(tiny_models, tmp_path, data)
     (row,) = list(ShardReader(tmp_path / "out"))
-    assert len(row.input_ids) == 512 and ShardReader(tmp_path / "out").header["max_length"] == 512
+    assert len(row.input_ids) == 512 and ShardReader(tmp_path / "out").header.max_length == 512
     with pytest.raises(ValueError, match=r"^--max-length 733 does not fit the teacher .*: its context is 512 tokens "
                                          r"\(config.json\); use --max-length 512 or less$"):
         capture(tiny_models, tmp_path / "x", data, max_length=733)
@@ -261,7 +261,7 @@ def test_vllm_and_hf_backends_agree_in_float32(tiny_models, tmp_path):
     capture(tiny_models, tmp_path / "hf", data, value_encoding="float32")
     capture(tiny_models, tmp_path / "vllm", data, value_encoding="float32", backend="vllm", max_length=128, apart=True)
     hf, vllm = list(ShardReader(tmp_path / "hf" / "out")), list(ShardReader(tmp_path / "vllm" / "out"))
-    assert ShardReader(tmp_path / "vllm" / "out").header["backend"]["name"] == "vllm"
+    assert ShardReader(tmp_path / "vllm" / "out").header.backend["name"] == "vllm"
     assert [r.sample_id for r in hf] == [r.sample_id for r in vllm]
     for a, b in zip(hf, vllm):
         np.testing.assert_array_equal(a.positions, b.positions)

@@ -78,7 +78,7 @@ def test_every_file_carries_the_header(shard_dir):
     for record in manifest.files:
         meta = pq.read_schema(shard_dir / record.name).metadata
         header = json.loads(meta[PARQUET_METADATA_KEY])
-        assert header["format_version"] == manifest.header["format_version"] == "1.0"
+        assert header["format_version"] == manifest.header.format_version == "1.0"
         assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
 
 
@@ -151,3 +151,22 @@ def test_large_vocabulary_ids_are_int32_and_exact(tmp_path):
     directory = write_shards(tmp_path / "s", rows, synthetic_header(k=4, vocab=70_000))
     assert pq.read_schema(next((directory / "data").glob("*.parquet"))).field("topk_ids").type.value_type == "int32"
     assert_rows_equal(rows, list(ShardReader(directory)), QUANT_ERROR)
+
+
+def test_header_round_trips_keeps_a_newer_minor_versions_keys_and_names_bad_fields():
+    from amid_pipeline.shards.manifest import Header
+    from amid_pipeline.shards.schema import FormatError
+
+    header = synthetic_header()
+    assert Header.from_json(header.to_json(), "x") == header
+    newer = {**header.to_json(), "format_version": "1.3", "sampling": {"draws": 12}}  # a later 1.x writer's key
+    read = Header.from_json(newer, "m.json")
+    assert read.k == 8 and read.extra == {"sampling": {"draws": 12}} and read.to_json()["sampling"] == {"draws": 12}
+    for bad, message in (({"k": 0}, "m.json: k must be >= 1"), ({"value_encoding": "zip"}, "m.json: unknown value_encoding"),
+                         ({"format": "other"}, "m.json: not an amid-pipeline shard header"),
+                         ({"format_version": "2.0"}, "m.json")):
+        with pytest.raises(FormatError, match=message):
+            Header.from_json({**header.to_json(), **bad}, "m.json")
+    without_k = {key: value for key, value in header.to_json().items() if key != "k"}
+    with pytest.raises(FormatError, match="m.json: header lacks k"):
+        Header.from_json(without_k, "m.json")

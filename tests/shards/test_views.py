@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pyarrow.parquet as pq
@@ -9,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from amid_pipeline.cli import app
-from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.manifest import Header, load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError
 from amid_pipeline.shards.verify import verify_directory
@@ -19,11 +20,8 @@ from tests.helpers import assert_same_rows, random_rows, rows_by_id, synthetic_h
 runner = CliRunner()
 
 
-def header_for(source: str, **changes) -> dict:
-    header = synthetic_header()
-    header["dataset"] = {"source": source}
-    header.update(changes)
-    return header
+def header_for(source: str, **changes) -> Header:
+    return dataclasses.replace(synthetic_header(), dataset={"source": source}, **changes)
 
 
 @pytest.fixture
@@ -41,7 +39,7 @@ def test_combined_view_reads_as_both_directories_and_verifies(two_runs, tmp_path
     assert_same_rows(rows_by_id(tmp_path / "both"), {**rows_by_id(a), **rows_by_id(b)})
     manifest = load_manifest(tmp_path / "both")
     assert manifest.totals["positions"] == load_manifest(a).totals["positions"] + load_manifest(b).totals["positions"]
-    assert manifest.header["dataset"] == {"source": "combined", "sources": ["data/a.jsonl", "data/b.jsonl"]}
+    assert manifest.header.dataset == {"source": "combined", "sources": ["data/a.jsonl", "data/b.jsonl"]}
     assert all(record.name.startswith("../run-") for record in manifest.files)  # no data copied
     assert not (tmp_path / "both" / "data").exists()
     report = verify_directory(tmp_path / "both")
@@ -81,7 +79,7 @@ def test_directories_of_another_teacher_tokenizer_or_k_are_refused(two_runs, tmp
         c = write_shards(tmp_path / reason.split()[0], rows, header)
         with pytest.raises(FormatError, match=rf"cannot be combined with .*run-a: {reason}"):
             combine_directories([str(a), str(c)], str(tmp_path / "view"))
-    k4 = write_shards(tmp_path / "k4", random_rows(3, k=4, vocab=100, seed=9), {**header_for("z"), "k": 4})
+    k4 = write_shards(tmp_path / "k4", random_rows(3, k=4, vocab=100, seed=9), header_for("z", k=4))
     result = runner.invoke(app, ["combine", str(tmp_path / "view"), str(a), str(k4)])
     assert result.exit_code == 1 and "k differs (8 vs 4)" in result.output
     from amid_pipeline.train.checks import TrainingError, check_shard_dirs

@@ -39,7 +39,7 @@ def run(tiny_models, pairs, output, **settings):
 def test_sft_trains_on_the_tokens_cache_teacher_stores(tiny_models, tiny_shards):
     """Rows of the tiny shards' dataset, tokenised by sft's path: the same ids and supervised targets."""
     header = ShardReader(tiny_shards).header
-    settings = DatasetSettings(dataset=header["dataset"]["source"], max_length=header["max_length"],
+    settings = DatasetSettings(dataset=header.dataset["source"], max_length=header.max_length,
                                data_format="prompt_response")
     examples, _ = dataset_examples(settings, AutoTokenizer.from_pretrained(tiny_models["teacher"]))
     stored = {row.sample_id: row for row in ShardReader(tiny_shards)}

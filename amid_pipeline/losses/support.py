@@ -49,6 +49,9 @@ class TeacherTargets:
     target_logprob: torch.Tensor  # [N] float
     mask: torch.Tensor  # [N] bool
 
+    def to(self, device) -> TeacherTargets:
+        return TeacherTargets(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
     def check(self) -> None:
         n, k = self.topk_ids.shape if self.topk_ids.dim() == 2 else (None, None)
         if n is None or k == 0:

@@ -110,8 +110,7 @@ class Batch:
     tokens: int  # sequence tokens fed to the student (padding excluded)
 
     def to(self, device) -> Batch:
-        teacher = TeacherTargets(*(getattr(self.teacher, f.name).to(device) for f in dataclasses.fields(self.teacher)))
-        return dataclasses.replace(self, inputs=self.inputs.to(device), teacher=teacher)
+        return dataclasses.replace(self, inputs=self.inputs.to(device), teacher=self.teacher.to(device))
 
 
 @dataclasses.dataclass
@@ -179,6 +178,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
         yield from self.worker_batches(*((info.id, info.num_workers) if info else (0, 1)))
 
     def worker_batches(self, worker: int, workers: int) -> Iterator[Batch]:
+        """Worker ``worker`` of ``workers``' batches of this epoch, after ``skip_batches`` (with ``light``: only
+        each batch's token count, for counting batches without decoding)."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         s = self.settings
         skip = len(range(worker, self.skip_batches, workers))  # batches are taken from workers in turn

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from amid_pipeline.config import load_config
-from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.loop import distill
 from tests.helpers import ROOT
 

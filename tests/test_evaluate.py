@@ -48,3 +48,25 @@ def test_eval_on_shards_equals_a_plain_forward_over_every_row(tiny_models, tiny_
         assert math.isclose(metrics[key], expected[key], rel_tol=1e-4), (key, metrics[key], expected[key])
     assert math.isclose(metrics["perplexity"], math.exp(expected["ce"]), rel_tol=1e-4)
     assert abs(metrics["top1_agreement"] - expected["top1_agreement"]) <= 1 / expected["positions"]  # one near-tie
+
+
+def test_heldout_sums_count_only_supervised_positions():
+    """Positions whose mask is False (prompt tokens stored with positions = "all") add nothing to any sum."""
+    from amid_pipeline.losses import KDLoss, TeacherTargets
+    from amid_pipeline.train.step import heldout_sums
+
+    torch.manual_seed(0)
+    n, k, vocab, width = 12, 4, 50, 8
+    hidden, head = torch.randn(n, width), torch.nn.Linear(width, vocab, bias=False)
+    log_p = torch.log_softmax(torch.randn(n, vocab), -1).topk(k, -1)
+    teacher = TeacherTargets(log_p.indices, log_p.values, torch.randint(0, vocab, (n,)), torch.zeros(n),
+                             torch.arange(n) % 3 != 0)
+    kept = teacher.mask
+    alone = TeacherTargets(teacher.topk_ids[kept], teacher.topk_logprobs[kept], teacher.target_ids[kept],
+                           teacher.target_logprob[kept], torch.ones(int(kept.sum()), dtype=torch.bool))
+    with torch.no_grad():
+        masked = heldout_sums(hidden, head, teacher, KDLoss("forward_kl"))
+        subset = heldout_sums(hidden[kept], head, alone, KDLoss("forward_kl"))
+    assert masked["positions"] == subset["positions"] == 8
+    for key, value in subset.items():
+        assert math.isclose(masked[key], value, rel_tol=1e-5, abs_tol=1e-6), key

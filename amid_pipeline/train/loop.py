@@ -150,7 +150,8 @@ def _distill(config: DistillConfig) -> RunSummary:
     data, batches = train_batches(epoch, consumed)
     batches_per_epoch = epoch_batches(epoch)
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress or not processes.main, unit="step", desc="distill")
-    metrics_file = MetricsLog(output, tensorboard=config.tensorboard) if processes.main else None
+    trackers = [name for name in config.report_to if name != "none"]
+    metrics_file = MetricsLog(output, trackers, dataclasses.asdict(config)) if processes.main else None
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
     try:
         while step < total_steps:

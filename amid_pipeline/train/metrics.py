@@ -1,9 +1,12 @@
-"""Held-out evaluation across ranks, and where metrics go: ``RUN_DIR/metrics.jsonl`` and TensorBoard."""
+"""Held-out evaluation across ranks, and where metrics go: ``RUN_DIR/metrics.jsonl`` and the trackers
+(TensorBoard, Weights & Biases, trackio) through their own APIs."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,34 +52,93 @@ def evaluate(module: nn.Module, batches: Iterable[Batch], device, autocast) -> d
     return metrics
 
 
-class MetricsLog:
-    """``RUN_DIR/metrics.jsonl`` (one JSON object per line, always) and TensorBoard event files under
-    ``RUN_DIR/tensorboard`` when the ``tensorboard`` package is installed (``tensorboard`` setting on)."""
+class TensorBoardTracker:
+    """Event files under ``RUN_DIR/tensorboard`` (``torch.utils.tensorboard.SummaryWriter``)."""
 
-    def __init__(self, output: Path, tensorboard: bool) -> None:
+    def __init__(self, output: Path, run: str, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run (``wandb.init`` / ``run.log`` / ``run.finish``) in ``RUN_DIR/wandb``; project
+    ``$WANDB_PROJECT`` or amid-pipeline; offline with ``WANDB_MODE=offline`` (``wandb sync`` uploads it
+    later). A resumed run continues the same wandb run (its id is kept in ``RUN_DIR/wandb_run_id``)."""
+
+    def __init__(self, output: Path, run: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        id_file = output / "wandb_run_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "amid-pipeline"), name=run,
+                              id=id_file.read_text().strip(), resume="allow", dir=str(output), config=config)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TrackioTracker:
+    """A trackio run (``trackio.init`` / ``trackio.log`` / ``trackio.finish``): local by default (SQLite
+    under ``$TRACKIO_DIR``; ``trackio show`` opens the dashboard), project ``$TRACKIO_PROJECT`` or
+    amid-pipeline, named after the run folder; a resumed run continues it."""
+
+    def __init__(self, output: Path, run: str, config: dict[str, Any]) -> None:
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "amid-pipeline"), name=run, config=config,
+                     resume="allow")
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}  # name = its package
+
+
+class MetricsLog:
+    """``RUN_DIR/metrics.jsonl`` (one JSON object per line, always) and the trackers named in
+    ``report_to`` (:data:`TRACKERS`), each through its own library, with scalars named ``train/<key>`` and
+    ``eval/<key>``. A tracker whose package is not installed is skipped with a one-line warning."""
+
+    def __init__(self, output: Path, report_to: list[str] = (), config: dict[str, Any] | None = None) -> None:
         self.file = open(output / "metrics.jsonl", "a", encoding="utf-8")
-        self.board = None
-        if tensorboard:
+        self.trackers = []
+        for name in report_to:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                self.trackers.append(TRACKERS[name](output, output.resolve().name, config or {}))
             except ImportError:
-                return
-            self.board = SummaryWriter(str(output / "tensorboard"))
+                print(f"warning: report_to: {name} is not installed (pip install {name}); not reported there")
 
     def write(self, payload: dict[str, Any]) -> None:
         self.file.write(json.dumps(payload) + "\n")
         self.file.flush()
-        if self.board is not None:
-            scalars = payload.get("eval", payload)
+        if self.trackers:
             prefix = "eval/" if "eval" in payload else "train/"
-            for key, value in scalars.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.board.add_scalar(prefix + key, value, payload["step"])
+            scalars = {prefix + key: value for key, value in payload.get("eval", payload).items()
+                       if key not in ("step", "epoch") and isinstance(value, (int, float))}
+            for tracker in self.trackers:
+                tracker.log(scalars, payload["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.board is not None:
-            self.board.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -204,7 +204,7 @@ def sft(config: SFTConfig) -> SFTSummary:
             config.keep_checkpoints)
 
     # --- 3. the step loop -------------------------------------------------------------------------------
-    log = MetricsLog(output, tensorboard=False)
+    log = MetricsLog(output)
     bar = tqdm(total=total_steps, initial=state["step"], disable=not config.progress, unit="step", desc="sft")
     plateau = False
     try:

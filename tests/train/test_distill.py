@@ -201,29 +201,93 @@ def test_eval_shards_replace_the_heldout_fraction(tiny_shards, tiny_models, tmp_
     assert summary.eval["positions"] == supervised  # every supervised position of the eval shards
 
 
-def test_tensorboard_scalars_when_installed(tiny_shards, tiny_models, tmp_path, monkeypatch):
-    """With a SummaryWriter importable, train and eval scalars go to it beside metrics.jsonl."""
-    import types
+def wandb_history(run_dir):
+    """{step: scalars} from an offline wandb run's ``.wandb`` file, read without wandb: its records are
+    LevelDB-log framed (7-byte file header; per chunk crc32, length, type) ``wandb.proto`` Records."""
+    import struct
 
-    written = []
+    from wandb.proto import wandb_internal_pb2
 
-    class FakeWriter:
-        def __init__(self, log_dir):
-            written.append(("dir", log_dir))
+    history, payload = {}, b""
+    for path in sorted(run_dir.glob("wandb/*run-*/run-*.wandb")):
+        data, offset = path.read_bytes(), 7
+        while offset + 7 <= len(data):
+            if 32768 - offset % 32768 < 7:  # a block's tail too short for a header is padding
+                offset += 32768 - offset % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+            payload += data[offset + 7 : offset + 7 + length]
+            offset += 7 + length
+            if kind in (1, 4):  # FULL or LAST chunk: one record complete
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                payload = b""
+                if record.WhichOneof("record_type") == "history":
+                    items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item}
+                    history[items.pop("_step")] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return history
 
-        def add_scalar(self, tag, value, step):
-            written.append((tag, step))
 
-        def close(self):
-            written.append(("closed", None))
+def test_trackers_get_the_scalars_of_metrics_jsonl(tiny_shards, tiny_models, tmp_path, monkeypatch, capsys):
+    """--report-to tensorboard,wandb,trackio: each tracker, read back with an independent reader (event
+    files, the raw offline wandb records, trackio's SQLite), holds every train and eval scalar of
+    metrics.jsonl at its step; a resumed run continues the same wandb run; a tracker that is not
+    installed is skipped with a warning."""
+    import sqlite3
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=2, eval_every=2))
-    assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard")) and written[-1][0] == "closed"
-    assert ("train/loss", 1) in written and ("train/loss", 2) in written and ("eval/kl_to_teacher", 2) in written
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: JSON lines only
-    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "plain", max_steps=1))
-    assert (tmp_path / "plain" / "metrics.jsonl").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("TRACKIO_PROJECT", "kd")
+    run = tmp_path / "run"
+    distill(make_config(tiny_shards, tiny_models["student"], run, max_steps=2, eval_every=2, save_every=2,
+                        report_to=["tensorboard", "wandb", "trackio"]))
+    distill(make_config(tiny_shards, tiny_models["student"], run, max_steps=3, eval_every=3, save_every=3,
+                        report_to=["tensorboard", "wandb", "trackio"], resume=True))
+    expected = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        payload = json.loads(line)
+        prefix = "eval/" if "eval" in payload else "train/"
+        expected.setdefault(payload["step"], {}).update(
+            {prefix + k: v for k, v in payload.get("eval", payload).items() if k not in ("step", "epoch")})
+    assert sorted(expected) == [1, 2, 3] and "eval/kl_to_teacher" in expected[2] and "train/loss" in expected[3]
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    board = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            board.setdefault(event.step, {})[tag] = event.value
+    assert board.keys() == expected.keys()
+    for step, scalars in expected.items():
+        assert board[step] == pytest.approx(scalars, rel=1e-6)  # event files store float32
+
+    assert wandb_history(run) == expected
+    assert len({path.name for path in run.glob("wandb/*run-*/run-*.wandb")}) == 1  # one run id, resumed
+
+    with sqlite3.connect(tmp_path / "trackio" / "kd.db") as db:
+        rows = db.execute("SELECT run_name, step, metrics FROM metrics").fetchall()
+    tracked = {}
+    for name, step, metrics in rows:
+        assert name == "run"
+        tracked.setdefault(step, {}).update(json.loads(metrics))
+    assert {step: {k: v for k, v in scalars.items() if k in expected[step]} for step, scalars in tracked.items()} == expected
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: skipped with one warning line
+    capsys.readouterr()
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "plain", max_steps=1, report_to=["wandb"]))
+    assert "warning: report_to: wandb is not installed (pip install wandb)" in capsys.readouterr().out
+    assert (tmp_path / "plain" / "metrics.jsonl").exists() and not (tmp_path / "plain" / "wandb").exists()
+
+
+def test_unknown_tracker_is_refused_by_name(tiny_shards, tiny_models, tmp_path):
+    from amid_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="report_to: 'mlflow' is not one of tensorboard, wandb, trackio, none"):
+        make_config(tiny_shards, tiny_models["student"], tmp_path / "run", report_to=["mlflow"])
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_shards, tiny_models, tmp_path, monkeypatch):

@@ -7,7 +7,9 @@ the teacher with every third layer (63.7 M parameters, vocabulary 49,152). One r
 the median step time (forward, backward, AdamW), tokens/s and peak memory (each mode in a fresh
 process; peak resident memory above the level after a warm-up step): (a) plain CE on the ground truth with full logits (B x T x V), (b) KD (AMiD) on full logits at
 the stored positions, (c) KD with the tail bucket (chunked full normaliser), (d) KD through the sparse
-head (logits only at the k stored ids). Then the data pipeline's batches/s and its ratio to the
+head (logits only at the k stored ids), (e) and (f) as (d) with sequences packed into rows of --max-length,
+kept apart by a block-diagonal [B, 1, T, T] mask or by restarting position ids alone (transformers builds
+the mask itself on CPU/SDPA; flash-attention varlen needs none on GPU). Then the data pipeline's batches/s and its ratio to the
 fastest step's token consumption.
 """
 
@@ -29,7 +31,9 @@ from harness import PeakRSS, median_seconds, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"ce": "(a) CE, full logits", "dense": "(b) KD, full logits at stored positions",
-         "tail": "(c) KD, tail bucket (chunked normaliser)", "sparse": "(d) KD, sparse head"}
+         "tail": "(c) KD, tail bucket (chunked normaliser)", "sparse": "(d) KD, sparse head",
+         "packed-mask": "(e) = (d), rows packed, block-diagonal mask",
+         "packed-positions": "(f) = (d), rows packed, position ids only (no mask)"}
 
 
 def prepare(work: Path, rows: int, k: int, max_length: int) -> tuple[Path, Path]:
@@ -49,11 +53,13 @@ def prepare(work: Path, rows: int, k: int, max_length: int) -> tuple[Path, Path]
     return student, shards
 
 
-def batches(shards: Path, batch_size: int, max_length: int, count: int | None = None) -> list[dict]:
+def batches(shards: Path, batch_size: int, max_length: int, count: int | None = None, packed_attention: str = "") -> list:
+    """The first ``count`` training batches; packed (by ``packed_attention``) when it is given."""
     from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 
-    data = ShardBatches(list_files([str(shards)]), DataSettings(batch_size=batch_size, max_length=max_length,
-                                                                heldout_fraction=0.0), seed=0)
+    settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
+                            packing=bool(packed_attention), packed_attention=packed_attention or "mask")
+    data = ShardBatches(list_files([str(shards)]), settings, seed=0)
     out = []
     for batch in data:
         out.append(batch)
@@ -69,7 +75,8 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
     from amid_pipeline.train.step import DistillModule
 
     torch.manual_seed(0)
-    data = batches(shards, batch_size, max_length, count=6)
+    packed_attention = {"packed-mask": "mask", "packed-positions": "position_ids"}.get(mode, "")
+    data = batches(shards, batch_size, max_length, count=6, packed_attention=packed_attention)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_fn = KDLoss("amid", support="tail" if mode == "tail" else "renormalized")
@@ -82,7 +89,7 @@ def run_mode(mode: str, student_dir: Path, shards: Path, batch_size: int, max_le
         optimizer.zero_grad(set_to_none=True)
         if mode == "ce":
             inputs = batch.inputs
-            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits  # [B, T, V]
+            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).logits  # [B, T, V]
             picked = logits[inputs.row, inputs.column]
             loss = torch.nn.functional.cross_entropy(picked.float(), batch.teacher.target_ids)
         else:

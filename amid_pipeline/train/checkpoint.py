@@ -1,9 +1,12 @@
 """Checkpoints that a kill cannot corrupt: written to a temporary folder, renamed, then pointed to.
 
 ``OUTPUT/checkpoints/step-000050/`` holds the student (``save_pretrained``) and ``trainer_state.pt``
-(optimizer, scheduler, RNG states, data position, loss state, step). ``OUTPUT/checkpoints/latest.json``
-names the newest complete one and is replaced atomically after the folder is in place, so an
-interrupted write leaves the previous checkpoint as the latest.
+(optimizer, scheduler, RNG states, data position, loss state, step). Under FSDP the student and its
+optimizer state are instead a sharded ``torch.distributed.checkpoint`` in ``step-000050/distributed/``,
+written by every process at once (nothing is gathered on one rank; it loads under any number of processes),
+beside the model's ``config.json``. ``OUTPUT/checkpoints/latest.json`` names the newest complete one and is
+replaced atomically after the folder is in place, so an interrupted write leaves the previous checkpoint
+as the latest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from amid_pipeline.shards.storage import fsync_dir, write_json_atomic
 
 LATEST = "latest.json"
+SHARDED = "distributed"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,15 +39,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def staging_folder(directory: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place."""
+    return directory / f".step-{step:06d}.tmp"
+
+
 def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int,
-                    weights: dict | None = None) -> Path:
-    """Write checkpoint ``step`` under ``directory`` and make it the latest; prune to ``keep``.
-    ``weights``: a gathered full state dict (FSDP); default: the model's own."""
+                    sharded: bool = False) -> Path:
+    """Write checkpoint ``step`` under ``directory`` and make it the latest; prune to ``keep``. With
+    ``sharded`` the processes have already written the weights and optimizer state to
+    ``staging_folder(...)/distributed`` (:func:`amid_pipeline.train.distributed.save_sharded`) and only the
+    model's config is added; otherwise the model is saved with ``save_pretrained``."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = directory / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
+    tmp = staging_folder(directory, step)
+    if sharded:
+        model.config.save_pretrained(tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
     final = directory / name

@@ -88,3 +88,22 @@ def check_resumed_objective(recorded: Path, loss_fn: KDLoss) -> None:
     if recorded.exists() and json.loads(recorded.read_text()) != loss_fn.resolved():
         raise TrainingError(f"{recorded} records another objective than this --resume asks for "
                             f"({json.loads(recorded.read_text())} vs {loss_fn.resolved()}): resume with the same loss settings")
+
+
+def packed_attention_mode(config: DistillConfig, model, notes: list[str]) -> str:
+    """``packed_attention`` resolved for ``model`` ("mask" or "position_ids"; "mask" when not packing):
+    auto picks position ids when :func:`packs_by_position_ids` passes (and says so in ``notes``); asking
+    for position ids with a student whose attention crosses packed sequences is refused."""
+    from amid_pipeline.train.step import packs_by_position_ids
+
+    if not config.packing:
+        return "mask"
+    if config.packed_attention == "auto":
+        mode = "position_ids" if packs_by_position_ids(model) else "mask"
+        how = "position ids (no mask)" if mode == "position_ids" else "a block-diagonal mask"
+        notes.append(f"packed rows keep attention inside each sequence by {how}")
+        return mode
+    if config.packed_attention == "position_ids" and not packs_by_position_ids(model):
+        raise TrainingError(f"packed_attention: {config.student} does not keep packed sequences apart by position ids "
+                            f"alone (its attention crosses them); use packed_attention = 'mask'")
+    return config.packed_attention

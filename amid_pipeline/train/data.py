@@ -89,13 +89,15 @@ class StudentInputs:
     """What the student's forward needs: ``B`` sequences of padded length ``T``, ``N`` stored positions."""
 
     input_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor  # [B, T] long, or [B, 1, T, T] bool when packed (block-diagonal causal)
-    position_ids: torch.Tensor  # [B, T] long, restarting at 0 in every packed sequence
+    attention_mask: torch.Tensor | None  # [B, T] long; packed: [B, 1, T, T] bool (block-diagonal causal), or
+    # None where the model finds the sequences from the restarting position ids (packed_attention)
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 in every packed sequence (and at each padding token)
     row: torch.Tensor  # [N] long: the batch row of each stored position
     column: torch.Tensor  # [N] long: its column in the padded row
 
     def to(self, device) -> StudentInputs:
-        return StudentInputs(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return StudentInputs(*(None if (value := getattr(self, f.name)) is None else value.to(device)
+                               for f in dataclasses.fields(self)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,7 @@ class DataSettings:
     batch_size: int = 8
     max_length: int = 1024
     packing: bool = False
+    packed_attention: str = "mask"  # packed rows: "mask" (block-diagonal) or "position_ids" (no mask)
     shuffle_buffer: int = 1024
     bucket_batches: int = 16  # batches per length-sorted pool
     heldout_fraction: float = 0.05
@@ -211,7 +214,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
             rng.shuffle(groups)
         if self.light:  # counting only: one token count per batch
             return [sum(len(r.input_ids) for items in g for r, _ in items) for g in groups]
-        return [collate(group, s.max_length, s.student_vocab) for group in groups]
+        return [collate(group, s.max_length, s.student_vocab, s.packed_attention) for group in groups]
 
 
 def count_batches(files: list[ShardFile], settings: DataSettings, *, seed: int, epoch: int, world: int,
@@ -242,8 +245,11 @@ def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:
     return [bins[i : i + batch_size] for i in range(0, len(bins), batch_size)]
 
 
-def collate(group: list[list], max_length: int, student_vocab: int | None) -> Batch:
-    """The :class:`Batch` of ``group``: a list of batch rows, each a list of (TeacherRow, path)."""
+def collate(group: list[list], max_length: int, student_vocab: int | None, packed_attention: str = "mask") -> Batch:
+    """The :class:`Batch` of ``group``: a list of batch rows, each a list of (TeacherRow, path). Packed
+    rows keep attention inside each sequence by a block-diagonal mask (``packed_attention="mask"``) or by
+    position ids alone (``"position_ids"``: no mask; positions restart at 0 in every sequence and each
+    padding token is a sequence of its own, so the model's packed-sequence detection finds the boundaries)."""
     lengths = [sum(min(len(r.input_ids), max_length) for r, _ in items) for items in group]
     width = max(lengths)
     packed = any(len(items) > 1 for items in group)
@@ -273,7 +279,9 @@ def collate(group: list[list], max_length: int, student_vocab: int | None) -> Ba
             ids.append(row.sample_id)
             paths.append(path)
             offset += length
-    if packed:  # block-diagonal causal mask: attention stays inside each packed sequence
+    if packed and packed_attention == "position_ids":
+        attention_mask = None
+    elif packed:  # block-diagonal causal mask: attention stays inside each packed sequence
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         attention_mask = (same & causal & (segment[:, :, None] >= 0))[:, None]

@@ -1,10 +1,12 @@
 """Processes and devices of a run (one, or several under ``torchrun``), FSDP wrapping, and the state
-dicts that checkpoints and the final HF folder need (full states, gathered on rank 0 under FSDP)."""
+dicts that checkpoints and the final HF folder need: sharded ``torch.distributed.checkpoint`` folders for
+FSDP checkpoints, full states (gathered on rank 0 under FSDP) for the final HF folder."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,23 +56,42 @@ def wrap(module: nn.Module, model: nn.Module, processes: Processes, parallel: st
     return nn.parallel.DistributedDataParallel(module), False
 
 
-def full_states(module: nn.Module, optimizer, fsdp: bool) -> tuple[dict | None, dict | None]:
-    """(full model state dict for ``save_pretrained`` or None = the model's own, optimizer state).
-
-    Under FSDP both are gathered from the shards (every rank must call this) into rank 0's CPU memory.
-    """
+def full_weights(module: nn.Module, fsdp: bool) -> dict | None:
+    """The full model state dict for ``save_pretrained`` (None = the model's own). Under FSDP it is
+    gathered from the shards (every rank must call this) into rank 0's CPU memory."""
     if not fsdp:
-        return None, optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
-    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options) if optimizer is not None else None
-    return weights, optimizer_state
+    return {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
+
+
+def save_sharded(module: nn.Module, optimizer, path: Path) -> None:
+    """Every process writes its shards of the weights and the optimizer state to ``path`` (a
+    ``torch.distributed.checkpoint``; collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optimizer_state = get_state_dict(module, optimizer)
+    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(path))
+
+
+def load_sharded(module: nn.Module, optimizer, path: Path) -> None:
+    """The weights and optimizer state of :func:`save_sharded`'s ``path`` into this run's (sharded or not)
+    module and optimizer; the checkpoint may come from another number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optimizer_state = get_state_dict(module, optimizer)
+    state = {"model": weights, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_optimizer_state(module: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
-    """The full optimizer state of a checkpoint, into this process's (sharded, under FSDP) optimizer."""
+    """The full optimizer state of a (single-process or DDP) checkpoint, into this process's (sharded,
+    under FSDP) optimizer."""
     if not fsdp:
         optimizer.load_state_dict(state)
         return

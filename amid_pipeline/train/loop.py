@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,12 +26,14 @@ from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
-from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint,
+                                            set_rng_state, staging_folder)
 from amid_pipeline.train.checks import (TrainingError, check_resumed_objective, check_shard_dirs, check_student,
-                                        objective_and_data_notes)
+                                        objective_and_data_notes, packed_attention_mode)
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
-from amid_pipeline.train.distributed import full_states, load_optimizer_state, start_processes, wrap
+from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, save_sharded,
+                                             start_processes, wrap)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
 from amid_pipeline.train.step import DistillModule
 
@@ -75,7 +78,9 @@ def _distill(config: DistillConfig) -> RunSummary:
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
         raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
-    model = AutoModelForCausalLM.from_pretrained(resume_from or config.student, dtype=torch.float32).to(device)
+    sharded_resume = resume_from is not None and (resume_from / SHARDED).is_dir()  # an FSDP checkpoint
+    weights_from = config.student if resume_from is None or sharded_resume else resume_from
+    model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32).to(device)
     head_size = model.get_output_embeddings().weight.shape[0]
     notes = check_student(header, tokenizer, head_size, config.student) + objective_and_data_notes(config, files)
     if config.gradient_checkpointing:
@@ -83,9 +88,11 @@ def _distill(config: DistillConfig) -> RunSummary:
     loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
     if resume_from is not None:
         check_resumed_objective(output / "loss.json", loss_fn)
+    packed_attention = packed_attention_mode(config, model, notes)
     sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
-                            shuffle_buffer=config.shuffle_buffer, heldout_fraction=config.heldout_fraction,
+                            packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
+                            heldout_fraction=config.heldout_fraction,
                             skip_bad_files=config.skip_bad_files, student_vocab=head_size)
     if config.eval_shards:  # evaluate on those; train on every row of --shards
         check_shard_dirs([*config.shards, *config.eval_shards])
@@ -110,7 +117,10 @@ def _distill(config: DistillConfig) -> RunSummary:
     step, epoch, consumed, tokens = 0, 0, 0, 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        load_optimizer_state(module, optimizer, state["optimizer"], fsdp)
+        if sharded_resume:
+            load_sharded(module, optimizer, resume_from / SHARDED)
+        else:
+            load_optimizer_state(module, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         if loss_fn.schedule is not None:
             loss_fn.schedule.load_state_dict(state["loss_schedule"])
@@ -137,13 +147,18 @@ def _distill(config: DistillConfig) -> RunSummary:
         return (batch for index, batch in zip(range(config.eval_batches), data))
 
     def checkpoint() -> None:
-        weights, optimizer_state = full_states(module, optimizer, fsdp)  # collective under FSDP
+        if fsdp:  # every process writes its shards; nothing is gathered
+            staging = staging_folder(checkpoints, step)
+            if processes.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            processes.barrier()
+            save_sharded(module, optimizer, staging / SHARDED)
         if processes.main:
             save_checkpoint(checkpoints, step, model, tokenizer, {
-                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "consumed": consumed, "tokens": tokens,
+                "optimizer": None if fsdp else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "consumed": consumed, "tokens": tokens,
                 "loss_schedule": loss_fn.schedule.state_dict() if loss_fn.schedule else None,
-            }, config.keep_checkpoints, weights=weights)
+            }, config.keep_checkpoints, sharded=fsdp)
         processes.barrier()
 
     # --- 4. the step loop ---------------------------------------------------------------------------
@@ -204,7 +219,7 @@ def _distill(config: DistillConfig) -> RunSummary:
             metrics_file.close()
 
     # --- 5. the final model ---------------------------------------------------------------------------
-    weights, _ = full_states(module, None, fsdp)
+    weights = full_weights(module, fsdp)  # collective under FSDP
     if processes.main:
         model.save_pretrained(output / "model", state_dict=weights)
         tokenizer.save_pretrained(output / "model")

@@ -26,12 +26,33 @@ class DistillModule(nn.Module):
 
     def forward(self, inputs: StudentInputs, teacher: TeacherTargets, progress=None, metrics: bool = False):
         base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                      position_ids=inputs.position_ids).last_hidden_state[inputs.row, inputs.column]
+        hidden = base(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                      use_cache=False).last_hidden_state[inputs.row, inputs.column]  # no KV cache in training
         head = self.model.get_output_embeddings()
         if metrics:
             return heldout_sums(hidden, head, teacher, self.loss_fn)
         return self.loss_fn(student_output(hidden, head, self.sparse), teacher, progress=progress)
+
+
+@torch.no_grad()
+def packs_by_position_ids(model: nn.Module) -> bool:
+    """Whether ``model`` keeps attention inside sequences packed into one row when it is given only
+    position ids that restart at 0 (no attention mask, no KV cache), as transformers' packed-sequence
+    detection and flash-attention varlen do: of two 4-token sequences packed in one row, the second must
+    get the hidden states it has alone."""
+    base = getattr(model, model.base_model_prefix)
+    ids = torch.arange(1, 9, device=model.device).remainder(model.config.vocab_size)[None]
+    positions = torch.arange(4, device=model.device).repeat(2)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        packed = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0, 4:]
+        alone = base(input_ids=ids[:, 4:], position_ids=positions[:, :4], use_cache=False).last_hidden_state[0]
+    except (TypeError, ValueError, RuntimeError):  # a model whose forward takes no position ids
+        return False
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
 
 
 def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch.Tensor | StudentHead:

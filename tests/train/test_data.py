@@ -49,15 +49,22 @@ def test_skip_resumes_mid_epoch(tiny_shards):
     assert resumed == full[3:]
 
 
-def test_packed_rows_attend_only_within_each_sequence(tiny_shards, tiny_models):
-    """Hidden states of a packed row equal those of each sequence run alone."""
+@pytest.mark.parametrize("packed_attention", ["mask", "position_ids"])
+def test_packed_rows_attend_only_within_each_sequence(tiny_shards, tiny_models, packed_attention):
+    """Hidden states of a packed row equal those of each sequence run alone, with the block-diagonal mask
+    and with position ids alone (no mask)."""
     files = list_files([str(tiny_shards)])
-    packed = next(iter(ShardBatches(files, DataSettings(batch_size=1, packing=True, max_length=400), seed=0, shuffle=False)))
-    assert packed.inputs.attention_mask.dim() == 4 and len(packed.sample_ids) > 1
+    settings = DataSettings(batch_size=1, packing=True, max_length=400, packed_attention=packed_attention)
+    packed = next(iter(ShardBatches(files, settings, seed=0, shuffle=False)))
+    assert len(packed.sample_ids) > 1
+    if packed_attention == "mask":
+        assert packed.inputs.attention_mask.dim() == 4
+    else:
+        assert packed.inputs.attention_mask is None
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
     with torch.no_grad():
         together = model.model(input_ids=packed.inputs.input_ids, attention_mask=packed.inputs.attention_mask,
-                               position_ids=packed.inputs.position_ids).last_hidden_state[0]
+                               position_ids=packed.inputs.position_ids, use_cache=False).last_hidden_state[0]
         starts = (packed.inputs.position_ids[0] == 0).nonzero()[:, 0].tolist() + [packed.inputs.input_ids.shape[1]]
         for a, b in zip(starts[:-1], starts[1:]):
             alone = model.model(input_ids=packed.inputs.input_ids[:, a:b]).last_hidden_state[0]

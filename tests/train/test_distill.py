@@ -59,6 +59,32 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_shards, tiny_mo
     assert long.eval["kd"] < short.eval["kd"] * 0.9
 
 
+def test_position_id_packing_is_used_only_where_the_student_supports_it(tiny_shards, tiny_models, tmp_path,
+                                                                         monkeypatch, capsys):
+    """auto picks position ids for a student whose attention stops at restarting positions, and the mask
+    for one whose attention crosses them (simulated: transformers' packed-sequence detection off), where
+    asking for position ids is refused."""
+    import transformers.masking_utils
+
+    from amid_pipeline.train.step import packs_by_position_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+    assert packs_by_position_ids(model)
+    settings = {"packing": True, "max_length": 200, "max_steps": 2, "eval_every": 0, "save_every": 0}
+    by_positions = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "a", **settings))
+    assert "packed rows keep attention inside each sequence by position ids (no mask)" in capsys.readouterr().out
+    by_mask = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "m", packed_attention="mask", **settings))
+    assert by_positions.final_loss == pytest.approx(by_mask.final_loss, rel=1e-5)  # the same attention, two ways
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packs_by_position_ids(model)
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "b", **settings))
+    assert "packed rows keep attention inside each sequence by a block-diagonal mask" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="does not keep packed sequences apart by position ids"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "c", packed_attention="position_ids",
+                            **settings))
+
+
 @pytest.mark.parametrize("settings", [{"loss": "taid", "grad_accum": 2}, {"loss": "amid", "packing": True, "max_length": 200}])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_shards, tiny_models, tmp_path, monkeypatch, settings):
     reference = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "ref", **settings))
@@ -178,17 +204,39 @@ def torchrun(tiny_shards, tiny_models, output, *extra):
 
 
 @pytest.mark.slow
-def test_two_processes_ddp_and_fsdp_agree(tiny_shards, tiny_models, tmp_path):
-    """torchrun with 2 CPU processes (gloo): DDP and FSDP take the same steps to the same weights."""
-    ddp = torchrun(tiny_shards, tiny_models, tmp_path / "ddp")
+def test_two_processes_ddp_and_fsdp_agree_and_fsdp_resumes_from_sharded_checkpoints(tiny_shards, tiny_models, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP and FSDP take the same steps to the same weights. FSDP
+    checkpoints are sharded torch.distributed.checkpoint folders (no gathered model file); a run stopped
+    at step 2 and resumed from one ends with the weights of the uninterrupted run, and one process can
+    resume from it too (the shards are re-assembled)."""
+    constant = ("--schedule", "constant")
+    ddp = torchrun(tiny_shards, tiny_models, tmp_path / "ddp", *constant)
     assert "2 process(es)" in ddp.stdout
-    torchrun(tiny_shards, tiny_models, tmp_path / "fsdp", "--parallel", "fsdp")
+    torchrun(tiny_shards, tiny_models, tmp_path / "fsdp", "--parallel", "fsdp", *constant)
     a, b = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "fsdp" / "model")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    resumed = torchrun(tiny_shards, tiny_models, tmp_path / "fsdp", "--parallel", "fsdp", "--resume")  # from step 4
-    assert resumed.returncode == 0 and (tmp_path / "fsdp" / "checkpoints" / "step-000004").is_dir()
+
+    stopped = tmp_path / "stopped"
+    torchrun(tiny_shards, tiny_models, stopped, "--parallel", "fsdp", *constant, "--max-steps", "2")
+    checkpoint = stopped / "checkpoints" / "step-000002"
+    assert (checkpoint / "distributed" / ".metadata").is_file() and (checkpoint / "config.json").is_file()
+    assert not list(checkpoint.glob("*.safetensors"))  # nothing gathered on rank 0
+    at_step_two = weights(stopped / "model")
+    import shutil
+
+    shutil.copytree(stopped, tmp_path / "one-process")
+    torchrun(tiny_shards, tiny_models, stopped, "--parallel", "fsdp", *constant, "--resume")  # steps 3 and 4
+    resumed = weights(stopped / "model")
+    for name in b:
+        torch.testing.assert_close(resumed[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    summary = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "one-process", resume=True,
+                                  max_steps=2, batch_size=2, seed=3, schedule="constant"))
+    assert summary.steps == 2
+    for name, value in weights(tmp_path / "one-process" / "model").items():
+        torch.testing.assert_close(value, at_step_two[name], rtol=0, atol=0, msg=name)
 
 
 def test_eval_shards_replace_the_heldout_fraction(tiny_shards, tiny_models, tmp_path):

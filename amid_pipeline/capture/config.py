@@ -7,7 +7,7 @@ from typing import Optional
 
 from amid_pipeline.chat import CHAT_TEMPLATE_MODES
 from amid_pipeline.config import setting
-from amid_pipeline.shards.schema import VALUE_ENCODINGS
+from amid_pipeline.shards.schema import TARGET_KINDS, VALUE_ENCODINGS
 
 DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
 
@@ -49,7 +49,10 @@ class CaptureConfig(DatasetSettings):
     output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
     dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
     max_length: Optional[int] = setting(None, f"Longest token sequence given to the teacher (longer ones: see overflow); default: the teacher's context, at most {DEFAULT_MAX_LENGTH} (on vLLM one token less: it generates one after each sequence). A larger value is refused.", minimum=2)
-    k: int = setting(64, "Top-k teacher log-probabilities stored per position.", minimum=1)
+    target_kind: str = setting("topk", "What is stored per position: topk (the k most probable ids) or sampled (ids drawn with replacement from the teacher's full distribution, kept as the distinct ids with their counts and exact log-probabilities: unbiased sparse targets; hf backend).", choices=TARGET_KINDS)
+    k: int = setting(64, "Top-k teacher log-probabilities stored per position (topk kind).", minimum=1)
+    draws: int = setting(32, "sampled kind: draws per position (the shard's k; each draw's id is stored once with its count).", minimum=1, maximum=65535)
+    proposal_temperature: float = setting(1.0, "sampled kind: draw from softmax(logits / T); T = 1 draws from the teacher itself (unbiased), T > 1 spreads the draws over more ids (importance-weighted in training).", minimum=0.05)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
     positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))
     backend: str = setting("auto", "Teacher engine: vllm, hf (transformers) or auto (vLLM when installed and runnable).", choices=("auto", "vllm", "hf"))
@@ -65,7 +68,7 @@ class CaptureConfig(DatasetSettings):
     max_new_tokens: int = setting(256, "Longest generated response.", minimum=1)
     temperature: float = setting(1.0, "Sampling temperature for --generate (0 = greedy).", minimum=0.0)
     top_p: float = setting(1.0, "Nucleus sampling mass for --generate.", minimum=0.0, maximum=1.0)
-    seed: int = setting(0, "Sampling seed for --generate (row i uses seed + i).")
+    seed: int = setting(0, "Sampling seed for --generate (row i uses seed + i) and for the sampled kind's draws (per sample id).")
     overwrite: bool = setting(False, "Delete an existing output directory written with other settings instead of refusing.")
     progress: bool = setting(True, "Show a progress bar.")
 
@@ -73,4 +76,6 @@ class CaptureConfig(DatasetSettings):
         errors = []
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
+        if self.target_kind == "sampled" and self.backend == "vllm":
+            errors.append("target_kind: 'sampled' runs on the hf backend (not yet on vLLM); use --backend hf")
         return errors

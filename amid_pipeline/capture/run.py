@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amid_pipeline.capture.backends import backend_name, make_backend
+from amid_pipeline.capture.backends import Sampling, backend_name, make_backend, sequence_seed
 from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.chat import template_sha256, uses_chat_template
@@ -198,7 +198,7 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         },
         tokenizer=tokenizer_info,
         model_vocab_size=backend.vocab_size,
-        k=config.k,
+        k=config.draws if config.target_kind == "sampled" else config.k,
         value_encoding=config.value_encoding,
         backend={"name": backend.name, "version": backend.version},
         max_length=config.max_length,
@@ -214,6 +214,9 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         },
         positions=config.positions,
         config=comparable_settings(config),
+        target_kind=config.target_kind,
+        sampling={"draws": config.draws, "temperature": config.proposal_temperature, "seed": config.seed}
+        if config.target_kind == "sampled" else {},
     )
 
 
@@ -374,7 +377,13 @@ def _score_and_write(batch: list[Example], backend, writer: ShardWriter, config:
     """Teacher-score ``batch`` and hand each sequence's stored positions to the writer; returns tokens."""
     if not batch:
         return 0
-    for example, scores in zip(batch, backend.score([e.input_ids for e in batch])):
+    sequences = [e.input_ids for e in batch]
+    if config.target_kind == "sampled":
+        scored = backend.score(sequences, sampling=Sampling(config.draws, config.proposal_temperature),
+                               seeds=[sequence_seed(config.seed, e.sample_id) for e in batch])
+    else:
+        scored = backend.score(sequences)
+    for example, scores in zip(batch, scored):
         positions, loss_mask = example.prediction_positions(config.positions)
         writer.add(
             TeacherRow(
@@ -386,6 +395,7 @@ def _score_and_write(batch: list[Example], backend, writer: ShardWriter, config:
                 topk_logprobs=scores.topk_logprobs[positions],
                 target_logprob=scores.target_logprob[positions],
                 target_rank=scores.target_rank[positions],
+                sampled_counts=None if scores.sampled_counts is None else scores.sampled_counts[positions],
             )
         )
         stats["sequences"] += 1

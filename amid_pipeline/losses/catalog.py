@@ -6,8 +6,8 @@ at import that the two lists agree.
 
 from __future__ import annotations
 
-SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized")
-FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized")  # need the student's full-vocabulary logsumexp
+SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized", "sampled")
+FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized", "sampled")  # need the student's full-vocabulary logsumexp
 LOSS_FUNCTIONS = ("akl", "amid", "atkd", "forward_kl", "jsd", "reverse_kl", "skl", "srkl", "taid", "tvd")
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes

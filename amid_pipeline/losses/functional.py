@@ -42,6 +42,20 @@ def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return kl(*_upcast(log_p, log_q))
 
 
+def sampled_forward_kl(log_weights: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Monte-Carlo estimate of KL(p‖q) from draws v ~ p kept as weights: Σ_i p̂_i (log p_i − log q_i).
+
+    ``log_weights`` [N, S] = log p̂ (the draws' empirical distribution, −inf where none landed);
+    ``log_p`` [N, S] the exact teacher log-probabilities and ``log_q`` [N, S] the student's, both over
+    the full vocabulary. Unbiased for p̂_i = c_i/N (E p̂_i = p_i), in value and gradient. -> [N].
+    """
+    check_pair(log_weights, log_q)
+    log_weights, log_q = _upcast(log_weights, log_q)
+    drawn = torch.isfinite(log_weights)
+    gap = torch.where(drawn, log_p.to(log_q.dtype) - log_q, torch.zeros_like(log_q))
+    return (log_weights.exp() * gap).sum(dim=-1)
+
+
 def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(q‖p) = Σ q (log q − log p). [N, S] x2 -> [N]."""
     check_pair(log_p, log_q)

@@ -194,10 +194,10 @@ class KDLoss(nn.Module):
         errors = validate_loss_params(name, params)
         if support not in SUPPORT_MODES:
             errors.append(f"support must be one of {SUPPORT_MODES}, got {support!r}")
-        elif support == "teacher_renormalized" and not errors:
+        elif support in ("teacher_renormalized", "sampled") and not errors:
             reason = infinite_under_zero_teacher_mass(*resolve_loss(name, params))
             if reason:
-                errors.append(f"support 'teacher_renormalized' gives the teacher probability 0 outside its stored ids, "
+                errors.append(f"support {support!r} gives the teacher probability 0 outside its stored ids, "
                               f"where the student keeps mass: {reason} is infinite there; use support 'tail'")
         if not 0.0 <= kd_ratio <= 1.0:
             errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
@@ -230,6 +230,8 @@ class KDLoss(nn.Module):
         kwargs = {k: v for k, v in self.params.items() if k not in TAID_SETTINGS}
         if self.name == "atkd":
             kd_values = self.function(log_p, log_q, target_column(teacher), mask, **kwargs)
+        elif self.name == "forward_kl" and self.support == "sampled":  # the unbiased estimator, exact log p
+            kd_values = F.sampled_forward_kl(log_p[:, :-1], teacher.topk_logprobs, log_q[:, :-1])
         elif self.name == "taid":
             step, total = progress if progress is not None else (0, 1)
             kd_values = self.function(log_p, log_q, t=self.schedule.value(step, total))

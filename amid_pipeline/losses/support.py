@@ -22,6 +22,19 @@ Support modes (losses.md §7); each equals the dense definition when the ids cov
   student's mass there (reverse KL, AKL, JSD at β = 1, AMiD orders that anchor on q or r where r can
   be positive while p = 0) are infinite under it and refused (:func:`infinite_under_zero_teacher_mass`).
 
+- ``sampled`` (shards of the sampled kind, :attr:`TeacherTargets.sample_weights`): S ∪ {rest}; the teacher
+  side is the empirical distribution of the draws, p̂_i = c_i/N (importance-weighted and self-normalised,
+  p̂_i ∝ c_i·p_i^(1−1/τ), for a proposal at temperature τ), p̂_rest = 0; q over the full vocabulary with
+  q_rest as under ``tail``. E[p̂_i] = p_i for τ = 1, so a loss linear in p is estimated without bias:
+  forward KL (its value through :func:`amid_pipeline.losses.functional.sampled_forward_kl`, which weighs
+  the exact log p_i) and the CE part of every loss; any other loss is a plug-in estimate D(p̂‖q)
+  (consistent as N grows, biased at finite N). Losses infinite where p = 0 < q are refused, as under
+  ``teacher_renormalized``.
+
+On sampled shards every support sees S = the distinct drawn ids; unused slots (weight 0, teacher −inf)
+are masked with −inf on the student side too, so they carry no mass. ``tail`` and ``renormalized`` there
+use the exact stored p_i on that random S (a plug-in estimate of another kind).
+
 ``with_target=True`` appends the actual next token as an extra column (teacher value from
 ``target_logprob``) when it is not already among the ids, so that losses needing p_g and q_g (ATKD)
 see it; a duplicate is masked with ``-inf`` on both sides.
@@ -48,15 +61,19 @@ class TeacherTargets:
     target_ids: torch.Tensor  # [N] long
     target_logprob: torch.Tensor  # [N] float
     mask: torch.Tensor  # [N] bool
+    sample_weights: torch.Tensor | None = None  # sampled shards: [N, k] float p̂ (Σ = 1; 0 = unused slot)
 
     def to(self, device) -> TeacherTargets:
-        return TeacherTargets(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return TeacherTargets(*(None if (value := getattr(self, f.name)) is None else value.to(device)
+                                for f in dataclasses.fields(self)))
 
     def check(self) -> None:
         n, k = self.topk_ids.shape if self.topk_ids.dim() == 2 else (None, None)
         if n is None or k == 0:
             raise ValueError(f"topk_ids must be [N, k] with k >= 1, got {tuple(self.topk_ids.shape)}")
         expected = {"topk_logprobs": (n, k), "target_ids": (n,), "target_logprob": (n,), "mask": (n,)}
+        if self.sample_weights is not None:
+            expected["sample_weights"] = (n, k)
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(getattr(self, name).shape)}")
@@ -150,18 +167,31 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
     if mode not in SUPPORT_MODES:
         raise ValueError(f"support mode must be one of {SUPPORT_MODES}, got {mode!r}")
     teacher.check()
+    weights = teacher.sample_weights
+    if mode == "sampled" and weights is None:
+        raise ValueError("support 'sampled' needs shards of the sampled target kind (sample_weights)")
     ids, log_p = _support_ids(teacher, with_target)
     z, lse, lse_outside = student_logits_at(student, ids, need_normalizer=mode in FULL_NORMALIZER_MODES)
     duplicate = torch.isneginf(log_p) & (torch.arange(ids.shape[1], device=ids.device) == ids.shape[1] - 1) if with_target else None
     if duplicate is not None:
         z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
+    if weights is not None:  # unused slots repeat a drawn id: no mass on either side
+        unused = weights == 0
+        if with_target:
+            unused = torch.cat([unused, torch.zeros_like(unused[:, :1])], dim=1)
+        z = torch.where(unused, torch.full_like(z, float("-inf")), z)
     log_p = log_p.to(z.dtype) if z.dtype == torch.float64 else log_p
     if mode == "renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_q = torch.log_softmax(z, dim=-1)
         return log_p, log_q, lse
     log_q = z - lse[:, None]
-    if mode == "teacher_renormalized":
+    if mode == "sampled":
+        log_p = weights.to(log_p.dtype).log()
+        if with_target:
+            log_p = torch.cat([log_p, torch.full_like(log_p[:, :1], float("-inf"))], dim=1)
+        log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
+    elif mode == "teacher_renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
     elif teacher.topk_ids.shape[1] < vocabulary_size(student):

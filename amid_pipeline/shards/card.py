@@ -24,6 +24,13 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     command = manifest.stats.get("command", "(not recorded)")
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
     mass = f"mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles}" if stats["topk_mass_mean"] is not None else "(no stored positions)"
+    sampled = header.target_kind == "sampled"
+    what = (f"{header.draws} draws (with replacement) from the teacher" if sampled else f"top-{header.k}")
+    stored = "the distinct drawn ids" if sampled else f"the stored top-{header.k}"
+    targets = (f"sampled: {header.draws} draws per position from the teacher's full distribution at temperature "
+               f"{header.sampling.get('temperature')} (seed {header.sampling.get('seed')}), kept as the distinct ids with "
+               f"their counts (`sampled_counts`), {stats.get('distinct_ids_per_position_mean')} per position on average"
+               if sampled else f"top-{header.k}")
     return f"""---
 license: {licence}
 tags:
@@ -37,18 +44,19 @@ configs:
     path: {DATA_DIR}/*.parquet
 ---
 
-# Teacher top-{header.k} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
+# Teacher {what} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
 
 Cached teacher targets for offline knowledge distillation, written by amid-pipeline (shard format
 {header.format_version}). One row per sequence: the token ids, the stored positions and their loss
-mask, and at each stored position the teacher's top-{header.k} token ids with log-probabilities
-normalised over the full vocabulary, plus the log-probability and rank of the actual next token.
+mask, and at each stored position the teacher's {what} token ids with log-probabilities
+normalised over the full vocabulary{" and how often each was drawn" if sampled else ""}, plus the log-probability and
+rank of the actual next token.
 
 | | |
 |---|---|
 | teacher | `{teacher.get('name_or_path')}` (weights fingerprint `{str(teacher.get('weights_sha256'))[:16]}`, dtype {teacher.get('dtype')}) |
 | tokenizer | fingerprint `{str(tokenizer.get('fingerprint'))[:16]}`, {tokenizer.get('vocab_size')} tokens; model head {header.model_vocab_size} |
-| targets | top-{header.k}, value encoding `{header.value_encoding}`, {header.positions} positions, max length {header.max_length} |
+| targets | {targets}, value encoding `{header.value_encoding}`, {header.positions} positions, max length {header.max_length} |
 | capture backend | {header.backend.get('name')} {header.backend.get('version', '')} |
 | source data | `{dataset.get('source')}`, split `{dataset.get('split')}`, rows from {dataset.get('start')} (limit {dataset.get('limit')}), format {dataset.get('format')} |
 | source licence | {licence} |
@@ -60,8 +68,8 @@ normalised over the full vocabulary, plus the log-probability and rank of the ac
 | rows | {stats['rows']:,} |
 | stored positions | {stats['stored_positions']:,} (supervised {stats['supervised_positions']:,}) |
 | bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per top-k entry) |
-| teacher mass on the stored top-{header.k} | {mass} |
-| actual next token outside the top-{header.k} | {stats['target_outside_topk']:.2%} |
+| teacher mass on {stored} | {mass} |
+| actual next token outside {stored.replace("stored ", "")} | {stats['target_outside_topk']:.2%} |
 
 ## How it was made
 

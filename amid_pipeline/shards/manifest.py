@@ -30,6 +30,7 @@ from amid_pipeline.shards.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    TARGET_KINDS,
     VALUE_ENCODINGS,
     FormatError,
     check_version,
@@ -63,8 +64,10 @@ class Header:
     ``teacher``: name_or_path, revision, weights_sha256, dtype. ``tokenizer``: fingerprint, vocab_size,
     special_tokens, chat_template_sha256. ``backend``: name, version. ``dataset``: source, split,
     fingerprint, fields, chat_template_sha256. ``positions``: "supervised" (only supervised positions
-    stored) or "all". ``extra``: keys a newer 1.x writer added, kept and written back unchanged.
-    Construction validates (an unknown value encoding, k < 1: :class:`FormatError`).
+    stored) or "all". ``target_kind``: "topk" or "sampled" (format 1.1); ``sampling`` (sampled kind):
+    draws (= k), temperature of the proposal, seed. ``extra``: keys a newer 1.x writer added, kept and
+    written back unchanged. Construction validates (an unknown value encoding or target kind, k < 1, a
+    sampled header whose draws are not k: :class:`FormatError`).
     """
 
     teacher: dict[str, Any]
@@ -78,6 +81,7 @@ class Header:
     positions: str = "supervised"
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_kind: str = "topk"
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -87,6 +91,10 @@ class Header:
             raise FormatError(f"unknown value_encoding {self.value_encoding!r}")
         if int(self.k) < 1:
             raise FormatError(f"k must be >= 1, got {self.k}")
+        if self.target_kind not in TARGET_KINDS:
+            raise FormatError(f"unknown target_kind {self.target_kind!r}; expected one of {TARGET_KINDS}")
+        if self.target_kind == "sampled" and self.sampling.get("draws") != int(self.k):
+            raise FormatError(f"a sampled header needs sampling.draws = k ({self.k}), got {self.sampling.get('draws')!r}")
         object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
 
@@ -107,6 +115,16 @@ class Header:
         except FormatError as exc:
             raise FormatError(f"{where}: {exc}") from exc
 
+    @property
+    def draws(self) -> int | None:
+        """Draws per position of a sampled shard (None for top-k)."""
+        return self.sampling["draws"] if self.target_kind == "sampled" else None
+
+    @property
+    def proposal_temperature(self) -> float | None:
+        """The temperature a sampled shard's draws were taken at (None for top-k)."""
+        return float(self.sampling.get("temperature", 1.0)) if self.target_kind == "sampled" else None
+
     def to_json(self) -> dict[str, Any]:
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "extra"}
         return json.loads(json.dumps({**self.extra, **fields}))  # a deep copy: the header stays as it was
@@ -115,8 +133,8 @@ class Header:
 def teacher_differences(header: Header, other: Header) -> list[str]:
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
-    Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, k and value
-    encoding are required; dataset, backend, dtype and lengths may differ.
+    Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, target kind
+    (and a sampled shard's proposal temperature), k and value encoding are required; dataset, backend, dtype and lengths may differ.
     """
     reasons = []
     teacher, theirs = header.teacher, other.teacher
@@ -129,9 +147,13 @@ def teacher_differences(header: Header, other: Header) -> list[str]:
     if header.tokenizer.get("fingerprint") != other.tokenizer.get("fingerprint"):
         reasons.append(f"tokenizer differs (fingerprint {str(header.tokenizer.get('fingerprint'))[:12]} vs "
                        f"{str(other.tokenizer.get('fingerprint'))[:12]})")
-    for key in ("model_vocab_size", "k", "value_encoding"):
+    for key in ("model_vocab_size", "target_kind", "k", "value_encoding"):
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
+    if header.target_kind == other.target_kind == "sampled":
+        mine, theirs = header.sampling.get("temperature"), other.sampling.get("temperature")
+        if mine != theirs:
+            reasons.append(f"sampling temperature differs ({mine} vs {theirs})")
     return reasons
 
 

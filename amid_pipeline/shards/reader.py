@@ -22,12 +22,14 @@ from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, header_d
 from amid_pipeline.shards.schema import (
     COLUMNS,
     PARQUET_METADATA_KEY,
+    SAMPLED_COLUMNS,
     FormatError,
     TeacherRow,
     check_version,
     decode_target_logprobs,
     decode_topk_logprobs,
     first_impossible_value,
+    kind_columns,
 )
 from amid_pipeline.shards.storage import Store, StorageError, retry
 
@@ -42,16 +44,19 @@ def read_file_header(store: Store, name: str, parquet: pq.ParquetFile | None = N
     return header
 
 
-def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str, ...] = COLUMNS) -> Iterator:
+def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str, ...] | None = None) -> Iterator:
     """Yield the rows of one file of ``manifest``, decoding a row group at a time (remote reads retried per
     row group); only the selected rows of a view.
 
     Before any row: the file's own header must agree with the manifest (an edited ``k`` would mis-decode
     every row). Every page is checked against its CRC32 as it is read, and every decoded row group for
     values no teacher produces (:func:`first_impossible_value`); each failure names the file (and sample).
-    With ``columns`` other than all of :data:`COLUMNS` the raw Arrow tables of the row groups are yielded.
+    With ``columns`` (a selection) the raw Arrow tables of the row groups are yielded; by default every
+    column of the shard's target kind, decoded.
     """
     store, name, k, encoding = manifest.store, record.name, manifest.k, manifest.value_encoding
+    every = kind_columns(manifest.header.target_kind)
+    decode, columns = columns is None, columns or every
     keep = None if manifest.selection is None else manifest.selection.get(name, np.zeros(0, np.int64))
     parquet = store.parquet(name, record.sha256)
     differing = header_differences(read_file_header(store, name, parquet), manifest, record)
@@ -72,7 +77,7 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
                       f"{store.where(name)} (row group {group})")
         if chosen is not None:
             table = table.take(chosen)
-        if columns == COLUMNS:
+        if decode:
             try:
                 yield from decode_batch(table, k, encoding)
             except ValueError as exc:
@@ -82,10 +87,12 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
 
 
 def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Iterator[TeacherRow]:
-    """Rows of an Arrow table/batch with the v1 columns, as :class:`TeacherRow` views."""
+    """Rows of an Arrow table/batch with the v1 columns (and ``sampled_counts`` when present), as
+    :class:`TeacherRow` views."""
     flat: dict[str, np.ndarray] = {}
     offsets: dict[str, np.ndarray] = {}
-    for name in COLUMNS[1:]:
+    sampled = "sampled_counts" in table.column_names
+    for name in COLUMNS[1:] + (SAMPLED_COLUMNS if sampled else ()):
         column = table.column(name)
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets[name] = array.offsets.to_numpy()  # indexes into .values (zero-copy, unlike flatten())
@@ -111,6 +118,7 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Ite
             topk_logprobs=topk_logprobs[a * k : b * k].reshape(b - a, k),
             target_logprob=target_logprob[a:b],
             target_rank=flat["target_rank"][a:b],
+            sampled_counts=flat["sampled_counts"][a * k : b * k].reshape(b - a, k) if sampled else None,
         )
 
 
@@ -144,7 +152,7 @@ class ShardReader:
         for record in self.files:
             yield from self.iter_file(record)
 
-    def iter_file(self, record: FileRecord, columns: tuple[str, ...] = COLUMNS) -> Iterator:
+    def iter_file(self, record: FileRecord, columns: tuple[str, ...] | None = None) -> Iterator:
         """The rows of one listed file (only the selected ones in a view); see :func:`iter_file_rows`."""
         where = self.store.where(record.name)
         try:

@@ -29,8 +29,18 @@ Value encodings (``value_encoding`` in the header). Every encoding is lossless f
 - ``float32``: exact float32 log-probabilities in both columns.
 
 Top-k entries within a position are in descending teacher probability (``topk_ids[t, 0]`` is the
-teacher's argmax). A v1 reader ignores columns it does not know, so later target kinds (sampled ids
-with counts, a stored tail mass) are added as new columns and a minor version bump.
+teacher's argmax). A v1 reader ignores columns it does not know, so later target kinds are added as new
+columns and a minor version bump.
+
+Target kinds (``target_kind`` in the header; format 1.1):
+
+- ``topk`` (1.0 and later): the k most probable ids per position.
+- ``sampled`` (1.1): ``N = sampling.draws`` ids drawn with replacement per position from the teacher's
+  full-vocabulary distribution (or a tempered proposal, ``sampling.temperature`` ≠ 1), stored as the
+  distinct drawn ids in the top-k columns (``k = N`` slots, in descending teacher probability, with their
+  exact log-probabilities) and ``sampled_counts`` [P · k] uint16, how often each was drawn (Σ = N per
+  position). Unused slots repeat the position's first id with log-probability −inf and count 0. A 1.0
+  reader sees a top-k shard whose ids are the drawn ones; this reader also reads the counts.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "amid-teacher-shards"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: the sampled target kind
 PARQUET_METADATA_KEY = b"amid_pipeline.header"
 MANIFEST_NAME = "manifest.json"
 DATA_SUFFIX = ".parquet"
@@ -54,6 +64,13 @@ VALUE_ENCODINGS = ("q64-delta", "q64", "float32")
 ROW_COLUMNS = ("sample_id", "input_ids", "positions", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob", "target_rank")
 COLUMNS = ROW_COLUMNS + TOPK_COLUMNS
+SAMPLED_COLUMNS = ("sampled_counts",)  # besides COLUMNS, in shards of the sampled kind
+TARGET_KINDS = ("topk", "sampled")
+
+
+def kind_columns(target_kind: str) -> tuple[str, ...]:
+    """Every column of a shard file of ``target_kind``."""
+    return COLUMNS + SAMPLED_COLUMNS if target_kind == "sampled" else COLUMNS
 
 
 class FormatError(ValueError):
@@ -78,9 +95,10 @@ def required_list(value: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", value, nullable=False))
 
 
-def arrow_schema(encoding: str, model_vocab_size: int) -> pa.Schema:
-    """The Parquet schema of a v1 shard file for this value encoding and model vocabulary size."""
+def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk") -> pa.Schema:
+    """The Parquet schema of a v1 shard file for this value encoding, model vocabulary size and target kind."""
     values = value_type(encoding)
+    sampled = [pa.field("sampled_counts", required_list(pa.uint16()), nullable=False)] if target_kind == "sampled" else []
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
@@ -91,6 +109,7 @@ def arrow_schema(encoding: str, model_vocab_size: int) -> pa.Schema:
             pa.field("topk_logprobs", required_list(values), nullable=False),
             pa.field("target_logprob", required_list(values), nullable=False),
             pa.field("target_rank", required_list(pa.int32()), nullable=False),
+            *sampled,
         ]
     )
 
@@ -102,7 +121,7 @@ def arrow_schema(encoding: str, model_vocab_size: int) -> pa.Schema:
 COLUMN_ENCODINGS = {
     "positions.list.element": "DELTA_BINARY_PACKED",
     **{f"{name}.list.element": "BYTE_STREAM_SPLIT"
-       for name in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "target_rank")},
+       for name in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "target_rank", "sampled_counts")},
 }
 
 
@@ -195,7 +214,9 @@ class TeacherRow:
     ``input_ids`` [L] int32; ``positions`` [P] int32 ascending prediction positions (< L - 1);
     ``loss_mask`` [P] bool; ``topk_ids`` [P, k] uint16 or int32 (see :func:`id_type`) in teacher rank order; ``topk_logprobs``
     [P, k] float32 normalised over the full vocabulary; ``target_logprob`` [P] float32 and
-    ``target_rank`` [P] int32 (1-based) of the actual next token ``input_ids[positions + 1]``.
+    ``target_rank`` [P] int32 (1-based) of the actual next token ``input_ids[positions + 1]``. Sampled
+    kind: the top-k columns hold the distinct drawn ids and ``sampled_counts`` [P, k] uint16 their counts
+    (None for top-k rows; see the module docstring).
     """
 
     sample_id: str
@@ -206,14 +227,17 @@ class TeacherRow:
     topk_logprobs: np.ndarray
     target_logprob: np.ndarray
     target_rank: np.ndarray
+    sampled_counts: np.ndarray | None = None
 
     @property
     def target_ids(self) -> np.ndarray:
         """[P] the actual next token at each stored position."""
         return self.input_ids[self.positions + 1]
 
-    def check(self, k: int, vocab_size: int) -> None:
-        """Raise ``ValueError`` naming the sample and field if shapes or ranges are inconsistent."""
+    def check(self, k: int, vocab_size: int, draws: int | None = None) -> None:
+        """Raise ``ValueError`` naming the sample and field if shapes or ranges are inconsistent; with
+        ``draws`` (sampled kind) the counts must be present, sum to ``draws`` per position and be 0
+        exactly in the unused (−inf) slots."""
         where = f"sample {self.sample_id!r}"
         length, count = len(self.input_ids), len(self.positions)
         if length < 2 and count:
@@ -242,3 +266,16 @@ class TeacherRow:
             raise ValueError(f"{where}: topk_logprobs must be in descending order within each position")
         if count and (self.topk_ids.min() < 0 or self.topk_ids.max() >= vocab_size):
             raise ValueError(f"{where}: topk_ids must lie in [0, {vocab_size})")
+        if draws is None:
+            if self.sampled_counts is not None:
+                raise ValueError(f"{where}: sampled_counts in a shard of the topk kind")
+            return
+        counts = self.sampled_counts
+        if counts is None or np.shape(counts) != (count, k):
+            raise ValueError(f"{where}: sampled_counts has shape {np.shape(counts)}, expected {(count, k)}")
+        if count and np.any(counts.sum(axis=1, dtype=np.int64) != draws):
+            bad = int(np.argmax(counts.sum(axis=1, dtype=np.int64) != draws))
+            raise ValueError(f"{where}: sampled_counts at stored position {bad} sum to "
+                             f"{int(counts[bad].sum())}, not the {draws} draws")
+        if np.any((counts == 0) != np.isneginf(self.topk_logprobs)):
+            raise ValueError(f"{where}: sampled_counts must be 0 exactly where topk_logprobs is -inf (unused slots)")

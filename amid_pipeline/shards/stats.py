@@ -1,8 +1,8 @@
-"""Statistics of a shard directory for ``amid-pipeline inspect``: size, top-k coverage, misses.
+"""Statistics of a shard directory for ``amid-pipeline inspect``: size, coverage, misses.
 
 Coverage of a position is the teacher mass on its stored ids, ``sum_j exp(topk_logprobs[t, j])``
-(1 when the top-k holds all the mass); a *miss* is a position whose actual next token lies outside
-the stored top-k (``target_rank > k``).
+(1 when they hold all the mass); a *miss* is a position whose actual next token is not among the
+stored ids (for top-k: ``target_rank > k``). Sampled shards add the distinct ids drawn per position.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class ShardStats:
     k: int
     coverage: np.ndarray  # [positions sampled] teacher mass on the stored ids
     target_rank: np.ndarray  # [positions sampled] 1-based rank of the actual next token
+    target_stored: np.ndarray  # [positions sampled] bool: the actual next token is among the stored ids
+    distinct: np.ndarray | None = None  # sampled kind: [positions sampled] distinct ids drawn
 
     @property
     def bytes_per_position(self) -> float:
@@ -41,7 +43,8 @@ class ShardStats:
 
     @property
     def miss_rate(self) -> float:
-        return float(np.mean(self.target_rank > self.k)) if len(self.target_rank) else 0.0
+        """Fraction of positions whose actual next token is not among the stored ids."""
+        return float(np.mean(~self.target_stored)) if len(self.target_stored) else 0.0
 
     def summary(self) -> dict:
         coverage = {f"p{int(q * 100)}": float(np.quantile(self.coverage, q)) for q in QUANTILES} if len(
@@ -60,13 +63,16 @@ class ShardStats:
             "topk_mass_quantiles": coverage,
             "target_outside_topk": round(self.miss_rate, 4),
             "target_top1": float(np.mean(self.target_rank == 1)) if len(self.target_rank) else None,
+            **({"distinct_ids_per_position_mean": round(float(np.mean(self.distinct)), 2) if len(self.distinct) else None,
+                "bytes_per_distinct_id": round(self.bytes / max(self.positions * float(np.mean(self.distinct)), 1), 3)
+                if len(self.distinct) else None} if self.distinct is not None else {}),
         }
 
 
 def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardStats:
     """Stream the directory (or its first ``max_rows`` rows) and gather coverage and rank statistics."""
     reader = ShardReader(directory)
-    coverage, ranks = [], []
+    coverage, ranks, stored, distinct = [], [], [], []
     tokens = rows_read = 0
     for row in reader:
         if max_rows is not None and rows_read >= max_rows:
@@ -75,6 +81,9 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
         tokens += len(row.input_ids)
         coverage.append(np.exp(row.topk_logprobs.astype(np.float64)).sum(axis=1))
         ranks.append(row.target_rank)
+        stored.append((row.topk_ids == row.target_ids[:, None]).any(axis=1))
+        if row.sampled_counts is not None:
+            distinct.append((row.sampled_counts > 0).sum(axis=1))
     totals = reader.manifest.totals
     return ShardStats(
         header=reader.manifest.header,
@@ -87,6 +96,8 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
         k=reader.manifest.k,
         coverage=np.concatenate(coverage) if coverage else np.zeros(0),
         target_rank=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int32),
+        target_stored=np.concatenate(stored) if stored else np.zeros(0, dtype=bool),
+        distinct=(np.concatenate(distinct) if distinct else np.zeros(0)) if reader.header.target_kind == "sampled" else None,
     )
 
 

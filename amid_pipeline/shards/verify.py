@@ -89,7 +89,7 @@ def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
     rows = positions = supervised = 0
     for row in iter_file_rows(manifest, record):
         try:
-            row.check(manifest.k, vocab)
+            row.check(manifest.k, vocab, manifest.part_header(record).draws)
         except ValueError as exc:
             return f"row {rows}: {exc}"
         if len(row.target_rank) and row.target_rank.min() < 1:

@@ -60,7 +60,7 @@ class ShardWriter:
         self.k = header.k
         self.encoding = header.value_encoding
         self.vocab_size = header.model_vocab_size
-        self.schema = arrow_schema(self.encoding, self.vocab_size).with_metadata(
+        self.schema = arrow_schema(self.encoding, self.vocab_size, header.target_kind).with_metadata(
             {PARQUET_METADATA_KEY: json.dumps(header.to_json(), sort_keys=True).encode()}
         )
         self.stem = stem
@@ -75,7 +75,7 @@ class ShardWriter:
 
     def add(self, row: TeacherRow) -> FileRecord | None:
         """Buffer one row; returns the record of a file committed by this call, if any."""
-        row.check(self.k, self.vocab_size)
+        row.check(self.k, self.vocab_size, self.header.draws)
         self._pending.append(row)
         if len(self._pending) >= self.rows_per_group:
             self._flush_group()
@@ -189,4 +189,6 @@ def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str) -> p
         ),
         "target_rank": list_column("target_rank", [r.target_rank for r in rows], np.int32),
     }
+    if "sampled_counts" in schema.names:
+        columns["sampled_counts"] = list_column("sampled_counts", [r.sampled_counts for r in rows], np.uint16)
     return pa.Table.from_pydict(columns, schema=schema)

@@ -18,11 +18,14 @@ class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
 
 
-def check_shard_dirs(directories: list[str]) -> Header:
-    """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, k or encoding);
-    return the first one's header."""
+def check_shard_dirs(directories: list[str], support: str | None = None) -> Header:
+    """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, target kind, k or
+    encoding), or whose target kind the ``support`` cannot use; return the first one's header."""
     headers = [(d, load_manifest(d).header) for d in directories]
     first_dir, first = headers[0]
+    if support == "sampled" and first.target_kind != "sampled":
+        raise TrainingError(f"support 'sampled' needs shards of the sampled target kind; {first_dir} holds "
+                            f"{first.target_kind} targets (cache-teacher --target-kind sampled)")
     for directory, header in headers[1:]:
         reasons = teacher_differences(first, header)
         if reasons:

@@ -56,7 +56,7 @@ class DistillConfig(OptimizationSettings):
     output: Optional[str] = setting(None, "Run directory: checkpoints, metrics.jsonl, the final model in model/.", required=True)
     loss: str = setting("amid", "Distillation loss, or a preset: amid-paper = the AMiD paper's main configuration (AB-divergence a = 0.2, b = 0.7, teacher-anchored, lam = 0.1, alpha = 0.5); --loss-params override a preset's values.", choices=LOSS_NAMES)
     loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -1.0, lam = 0.3} in TOML or alpha=-1,lam=0.3 on the command line; defaults in README (amid: alpha 0.5, lam 0.1).")
-    support: str = setting("tail", "Support the loss sees: tail (default: the stored top-k plus one bucket for the rest, both sides normalised over the full vocabulary; trained the best students on a dev split, README 'Evidence'), renormalized (teacher and student renormalised over the stored top-k; the student's mass leaks outside them), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3); tail and teacher_renormalized need full-vocabulary logits.", choices=SUPPORT_MODES)
+    support: str = setting("tail", "Support the loss sees: tail (default: the stored top-k plus one bucket for the rest, both sides normalised over the full vocabulary; trained the best students on a dev split, README 'Evidence'), renormalized (teacher and student renormalised over the stored top-k; the student's mass leaks outside them), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3), sampled (shards of the sampled kind only: the teacher side is the empirical distribution of the draws; unbiased for forward_kl, a plug-in estimate for the other losses); tail, teacher_renormalized and sampled need full-vocabulary logits.", choices=SUPPORT_MODES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
@@ -81,10 +81,10 @@ class DistillConfig(OptimizationSettings):
                    if name not in TRACKERS and name != "none"]
         if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
-        if self.support == "teacher_renormalized" and not errors:
+        if self.support in ("teacher_renormalized", "sampled") and not errors:
             reason = infinite_under_zero_teacher_mass(*resolve_loss(self.loss, self.loss_params))
             if reason:
-                errors.append(f"support: 'teacher_renormalized' makes {reason} infinite (teacher probability 0 where the "
+                errors.append(f"support: {self.support!r} makes {reason} infinite (teacher probability 0 where the "
                               f"student keeps mass); use 'tail'")
         return errors
 

@@ -121,6 +121,7 @@ class DataSettings:
     max_length: int = 1024
     packing: bool = False
     packed_attention: str = "mask"  # packed rows: "mask" (block-diagonal) or "position_ids" (no mask)
+    proposal_temperature: float | None = None  # sampled shards: the temperature the draws were taken at
     shuffle_buffer: int = 1024
     bucket_batches: int = 16  # batches per length-sorted pool
     heldout_fraction: float = 0.05
@@ -214,7 +215,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             rng.shuffle(groups)
         if self.light:  # counting only: one token count per batch
             return [sum(len(r.input_ids) for items in g for r, _ in items) for g in groups]
-        return [collate(group, s.max_length, s.student_vocab, s.packed_attention) for group in groups]
+        return [collate(group, s.max_length, s.student_vocab, s.packed_attention, s.proposal_temperature)
+                for group in groups]
 
 
 def count_batches(files: list[ShardFile], settings: DataSettings, *, seed: int, epoch: int, world: int,
@@ -245,7 +247,21 @@ def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:
     return [bins[i : i + batch_size] for i in range(0, len(bins), batch_size)]
 
 
-def collate(group: list[list], max_length: int, student_vocab: int | None, packed_attention: str = "mask") -> Batch:
+def sample_weights(counts: np.ndarray, logprobs: np.ndarray, temperature: float) -> np.ndarray:
+    """[P, k] the empirical teacher distribution of a sampled shard's draws: p̂ = c / N for draws from the
+    teacher itself (temperature 1); from a proposal r ∝ p^(1/τ), importance-weighted and self-normalised,
+    p̂ ∝ c · p / r ∝ c · p^(1 − 1/τ). 0 in unused slots."""
+    counts = counts.astype(np.float64)
+    if temperature == 1.0:
+        return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+    drawn = counts > 0
+    exponent = np.where(drawn, (1.0 - 1.0 / temperature) * logprobs.astype(np.float64), -np.inf)
+    weights = np.where(drawn, counts * np.exp(exponent - exponent.max(axis=1, keepdims=True)), 0.0)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def collate(group: list[list], max_length: int, student_vocab: int | None, packed_attention: str = "mask",
+            proposal_temperature: float | None = None) -> Batch:
     """The :class:`Batch` of ``group``: a list of batch rows, each a list of (TeacherRow, path). Packed
     rows keep attention inside each sequence by a block-diagonal mask (``packed_attention="mask"``) or by
     position ids alone (``"position_ids"``: no mask; positions restart at 0 in every sequence and each
@@ -256,7 +272,7 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
     input_ids = torch.zeros(len(group), width, dtype=torch.long)
     position_ids = torch.zeros(len(group), width, dtype=torch.long)
     segment = torch.full((len(group), width), -1, dtype=torch.long)
-    rows, columns, topk_ids, topk_logprobs, targets, target_lp, masks, ids, paths = ([] for _ in range(9))
+    rows, columns, topk_ids, topk_logprobs, targets, target_lp, masks, ids, paths, weights = ([] for _ in range(10))
     for b, items in enumerate(group):
         offset = 0
         for s, (row, path) in enumerate(items):
@@ -276,6 +292,8 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
             targets.append(row.input_ids[positions + 1].astype(np.int64))
             target_lp.append(row.target_logprob[keep])
             masks.append(row.loss_mask[keep])
+            if proposal_temperature is not None:
+                weights.append(sample_weights(row.sampled_counts[keep], row.topk_logprobs[keep], proposal_temperature))
             ids.append(row.sample_id)
             paths.append(path)
             offset += length
@@ -291,5 +309,6 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
                            torch.from_numpy(np.concatenate(columns)).long())
     teacher = TeacherTargets(torch.from_numpy(np.concatenate(topk_ids)), torch.from_numpy(np.concatenate(topk_logprobs)),
                              torch.from_numpy(np.concatenate(targets)), torch.from_numpy(np.concatenate(target_lp)),
-                             torch.from_numpy(np.concatenate(masks)))
+                             torch.from_numpy(np.concatenate(masks)),
+                             torch.from_numpy(np.concatenate(weights)) if weights else None)
     return Batch(inputs, teacher, ids, sorted(set(paths)), sum(lengths))

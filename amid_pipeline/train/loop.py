@@ -71,7 +71,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     torch.manual_seed(config.seed)
 
     # --- 2. shards, student, objective, checks -------------------------------------------------
-    header = check_shard_dirs(config.shards)
+    header = check_shard_dirs(config.shards, config.support)
     files = list_files(config.shards)
     tokenizer = AutoTokenizer.from_pretrained(model_source(config.student, "student"))
     checkpoints = output / "checkpoints"
@@ -93,6 +93,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
                             heldout_fraction=config.heldout_fraction,
+                            proposal_temperature=header.proposal_temperature,
                             skip_bad_files=config.skip_bad_files, student_vocab=head_size)
     if config.eval_shards:  # evaluate on those; train on every row of --shards
         check_shard_dirs([*config.shards, *config.eval_shards])

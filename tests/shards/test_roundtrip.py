@@ -78,7 +78,7 @@ def test_every_file_carries_the_header(shard_dir):
     for record in manifest.files:
         meta = pq.read_schema(shard_dir / record.name).metadata
         header = json.loads(meta[PARQUET_METADATA_KEY])
-        assert header["format_version"] == manifest.header.format_version == "1.0"
+        assert header["format_version"] == manifest.header.format_version == "1.1"
         assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
 
 
@@ -159,10 +159,12 @@ def test_header_round_trips_keeps_a_newer_minor_versions_keys_and_names_bad_fiel
 
     header = synthetic_header()
     assert Header.from_json(header.to_json(), "x") == header
-    newer = {**header.to_json(), "format_version": "1.3", "sampling": {"draws": 12}}  # a later 1.x writer's key
+    newer = {**header.to_json(), "format_version": "1.3", "tail_mass": {"stored": True}}  # a later 1.x writer's key
     read = Header.from_json(newer, "m.json")
-    assert read.k == 8 and read.extra == {"sampling": {"draws": 12}} and read.to_json()["sampling"] == {"draws": 12}
+    assert read.k == 8 and read.extra == {"tail_mass": {"stored": True}} and read.to_json()["tail_mass"] == {"stored": True}
     for bad, message in (({"k": 0}, "m.json: k must be >= 1"), ({"value_encoding": "zip"}, "m.json: unknown value_encoding"),
+                         ({"target_kind": "dense"}, "m.json: unknown target_kind 'dense'"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 12}}, "m.json: a sampled header needs sampling.draws = k"),
                          ({"format": "other"}, "m.json: not an amid-pipeline shard header"),
                          ({"format_version": "2.0"}, "m.json")):
         with pytest.raises(FormatError, match=message):

@@ -87,7 +87,7 @@ def write_shards(directory: Path, rows, header: dict, rows_per_file: int = 7, ro
     return directory
 
 
-ROW_ARRAYS = ("input_ids", "positions", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "target_rank")
+ROW_ARRAYS = ("input_ids", "positions", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "target_rank", "sampled_counts")
 
 
 def rows_by_id(location) -> dict:

@@ -271,7 +271,9 @@ class TeacherRow:
                 raise ValueError(f"{where}: sampled_counts in a shard of the topk kind")
             return
         counts = self.sampled_counts
-        if counts is None or np.shape(counts) != (count, k):
+        if counts is None:
+            raise ValueError(f"{where}: sampled_counts missing (a shard of the sampled kind stores them)")
+        if np.shape(counts) != (count, k):
             raise ValueError(f"{where}: sampled_counts has shape {np.shape(counts)}, expected {(count, k)}")
         if count and np.any(counts.sum(axis=1, dtype=np.int64) != draws):
             bad = int(np.argmax(counts.sum(axis=1, dtype=np.int64) != draws))

@@ -113,6 +113,43 @@ def test_writer_rejects_inconsistent_rows(tmp_path):
         encode_topk_logprobs(unsorted.topk_logprobs, "q64-delta")
 
 
+def sampled_row(seed=0):
+    """A row of the sampled kind (4 slots): 3 distinct ids drawn 2 + 1 + 1 times, one unused slot."""
+    row = next(r for r in random_rows(10, k=4, vocab=100, max_len=10, seed=seed) if len(r.positions) >= 2)
+    row.topk_logprobs = row.topk_logprobs.copy()
+    row.topk_logprobs[:, 3] = -np.inf
+    row.topk_ids = row.topk_ids.copy()
+    row.topk_ids[:, 3] = row.topk_ids[:, 0]
+    row.sampled_counts = np.tile(np.array([2, 1, 1, 0], dtype=np.uint16), (len(row.positions), 1))
+    return row
+
+
+def test_sampled_rows_round_trip_and_inconsistent_counts_are_refused(tmp_path):
+    import dataclasses
+
+    from amid_pipeline.shards.writer import ShardWriter
+
+    header = dataclasses.replace(synthetic_header(k=4), target_kind="sampled", sampling={"draws": 4, "temperature": 1.0})
+    row = sampled_row()
+    write_shards(tmp_path / "ok", [row], header)
+    read = next(iter(ShardReader(tmp_path / "ok")))
+    np.testing.assert_array_equal(read.sampled_counts, row.sampled_counts)
+    np.testing.assert_array_equal(read.topk_ids, row.topk_ids)
+    plain = pq.read_table(tmp_path / "ok" / "data").column("sampled_counts").to_pylist()[0]
+    assert plain == row.sampled_counts.reshape(-1).tolist()  # any Parquet client reads the counts
+    for change, message in ((lambda r: setattr(r, "sampled_counts", r.sampled_counts * 2), "sum to 8, not the 4 draws"),
+                            (lambda r: setattr(r, "sampled_counts", r.sampled_counts[:, :3]), "sampled_counts has shape"),
+                            (lambda r: setattr(r, "sampled_counts", None), "sampled_counts missing"),
+                            (lambda r: r.sampled_counts.__setitem__((0, 3), 1) or r.sampled_counts.__setitem__((0, 0), 1),
+                             "sampled_counts must be 0 exactly where topk_logprobs is -inf")):
+        bad = sampled_row()
+        change(bad)
+        with pytest.raises(ValueError, match=message):
+            ShardWriter(tmp_path / "bad", header=header).add(bad)
+    with pytest.raises(ValueError, match="sampled_counts in a shard of the topk kind"):
+        ShardWriter(tmp_path / "topk", header=synthetic_header(k=4)).add(sampled_row())
+
+
 def test_crash_before_commit_leaves_no_data_file(tmp_path):
     from amid_pipeline.shards.writer import ShardWriter
 

@@ -1,0 +1,177 @@
+"""cache-teacher --target-kind sampled on the tiny teacher: what is stored against a float64 forward,
+determinism (resume, workers), verify, inspect, a plain pyarrow read, combine and distill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from amid_pipeline.capture.backends import HFBackend, Sampling
+from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.shards.verify import verify_directory
+from tests.capture.test_cache_teacher import capture, teacher_logprobs, write_jsonl
+from tests.helpers import assert_same_rows, rows_by_id
+
+TEXTS = [{"text": f"line {i}: a kludge is a clumsy but working fix, cruft is what is left over"} for i in range(9)]
+DRAWS = 64
+
+
+def sampled(tiny_models, tmp_path, data, **settings):
+    return capture(tiny_models, tmp_path, data, **{"target_kind": "sampled", "draws": DRAWS, "value_encoding": "float32",
+                                                   **settings})
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_models, tmp_path, temperature):
+    """Every stored id is a drawn one with its exact teacher log p (float64 forward), once, in descending
+    p; counts sum to the draws; over all positions the counts match N·r for the proposal
+    r = softmax(log p / T): the mean of Σ c log r / N equals the mean Σ r log r, and the share of draws
+    on each position's argmax its r, both within 4 standard errors."""
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    sampled(tiny_models, tmp_path, data, proposal_temperature=temperature)
+    assert verify_directory(tmp_path / "out").ok
+    header = load_manifest(tmp_path / "out").header
+    assert header.target_kind == "sampled" and header.k == DRAWS
+    assert header.sampling == {"draws": DRAWS, "temperature": temperature, "seed": 0}
+    estimates, expected, variances, argmax_share, argmax_r = [], [], [], [], []
+    for row in ShardReader(tmp_path / "out"):
+        reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]  # [P, V] float64
+        log_r = torch.log_softmax(reference / temperature, -1).numpy()
+        reference = reference.numpy()
+        counts = row.sampled_counts.astype(np.int64)
+        assert np.all(counts.sum(axis=1) == DRAWS)
+        used = counts > 0
+        ids = row.topk_ids.astype(np.int64)
+        np.testing.assert_allclose(row.topk_logprobs[used], np.take_along_axis(reference, ids, 1)[used], atol=2e-5)
+        assert np.all(np.diff(np.where(used, row.topk_logprobs, -np.inf), axis=1)[used[:, 1:]] <= 0)  # descending p
+        assert all(len(set(i[u].tolist())) == int(u.sum()) for i, u in zip(ids, used))  # each drawn id once
+        assert np.all(used | (ids == ids[:, :1]))  # unused slots repeat the first id (as the format says)
+        r = np.exp(log_r)
+        estimates.append((counts * np.where(used, np.take_along_axis(log_r, ids, 1), 0.0)).sum(axis=1) / DRAWS)
+        expected.append((r * log_r).sum(axis=1))
+        variances.append(((r * log_r**2).sum(axis=1) - (r * log_r).sum(axis=1) ** 2) / DRAWS)
+        top = reference.argmax(axis=1)
+        argmax_share.append(np.where(ids == top[:, None], counts, 0).sum(axis=1) / DRAWS)
+        argmax_r.append(r[np.arange(len(top)), top])
+    estimates, expected, variances = map(np.concatenate, (estimates, expected, variances))
+    assert abs(estimates.mean() - expected.mean()) < 4 * np.sqrt(variances.sum()) / len(estimates)
+    share, probability = np.concatenate(argmax_share), np.concatenate(argmax_r)
+    assert abs(share.mean() - probability.mean()) < 4 * np.sqrt((probability * (1 - probability) / DRAWS).sum()) / len(share)
+
+
+def test_sampled_rows_are_the_same_after_a_kill_and_with_several_workers(tiny_models, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS + TEXTS[:1])  # row-9 repeats row-0's text
+    sampled(tiny_models, tmp_path / "ref", data, rows_per_file=2)
+    reference = rows_by_id(tmp_path / "ref" / "out")
+    assert not np.array_equal(reference["row-0"].sampled_counts, reference["row-9"].sampled_counts)  # seeded per id
+    for worker in range(3):
+        sampled(tiny_models, tmp_path / "workers", data, rows_per_file=2, num_workers=3, worker_index=worker)
+    assert_same_rows(rows_by_id(tmp_path / "workers" / "out"), reference)
+    import amid_pipeline.capture.run as run_module
+
+    original, calls = run_module._score_and_write, {"n": 0}
+
+    def dies_on_the_third_chunk(batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(batch, *args)
+
+    monkeypatch.setattr(run_module, "_score_and_write", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        sampled(tiny_models, tmp_path / "run", data, rows_per_file=2)
+    monkeypatch.setattr(run_module, "_score_and_write", original)
+    resumed = sampled(tiny_models, tmp_path / "run", data, rows_per_file=2, batch_tokens=64)  # other batching too
+    assert resumed.resumed_chunks == 2
+    assert_same_rows(rows_by_id(tmp_path / "run" / "out"), reference)
+    other_seed = sampled(tiny_models, tmp_path / "seed", data, rows_per_file=2, seed=1)
+    assert other_seed.sequences == 10
+    assert any(not np.array_equal(a.sampled_counts, reference[i].sampled_counts)
+               for i, a in rows_by_id(tmp_path / "seed" / "out").items())
+
+
+def test_the_chunked_head_path_equals_the_models_own_logits(tiny_models):
+    """Scores from the LM head applied a chunk at a time equal those from the model's full logits (the
+    fallback for models whose logits are not the head of the hidden states), for both kinds."""
+    backend = HFBackend(str(tiny_models["teacher"]), k=8, dtype="float32")
+    assert backend.head_on_hidden
+    sequences = [np.arange(3, 3 + n, dtype=np.int32) for n in (20, 7, 33)]
+    for sampling in (None, Sampling(16, 1.5)):
+        seeds = [1, 2, 3] if sampling else None
+        chunked = backend.score(sequences, sampling=sampling, seeds=seeds)
+        backend.head_on_hidden = False
+        full = backend.score(sequences, sampling=sampling, seeds=seeds)
+        backend.head_on_hidden = True
+        for a, b in zip(chunked, full):
+            np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+            np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
+            np.testing.assert_array_equal(a.target_rank, b.target_rank)
+            if sampling:
+                np.testing.assert_array_equal(a.sampled_counts, b.sampled_counts)
+
+
+def test_a_plain_parquet_read_inspect_and_the_card_know_the_kind(tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from amid_pipeline.cli import app
+
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
+    sampled(tiny_models, tmp_path, data, proposal_temperature=2.0)
+    table = pq.read_table(tmp_path / "out" / "data")
+    counts = table.column("sampled_counts").to_pylist()
+    positions = table.column("positions").to_pylist()
+    assert all(len(c) == DRAWS * len(pos) for c, pos in zip(counts, positions))
+    assert all(sum(c[j : j + DRAWS]) == DRAWS for c in counts for j in range(0, len(c), DRAWS))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"target_kind": "sampled"' in result.output and '"proposal_temperature": 2.0' in result.output
+    assert '"distinct_ids_per_position_mean"' in result.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"{DRAWS} draws (with replacement) from the teacher" in card and "temperature 2.0" in card
+
+
+def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_models, tmp_path):
+    from amid_pipeline.shards.views import combine_directories, subset_directory
+
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
+    sampled(tiny_models, tmp_path / "s", data, k=DRAWS)
+    capture(tiny_models, tmp_path / "t", data, k=DRAWS, value_encoding="float32")
+    sampled(tiny_models, tmp_path / "hot", data, proposal_temperature=2.0)
+    for other, reason in (("t", "target_kind differs \\(sampled vs topk\\)"), ("hot", "sampling temperature differs \\(1.0 vs 2.0\\)")):
+        with pytest.raises(Exception, match=reason):
+            combine_directories([str(tmp_path / "s" / "out"), str(tmp_path / other / "out")], str(tmp_path / "both"))
+    subset_directory(str(tmp_path / "s" / "out"), str(tmp_path / "some"), sample_ids=["row-1", "row-3"])
+    kept = rows_by_id(tmp_path / "some")
+    assert sorted(kept) == ["row-1", "row-3"]
+    assert_same_rows(kept, {i: r for i, r in rows_by_id(tmp_path / "s" / "out").items() if i in kept})
+
+
+def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top_k(tiny_models, tiny_shards, tmp_path):
+    from amid_pipeline.train.checks import TrainingError
+    from amid_pipeline.train.loop import distill
+    from tests.train.test_distill import make_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS * 3)
+    sampled(tiny_models, tmp_path / "s", data, max_length=48, draws=16)
+    shards = tmp_path / "s" / "out"
+    short = distill(make_config(shards, tiny_models["student"], tmp_path / "a", loss="forward_kl", support="sampled",
+                                max_steps=1, heldout_fraction=0.0, eval_shards=[str(shards)]))
+    long = distill(make_config(shards, tiny_models["student"], tmp_path / "b", loss="forward_kl", support="sampled",
+                               max_steps=20, eval_every=0, save_every=0, heldout_fraction=0.0, eval_shards=[str(shards)]))
+    assert long.eval["kd"] < short.eval["kd"] * 0.9
+    amid = distill(make_config(shards, tiny_models["student"], tmp_path / "c", max_steps=2))  # AMiD, tail support
+    assert np.isfinite(amid.final_loss)
+    with pytest.raises(TrainingError, match="support 'sampled' needs shards of the sampled target kind"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "d", loss="forward_kl", support="sampled"))
+
+
+def test_the_sampled_kind_is_refused_on_vllm_by_name():
+    from amid_pipeline.capture.config import CaptureConfig
+    from amid_pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="target_kind: 'sampled' runs on the hf backend"):
+        load_config(CaptureConfig, None, {"teacher": "t", "dataset": "d", "output": "o", "target_kind": "sampled",
+                                          "backend": "vllm"})

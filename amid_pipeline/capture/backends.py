@@ -54,21 +54,37 @@ def sequence_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little")
 
 
+def torch_dtype(name: str) -> torch.dtype | str:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
+
+
+CDF_BLOCK = 256  # vocabulary ids per block of the two-level inverse CDF
+
+
 def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: torch.Tensor,
                   temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws by inverse CDF, kept as distinct ids: (ids [C, N], log p [C, N], counts [C, N]).
 
     ``logits`` [C, V] float32 of C positions, ``log_normalizer`` [C, 1] their logsumexp, ``uniforms``
     [C, N] in [0, 1). Draw j of a position is the first id whose cumulative proposal probability
-    (softmax(logits / temperature), summed in float64) exceeds ``uniforms[:, j]``. Per position the
-    distinct ids come first, in descending teacher probability, each with its exact log p (under the
-    teacher at temperature 1) and its count; the remaining slots repeat the first id with log p = -inf
-    and count 0.
+    r = softmax(logits / temperature) exceeds ``uniforms[:, j]`` (times the total, which absorbs
+    rounding). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the
+    masses of blocks of :data:`CDF_BLOCK` ids are summed in float64, a draw picks its block from their
+    cumulative sums and then its id from the cumulative sum inside that block. Per position the distinct
+    ids come first, in descending teacher probability, each with its exact log p (the teacher at
+    temperature 1) and its count; the remaining slots repeat the first id with log p = -inf and count 0.
     """
-    scaled = logits.double() / temperature
-    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # [C, V]
-    drawn = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1:]).contiguous(), right=True)
-    drawn = drawn.clamp(max=logits.shape[-1] - 1).sort(dim=-1).values  # [C, N]
+    scaled = logits / temperature
+    proposal = torch.exp(scaled - scaled.logsumexp(dim=-1, keepdim=True))  # [C, V] float32
+    vocab = logits.shape[-1]
+    blocks = torch.nn.functional.pad(proposal, (0, -vocab % CDF_BLOCK)).view(len(logits), -1, CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [C, vocab / block]
+    target = uniforms.double() * block_cdf[:, -1:]  # [C, N]
+    block = torch.searchsorted(block_cdf, target.contiguous(), right=True).clamp(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = blocks.gather(1, block[..., None].expand(-1, -1, CDF_BLOCK)).double().cumsum(dim=-1)  # [C, N, block]
+    offset = torch.searchsorted(inside, (target - before)[..., None], right=True)[..., 0].clamp(max=CDF_BLOCK - 1)
+    drawn = (block * CDF_BLOCK + offset).clamp(max=vocab - 1).sort(dim=-1).values  # [C, N]
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     run = first.cumsum(dim=-1) - 1  # which distinct id each draw is
@@ -80,10 +96,6 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     ids, log_p, counts = drawn.gather(1, order), key.gather(1, order), counts.gather(1, order)
     ids = torch.where(counts > 0, ids, ids[:, :1])
     return ids, log_p, counts
-
-
-def torch_dtype(name: str) -> torch.dtype | str:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
 
 
 class HFBackend:

@@ -175,3 +175,23 @@ def test_the_sampled_kind_is_refused_on_vllm_by_name():
     with pytest.raises(ConfigError, match="target_kind: 'sampled' runs on the hf backend"):
         load_config(CaptureConfig, None, {"teacher": "t", "dataset": "d", "output": "o", "target_kind": "sampled",
                                           "backend": "vllm"})
+
+
+def test_two_level_inverse_cdf_draws_what_a_float64_inverse_cdf_draws():
+    """With the same uniforms, the blocked sampler picks the ids of a plain float64 inverse CDF over the
+    whole vocabulary (one not a multiple of the block), at two temperatures."""
+    from amid_pipeline.capture.backends import draw_distinct
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 1000, generator=generator) * 3
+    uniforms = torch.rand(30, 40, generator=generator, dtype=torch.float64)
+    for temperature in (1.0, 0.5):
+        ids, log_p, counts = draw_distinct(logits, logits.logsumexp(-1, keepdim=True), uniforms, temperature)
+        cdf = np.cumsum(torch.softmax(logits.double() / temperature, -1).numpy(), axis=1)
+        for row in range(30):
+            expected = np.bincount(np.searchsorted(cdf[row], uniforms[row].numpy() * cdf[row, -1], side="right"),
+                                   minlength=1000)
+            found = np.zeros(1000, dtype=np.int64)
+            np.add.at(found, ids[row].numpy(), counts[row].numpy())
+            np.testing.assert_array_equal(found, expected)
+        torch.testing.assert_close(log_p[counts > 0], torch.log_softmax(logits, -1).gather(1, ids)[counts > 0])

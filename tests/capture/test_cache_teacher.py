@@ -369,3 +369,47 @@ def test_a_worker_with_no_rows_of_its_own_finishes_when_another_stores_some(tiny
     capture(tiny_models, tmp_path, data, num_workers=2, worker_index=0)
     summary = capture(tiny_models, tmp_path, data, num_workers=2, worker_index=1)
     assert summary.sequences == 0 and load_manifest(tmp_path / "out").totals["rows"] == 1
+
+
+def test_every_kind_of_unusable_row_is_counted_by_its_reason(tiny_models, tmp_path):
+    """Rows that yield no sequence are skipped and counted under their reason (each guard in turn)."""
+    tokens = write_jsonl(tmp_path / "tokens.jsonl", [
+        {"input_ids": [5, 6, 7, 8], "loss_mask": [1, 1, 1, 1]},  # kept
+        {"input_ids": [], "loss_mask": []},
+        {"input_ids": [5], "loss_mask": [1]},
+        {"input_ids": [5, 6, 7], "loss_mask": [1, 1]},
+        {"input_ids": [5, 6, 7], "loss_mask": [1, 0, 0]},
+        {"input_ids": [5, 6, 7, 8, 9, 10], "loss_mask": [0, 0, 0, 0, 0, 1]},
+    ])
+    summary = capture(tiny_models, tmp_path / "t", tokens, max_length=4)
+    assert summary.sequences == 1 and summary.skipped == {
+        "empty input_ids": 1, "tokenizes to fewer than 2 tokens": 1, "loss_mask has 2 entries for 3 input_ids": 1,
+        "no supervised token": 1, "no supervised token within max_length": 1}
+    messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                                                 {"messages": []}])
+    assert capture(tiny_models, tmp_path / "m", messages).skipped == {"no messages": 1}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short", "response": "x"}, {"prompt": "a " * 60, "response": "x"}])
+    generated = capture(tiny_models, tmp_path / "g", prompts, generate=True, max_new_tokens=8, max_length=40)
+    assert generated.skipped == {"prompt + max_new_tokens longer than max_length": 1}
+
+
+def test_unreadable_datasets_and_settings_are_explained_in_one_line(tiny_models, tmp_path):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", [{"text": "a b"}])
+    (mixed / "b.csv").write_text("text\na b\n")
+    for case, (dataset, error, message) in enumerate((
+            (empty_dir, FileNotFoundError, r"empty: no \.json/\.jsonl/\.parquet/\.csv files"),
+            (mixed, FileNotFoundError, "mixed: expected files of one kind among"),
+            ("./nowhere/d.jsonl", FileNotFoundError, r"dataset \./nowhere/d\.jsonl: no such file or directory"),
+            (write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": "1 2 3"}]), ValueError,
+             r"row 0: field 'input_ids' must be a list of integer token ids"),
+            (write_jsonl(tmp_path / "prompt.jsonl", [{"prompt": 5, "response": "x"}]), ValueError,
+             r"row 0: field 'prompt' holds int, not text"))):
+        with pytest.raises(error, match=message):
+            capture(tiny_models, tmp_path / f"out-{case}", dataset)
+    with pytest.raises(ValueError, match="max_new_tokens: 64 leaves no room for a prompt within max_length 64"):
+        capture(tiny_models, tmp_path / "out-y", write_jsonl(tmp_path / "q.jsonl", [{"prompt": "p", "response": "r"}]),
+                generate=True, max_new_tokens=64, max_length=64)

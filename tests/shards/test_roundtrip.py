@@ -181,6 +181,77 @@ def test_worker_manifests_merge_and_incomplete_sets_are_refused(tmp_path):
     assert len(list(ShardReader(tmp_path))) == 8
 
 
+def test_inconsistent_manifest_sets_and_foreign_files_are_refused_by_name(tmp_path):
+    """Each manifest and file guard in turn: not a directory, worker manifests that disagree on the
+    worker count or the header, a file listed by two workers, a view part out of range, a Parquet file
+    without the header, a file that lacks a column."""
+    import shutil
+
+    from amid_pipeline.shards.manifest import load_manifest, worker_manifest_name, write_manifest
+    from amid_pipeline.shards.writer import ShardWriter
+
+    header = synthetic_header()
+    committed = []
+    for worker in range(2):
+        with ShardWriter(tmp_path / "w", header=header, stem=f"part-w{worker:05d}") as writer:
+            for row in random_rows(3, k=8, vocab=100, seed=worker):
+                writer.add(row)
+        committed.append(writer.committed)
+        write_manifest(tmp_path / "w", header, writer.committed, name=worker_manifest_name(worker, 2))
+    assert len(load_manifest(tmp_path / "w").files) == len(committed[0]) + len(committed[1])
+
+    def variant(name, change):
+        directory = shutil.copytree(tmp_path / "w", tmp_path / name)
+        change(directory)
+        return directory
+
+    with pytest.raises(FormatError, match=r"not a directory \(does not exist\)"):
+        load_manifest(tmp_path / "nowhere")
+    with pytest.raises(FormatError, match="not a directory$"):
+        load_manifest(next((tmp_path / "w" / "data").glob("*.parquet")))
+    three = variant("three", lambda d: (d / worker_manifest_name(1, 2)).rename(d / worker_manifest_name(1, 3)))
+    with pytest.raises(FormatError, match=r"worker manifests disagree on the number of workers: \[2, 3\]"):
+        load_manifest(three)
+
+    def edit(directory, name, change):
+        payload = json.loads((directory / name).read_text())
+        change(payload)
+        (directory / name).write_text(json.dumps(payload))
+
+    other_header = variant("header", lambda d: edit(d, worker_manifest_name(1, 2), lambda m: m.update(max_length=99)))
+    with pytest.raises(FormatError, match=r"header differs from manifest.w00000-of-00002.json in \['max_length'\]"):
+        load_manifest(other_header)
+    twice = variant("twice", lambda d: edit(d, worker_manifest_name(1, 2), lambda m: m["files"].append(m["files"][0])))
+    with pytest.raises(FormatError, match="files listed twice across manifests"):
+        load_manifest(twice)
+
+    foreign = tmp_path / "foreign"
+    write_shards(foreign, random_rows(2, k=8, vocab=100), header)
+    name = next((foreign / "data").glob("*.parquet"))
+    table = pq.read_table(name)
+    pq.write_table(table.replace_schema_metadata({}), name)  # no amid-pipeline header
+    with pytest.raises(FormatError, match="no amid-pipeline header in the Parquet metadata"):
+        list(_read_ignoring_digests(foreign))
+    pq.write_table(table.drop(["target_rank"]), name)  # the header kept, a column gone
+    with pytest.raises(FormatError, match=r"missing columns \['target_rank'\]"):
+        list(_read_ignoring_digests(foreign))
+
+
+def _read_ignoring_digests(directory):
+    """The rows of ``directory`` after its manifest is told the files' new digests and sizes (so that the
+    checks behind the digest are reached)."""
+    from amid_pipeline.shards.storage import sha256_of
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for record in manifest["files"]:
+        path = directory / record["name"]
+        with open(path, "rb") as f:
+            record["sha256"] = sha256_of(f)
+        record["bytes"] = path.stat().st_size
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return ShardReader(directory)
+
+
 def test_large_vocabulary_ids_are_int32_and_exact(tmp_path):
     rows = random_rows(4, k=4, vocab=70_000, max_len=8)
     for row in rows:  # ids above 65,535 must survive

@@ -51,7 +51,7 @@ class CaptureConfig(DatasetSettings):
     max_length: Optional[int] = setting(None, f"Longest token sequence given to the teacher (longer ones: see overflow); default: the teacher's context, at most {DEFAULT_MAX_LENGTH} (on vLLM one token less: it generates one after each sequence). A larger value is refused.", minimum=2)
     target_kind: str = setting("topk", "What is stored per position: topk (the k most probable ids) or sampled (ids drawn with replacement from the teacher's full distribution, kept as the distinct ids with their counts and exact log-probabilities: unbiased sparse targets; hf backend).", choices=TARGET_KINDS)
     k: int = setting(64, "Top-k teacher log-probabilities stored per position (topk kind).", minimum=1)
-    draws: int = setting(32, "sampled kind: draws per position (the shard's k; each draw's id is stored once with its count).", minimum=1, maximum=65535)
+    draws: int = setting(24, "sampled kind: draws per position (the shard's k; each draw's id is stored once with its count).", minimum=1, maximum=65535)
     proposal_temperature: float = setting(1.0, "sampled kind: draw from softmax(logits / T); T = 1 draws from the teacher itself (unbiased), T > 1 spreads the draws over more ids (importance-weighted in training).", minimum=0.05)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
     positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))

@@ -69,20 +69,28 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     [C, N] in [0, 1). Draw j of a position is the first id whose cumulative proposal probability
     r = softmax(logits / temperature) exceeds ``uniforms[:, j]`` (times the total, which absorbs
     rounding). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the
-    masses of blocks of :data:`CDF_BLOCK` ids are summed in float64, a draw picks its block from their
-    cumulative sums and then its id from the cumulative sum inside that block. Per position the distinct
+    masses of blocks of :data:`CDF_BLOCK` ids (float32 sums) are accumulated in float64, a draw picks its
+    block from those cumulative sums and then its id from the float64 cumulative sum inside that block. Per position the distinct
     ids come first, in descending teacher probability, each with its exact log p (the teacher at
     temperature 1) and its count; the remaining slots repeat the first id with log p = -inf and count 0.
     """
-    scaled = logits / temperature
-    proposal = torch.exp(scaled - scaled.logsumexp(dim=-1, keepdim=True))  # [C, V] float32
-    vocab = logits.shape[-1]
-    blocks = torch.nn.functional.pad(proposal, (0, -vocab % CDF_BLOCK)).view(len(logits), -1, CDF_BLOCK)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [C, vocab / block]
+    if temperature == 1.0:
+        proposal = (logits - log_normalizer).exp_()  # [C, V] float32, the teacher itself
+    else:
+        scaled = logits / temperature
+        proposal = scaled.sub_(scaled.logsumexp(dim=-1, keepdim=True)).exp_()
+    count, vocab = logits.shape
+    whole = vocab - vocab % CDF_BLOCK  # blocks of CDF_BLOCK ids, then one shorter block of the rest
+    masses = proposal[:, :whole].reshape(count, -1, CDF_BLOCK).sum(dim=-1)
+    if whole < vocab:
+        masses = torch.cat([masses, proposal[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+    block_cdf = masses.double().cumsum(dim=-1)  # [C, blocks]
     target = uniforms.double() * block_cdf[:, -1:]  # [C, N]
     block = torch.searchsorted(block_cdf, target.contiguous(), right=True).clamp(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
-    inside = blocks.gather(1, block[..., None].expand(-1, -1, CDF_BLOCK)).double().cumsum(dim=-1)  # [C, N, block]
+    index = block[..., None] * CDF_BLOCK + torch.arange(CDF_BLOCK, device=logits.device)  # [C, N, block]
+    inside = proposal.gather(1, index.clamp(max=vocab - 1).flatten(1)).view(index.shape)
+    inside = torch.where(index < vocab, inside, torch.zeros_like(inside)).double().cumsum(dim=-1)
     offset = torch.searchsorted(inside, (target - before)[..., None], right=True)[..., 0].clamp(max=CDF_BLOCK - 1)
     drawn = (block * CDF_BLOCK + offset).clamp(max=vocab - 1).sort(dim=-1).values  # [C, N]
     first = torch.ones_like(drawn, dtype=torch.bool)

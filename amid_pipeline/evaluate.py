@@ -22,6 +22,7 @@ import torch
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source
+from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.metrics import evaluate
 from amid_pipeline.train.step import DistillModule
@@ -39,7 +40,8 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
                        max_batches: int | None = None, device: str = "cpu") -> dict[str, float]:
     """Metrics over every row of ``shards`` (or its first ``max_batches`` batches)."""
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
-                            student_vocab=model.get_output_embeddings().weight.shape[0])
+                            student_vocab=model.get_output_embeddings().weight.shape[0],
+                            proposal_temperature=load_manifest(shards).header.proposal_temperature)
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     module = DistillModule(model, KDLoss("forward_kl"), sparse=True)

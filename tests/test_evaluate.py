@@ -70,3 +70,26 @@ def test_heldout_sums_count_only_supervised_positions():
     assert masked["positions"] == subset["positions"] == 8
     for key, value in subset.items():
         assert math.isclose(masked[key], value, rel_tol=1e-5, abs_tol=1e-6), key
+
+
+def test_heldout_sums_of_sampled_targets_ignore_their_unused_slots():
+    """Sampled positions padded with unused slots (a repeated drawn id, log p = -inf, weight 0) give the
+    sums of the same positions holding only their distinct ids."""
+    from amid_pipeline.losses import KDLoss, TeacherTargets
+    from amid_pipeline.train.step import heldout_sums
+
+    torch.manual_seed(1)
+    n, k, vocab, width = 6, 5, 40, 8
+    hidden, head = torch.randn(n, width), torch.nn.Linear(width, vocab, bias=False)
+    top = torch.log_softmax(torch.randn(n, vocab), -1).topk(3, -1)  # 3 distinct ids per position
+    ids = torch.cat([top.indices, top.indices[:, :1].expand(n, k - 3)], dim=1)
+    values = torch.cat([top.values, torch.full((n, k - 3), float("-inf"))], dim=1)
+    weights = torch.cat([torch.full((n, 3), 1 / 3), torch.zeros(n, k - 3)], dim=1)
+    targets, mask = torch.randint(0, vocab, (n,)), torch.ones(n, dtype=torch.bool)
+    padded = TeacherTargets(ids, values, targets, torch.zeros(n), mask, weights)
+    alone = TeacherTargets(top.indices, top.values, targets, torch.zeros(n), mask, weights[:, :3])
+    with torch.no_grad():
+        found = heldout_sums(hidden, head, padded, KDLoss("forward_kl", support="sampled"))
+        expected = heldout_sums(hidden, head, alone, KDLoss("forward_kl", support="sampled"))
+    for key, value in expected.items():
+        assert math.isclose(found[key], value, rel_tol=1e-5, abs_tol=1e-6), key

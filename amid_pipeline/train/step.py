@@ -64,8 +64,9 @@ def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch
 
 def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss) -> dict[str, float]:
     """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
-    renormalised top-k (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
-    agreement with the teacher, student mass on the teacher's support; and their count."""
+    renormalised stored ids (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
+    agreement with the teacher (its first stored id: the argmax for top-k, the most probable drawn id for
+    sampled shards), student mass on the stored ids; and their count."""
     mask = teacher.mask.float()
     sums = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
             "positions": float(mask.sum())}
@@ -80,6 +81,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         sums["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
         sums["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
         log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
+        if teacher.sample_weights is not None:  # a sampled shard's unused slots repeat a drawn id
+            log_q_support = log_q_support.masked_fill(teacher.sample_weights[a:b] == 0, float("-inf"))
         sums["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
         log_p = teacher.topk_logprobs[a:b].float()
         kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))

@@ -160,8 +160,14 @@ def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top
     short = distill(make_config(shards, tiny_models["student"], tmp_path / "a", loss="forward_kl", support="sampled",
                                 max_steps=1, heldout_fraction=0.0, eval_shards=[str(shards)]))
     long = distill(make_config(shards, tiny_models["student"], tmp_path / "b", loss="forward_kl", support="sampled",
-                               max_steps=20, eval_every=0, save_every=0, heldout_fraction=0.0, eval_shards=[str(shards)]))
+                               max_steps=20, eval_every=0, save_every=0, heldout_fraction=0.0, eval_shards=[str(shards)],
+                               eval_batches=100))
     assert long.eval["kd"] < short.eval["kd"] * 0.9
+    from amid_pipeline.evaluate import evaluate_on_shards, load_model
+
+    evaluated = evaluate_on_shards(load_model(tmp_path / "b" / "model")[0], shards)  # `eval --shards`, other batches
+    for key in ("kl_to_teacher", "support_mass", "ce", "positions"):
+        assert evaluated[key] == pytest.approx(long.eval[key], rel=1e-4), key
     amid = distill(make_config(shards, tiny_models["student"], tmp_path / "c", max_steps=2))  # AMiD, tail support
     assert np.isfinite(amid.final_loss)
     with pytest.raises(TrainingError, match="support 'sampled' needs shards of the sampled target kind"):

@@ -53,12 +53,9 @@ def sequences(rows: int) -> list[np.ndarray]:
 def full_log_softmax_topk(backend, batch: list[np.ndarray], k: int) -> None:
     """The hf scoring before the chunked path: the model's [B, T, V] logits, a full fp32 log_softmax per
     sequence, then top-k, target log p and rank (kept here as the baseline being measured)."""
-    longest = max(len(s) for s in batch)
-    ids = torch.zeros(len(batch), longest, dtype=torch.long)
-    attention = torch.zeros(len(batch), longest, dtype=torch.long)
-    for i, seq in enumerate(batch):
-        ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
-        attention[i, : len(seq)] = 1
+    from amid_pipeline.capture.backends import right_padded
+
+    ids, attention = right_padded(batch)
     logits = backend.model(input_ids=ids, attention_mask=attention).logits
     for i, seq in enumerate(batch):
         logprobs = torch.log_softmax(logits[i, : len(seq) - 1].float(), dim=-1)

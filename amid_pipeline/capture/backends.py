@@ -106,6 +106,17 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     return ids, log_p, counts
 
 
+def right_padded(batch: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T], attention mask [B, T]) of token sequences padded on the right with 0."""
+    longest = max(len(s) for s in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    attention = torch.zeros(len(batch), longest, dtype=torch.long)
+    for i, seq in enumerate(batch):
+        ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        attention[i, : len(seq)] = 1
+    return ids, attention
+
+
 class HFBackend:
     """transformers forward passes in batches of at most ``batch_tokens`` padded tokens.
 
@@ -181,13 +192,7 @@ class HFBackend:
         return out
 
     def _score_batch(self, batch: list[np.ndarray], sampling: Sampling | None, seeds: list[int] | None) -> list[Scores]:
-        longest = max(len(s) for s in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        attention = torch.zeros(len(batch), longest, dtype=torch.long)
-        for i, seq in enumerate(batch):
-            ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
-            attention[i, : len(seq)] = 1
-        ids, attention = ids.to(self.device), attention.to(self.device)
+        ids, attention = (tensor.to(self.device) for tensor in right_padded(batch))
         if self.head_on_hidden:
             base = getattr(self.model, self.model.base_model_prefix)
             hidden = base(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state

@@ -113,6 +113,35 @@ def test_writer_rejects_inconsistent_rows(tmp_path):
         encode_topk_logprobs(unsorted.topk_logprobs, "q64-delta")
 
 
+def test_every_row_check_names_the_sample_and_field():
+    """TeacherRow.check, guard by guard: each inconsistency is refused with its own message."""
+    base = next(r for r in random_rows(10, k=4, vocab=100, max_len=12, seed=5) if len(r.positions) >= 3)
+
+    def broken(**fields):
+        import dataclasses
+
+        return dataclasses.replace(base, **fields)
+
+    positions = base.positions
+    cases = [
+        (broken(input_ids=base.input_ids[:1]), "positions stored for a sequence of length 1"),
+        (broken(loss_mask=base.loss_mask[:-1]), "loss_mask has shape"),
+        (broken(positions=np.where(np.arange(len(positions)) == len(positions) - 1, len(base.input_ids) - 1, positions)
+                .astype(np.int32)), r"positions must lie in \[0, "),
+        (broken(positions=(positions - positions[0] - 1).astype(np.int32)), r"positions must lie in \[0, "),
+        (broken(positions=positions[::-1].copy()), "positions must be strictly ascending"),
+        (broken(topk_logprobs=np.abs(base.topk_logprobs)), r"topk_logprobs must be <= 0"),
+        (broken(topk_logprobs=np.full_like(base.topk_logprobs, np.nan)), r"topk_logprobs must be <= 0"),
+        (broken(topk_logprobs=np.full_like(base.topk_logprobs, -np.inf)), "topk_logprobs has a position whose top-1 is -inf"),
+        (broken(topk_ids=base.topk_ids + 100), r"topk_ids must lie in \[0, 100\)"),
+        (broken(topk_ids=base.topk_ids - 100), r"topk_ids must lie in \[0, 100\)"),
+    ]
+    base.check(4, 100)
+    for row, message in cases:
+        with pytest.raises(ValueError, match=f"sample '{base.sample_id}': {message}"):
+            row.check(4, 100)
+
+
 def sampled_row(seed=0):
     """A row of the sampled kind (4 slots): 3 distinct ids drawn 2 + 1 + 1 times, one unused slot."""
     row = next(r for r in random_rows(10, k=4, vocab=100, max_len=10, seed=seed) if len(r.positions) >= 2)

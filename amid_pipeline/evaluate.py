@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
@@ -37,13 +38,15 @@ def load_model(path: str | Path, device: str = "cpu"):
 
 
 def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_length: int = 1024,
-                       max_batches: int | None = None, device: str = "cpu") -> dict[str, float]:
-    """Metrics over every row of ``shards`` (or its first ``max_batches`` batches)."""
+                       max_batches: int | None = None, device: str = "cpu", progress: str | None = None) -> dict[str, float]:
+    """Metrics over every row of ``shards`` (or its first ``max_batches`` batches); ``progress``: the
+    label of a progress bar over the batches (None: none)."""
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
                             student_vocab=model.get_output_embeddings().weight.shape[0],
                             proposal_temperature=load_manifest(shards).header.proposal_temperature)
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
+    batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
     module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
     metrics = evaluate(module, batches, torch.device(device), nullcontext())
     metrics.pop("kd")  # the same forward KL as kl_to_teacher here
@@ -89,9 +92,11 @@ def rouge_l(candidate: str, references: str | list[str]) -> float:
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], *, chat_template: str = "auto", max_new_tokens: int = 64,
-                       temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+                       temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+                       progress: str | None = None) -> list[str]:
     """One response per prompt: greedy (``temperature`` 0) or sampled at ``temperature`` from the full
-    distribution (top-k 0, top-p 1), in batches of prompts of similar length, left-padded.
+    distribution (top-k 0, top-p 1), in batches of prompts of similar length, left-padded; ``progress``:
+    the label of a progress bar over the prompts (None: none).
 
     Prompts are rendered as one user turn under the model's chat template (``chat_template`` auto: when it
     has one) and each response stops at EOS or the template's end of turn. Batch b is sampled with seed
@@ -104,6 +109,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, chat_template: s
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     sample = temperature > 0
     responses: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None)
     for b, start in enumerate(range(0, len(order), batch_size)):
         chosen = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chosen)
@@ -120,6 +126,8 @@ def generate_responses(model, tokenizer, prompts: list[str], *, chat_template: s
         for row, i in enumerate(chosen):
             tokens = cut_at_stop(out[row, width:].cpu().numpy(), stops)
             responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        bar.update(len(chosen))
+    bar.close()
     return responses
 
 
@@ -150,12 +158,14 @@ def read_prompts(data: str | Path, limit: int | None, prompt_field: str = "promp
 
 def rouge_l_on_prompts(model, tokenizer, data: str | Path, *, limit: int | None = None, max_new_tokens: int = 64,
                        sample_seeds: int = 0, temperature: float = 1.0, batch_size: int = 16, chat_template: str = "auto",
-                       prompt_field: str = "prompt", response_field: str = "response") -> dict[str, float]:
+                       prompt_field: str = "prompt", response_field: str = "response",
+                       progress: str | None = None) -> dict[str, float]:
     """ROUGE-L (× 100, see :func:`rouge_l`) of responses to the first ``limit`` prompts of a JSONL file:
     greedy (``rouge_l``), and with ``sample_seeds`` > 0 sampled at ``temperature`` once per seed
     (``rouge_l_sampled``: mean over seeds of the per-run mean; ``rouge_l_sampled_sd``: their sd).
     ``greedy_words`` and ``reference_words``: mean words per greedy answer and per (first) reference —
-    ROUGE-L's F-measure falls with a length mismatch, e.g. answers cut by ``max_new_tokens``."""
+    ROUGE-L's F-measure falls with a length mismatch, e.g. answers cut by ``max_new_tokens``. ``progress``:
+    the label of the progress bars of the generation runs (None: none)."""
     prompts, references = read_prompts(data, limit, prompt_field, response_field)
     settings = {"chat_template": chat_template, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
@@ -165,11 +175,15 @@ def rouge_l_on_prompts(model, tokenizer, data: str | Path, *, limit: int | None 
     def mean_words(texts: list[str]) -> float:
         return statistics.fmean(len(text.split()) for text in texts) if texts else 0.0
 
-    greedy = generate_responses(model, tokenizer, prompts, **settings)
+    def label(run: str) -> str | None:
+        return None if progress is None else f"{progress}: {run}"
+
+    greedy = generate_responses(model, tokenizer, prompts, progress=label("greedy"), **settings)
     metrics = {"rouge_l": score(greedy), "generated": len(prompts), "greedy_words": mean_words(greedy),
                "reference_words": mean_words([refs[0] for refs in references])}
     if sample_seeds:
-        runs = [score(generate_responses(model, tokenizer, prompts, temperature=temperature, seed=1000 * seed, **settings))
+        runs = [score(generate_responses(model, tokenizer, prompts, temperature=temperature, seed=1000 * seed,
+                                         progress=label(f"sampled, seed {seed}"), **settings))
                 for seed in range(sample_seeds)]
         metrics["rouge_l_sampled"] = statistics.fmean(runs)
         metrics["rouge_l_sampled_sd"] = statistics.stdev(runs) if len(runs) > 1 else 0.0

@@ -75,9 +75,10 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
     table = {}
     for name, path in (("teacher", teacher), *students.items()):
         model, tokenizer = load_model(path)
-        metrics = evaluate_on_shards(model, shards["heldout"])
+        label = f"evaluate {name}" if progress else None
+        metrics = evaluate_on_shards(model, shards["heldout"], progress=label)
         if rouge_prompts:
-            metrics.update(rouge_l_on_prompts(model, tokenizer, data / "heldout.jsonl", limit=rouge_prompts))
+            metrics.update(rouge_l_on_prompts(model, tokenizer, data / "heldout.jsonl", limit=rouge_prompts, progress=label))
         table[name] = metrics
     seconds["evaluation"] = time.perf_counter() - clock
     return QuickstartResult(output=output, table=table, seconds=seconds)

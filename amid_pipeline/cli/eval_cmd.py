@@ -27,6 +27,7 @@ def eval_model(
     response_field: Annotated[str, typer.Option(help="Reference field of --data.")] = "response",
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate only the first N batches of the shards.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (shard batches, generated prompts) on stderr.")] = True,
 ) -> None:
     """Evaluate a model on held-out data: against its teacher's shards, and by generating responses."""
 
@@ -53,7 +54,7 @@ def eval_model(
             warning = template_warning(load_manifest(shards).header, tokenizer, model)
             if warning:
                 typer.secho(warning, err=True, fg="yellow")
-            metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches)
+            metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches, progress="eval shards" if progress else None)
         if data is not None:
             metrics.update(perplexity_on_data(loaded, tokenizer, data, chat_template=chat_template,
                                               prompt_field=prompt_field, response_field=response_field))
@@ -62,7 +63,8 @@ def eval_model(
                 metrics.update(rouge_l_on_prompts(
                     loaded, tokenizer, data, limit=generate, max_new_tokens=max_new_tokens, sample_seeds=sample_seeds,
                     temperature=temperature, batch_size=batch_size, chat_template=chat_template,
-                    prompt_field=prompt_field, response_field=response_field))
+                    prompt_field=prompt_field, response_field=response_field,
+                    progress="generate" if progress else None))
             except ValueError as exc:
                 raise UserError(str(exc)) from exc
         if as_json:

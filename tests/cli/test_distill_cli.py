@@ -117,5 +117,10 @@ def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards
     assert {"rouge_l", "rouge_l_sampled", "rouge_l_sampled_sd", "kl_to_teacher"} <= set(metrics)
     assert metrics["reference_words"] == (5 + 3) / 2  # the first reference of each prompt
     assert 0 <= metrics["greedy_words"] <= 8  # at most one word per new token here
+    for label in ("eval shards", "generate: greedy", "generate: sampled, seed 1"):  # progress on stderr
+        assert label in result.stderr
+    quiet = runner.invoke(app, ["eval", str(tiny_models["teacher"]), "--shards", str(tiny_shards), "--data", str(data),
+                                "--generate", "2", "--max-new-tokens", "8", "--json", "--no-progress"])
+    assert quiet.exit_code == 0 and "generate" not in quiet.stderr and json.loads(quiet.stdout)["generated"] == 2
     nothing = runner.invoke(app, ["eval", str(tiny_models["teacher"])])
     assert nothing.exit_code == 1 and "nothing to evaluate" in nothing.output

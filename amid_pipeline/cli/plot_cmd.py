@@ -15,7 +15,7 @@ def plot(
     run_dir: Annotated[Path, typer.Argument(help="A distill --output directory (holds metrics.jsonl).")],
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/curves.png).")] = None,
 ) -> None:
-    """Draw the training loss and the held-out metrics of a distill run."""
+    """Draw the training loss and the held-out metrics of a distill run (from step 0: the student before training)."""
 
     def run() -> None:
         metrics = run_dir / "metrics.jsonl"
@@ -29,17 +29,31 @@ def plot(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in ("kd", "kl_to_teacher", "perplexity", "top1_agreement", "support_mass") if evals and k in evals[0]["eval"]]
-        fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.5))
-        axes[0].plot([m["step"] for m in train], [m["loss"] for m in train])
-        axes[0].set_title("train loss")
+        titles = {"kl_to_teacher": "held-out KL to the teacher (its stored ids)",
+                  "perplexity": "held-out perplexity (log scale)", "top1_agreement": "top-1 agreement with the teacher",
+                  "support_mass": "student mass on the teacher's ids"}
+        keys = [k for k in titles if evals and k in evals[0]["eval"]]
+        columns = 3
+        rows = -(-(1 + len(keys)) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+        axes = axes.ravel()
+        eval_steps = [m["step"] for m in evals]
+        axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss (per step)")
+        if evals and "kd" in evals[0]["eval"]:
+            axes[0].plot(eval_steps, [m["eval"]["kd"] for m in evals], marker="o", label="held-out KD loss")
+        axes[0].set_title("loss")
+        axes[0].legend()
         for axis, key in zip(axes[1:], keys):
-            axis.plot([m["step"] for m in evals], [m["eval"][key] for m in evals], marker="o")
-            axis.set_title(f"held-out {key}")
+            axis.plot(eval_steps, [m["eval"][key] for m in evals], marker="o")
+            axis.set_title(titles[key])
             if key == "perplexity":
                 axis.set_yscale("log")
+        for axis in axes[1 + len(keys):]:
+            axis.set_visible(False)
         for axis in axes:
-            axis.set_xlabel("step")
+            axis.set_xlabel("optimiser step")
+            axis.set_xlim(left=0)
+            axis.grid(alpha=0.3)
         fig.tight_layout()
         target = out or run_dir / "curves.png"
         fig.savefig(target, dpi=100)

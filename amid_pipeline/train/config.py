@@ -26,7 +26,7 @@ class OptimizationSettings:
     min_lr_ratio: float = setting(0.1, "Final learning rate as a fraction of --lr.", minimum=0.0, maximum=1.0)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
     seed: int = setting(0, "Seed for data order, shuffling and sampling.")
-    eval_every: int = setting(50, "Evaluate on the held-out (distill) or dev (sft) rows every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    eval_every: int = setting(50, "Evaluate on the held-out (distill) or dev (sft) rows every N optimiser steps (and at the end; distill also before the first step; 0 = only at the end).", minimum=0)
     save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
     keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
     resume: bool = setting(False, "Continue from the latest checkpoint in --output.")

@@ -170,6 +170,11 @@ def _distill(config: DistillConfig) -> RunSummary:
     metrics_file = MetricsLog(output, trackers, dataclasses.asdict(config)) if processes.main else None
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
     try:
+        if step == 0 and config.eval_every:  # the curves start from the student as it came
+            model.eval()
+            start_eval = evaluate(wrapped, heldout_batches(), device, autocast)
+            if metrics_file:
+                metrics_file.write({"step": 0, "eval": start_eval})
         while step < total_steps:
             model.train()
             optimizer.zero_grad(set_to_none=True)

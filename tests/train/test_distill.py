@@ -38,7 +38,8 @@ def test_end_to_end_output_metrics_and_plot(tiny_shards, tiny_models, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4, 5, 6]
     evals = [m["eval"] for m in lines if "eval" in m]
-    assert len(evals) == 2 and all(0 <= e["top1_agreement"] <= 1 and 0 < e["support_mass"] <= 1 for e in evals)
+    assert [m["step"] for m in lines if "eval" in m] == [0, 3, 6]  # from the student before any step
+    assert all(0 <= e["top1_agreement"] <= 1 and 0 < e["support_mass"] <= 1 for e in evals)
     assert (tmp_path / "run" / "distill_config.toml").exists()
     resolved = json.loads((tmp_path / "run" / "loss.json").read_text())  # every parameter, defaults included
     assert resolved == {"loss": "amid", "preset": None, "support": "renormalized", "kd_ratio": 1.0, "params": {
@@ -301,7 +302,7 @@ def test_trackers_get_the_scalars_of_metrics_jsonl(tiny_shards, tiny_models, tmp
         prefix = "eval/" if "eval" in payload else "train/"
         expected.setdefault(payload["step"], {}).update(
             {prefix + k: v for k, v in payload.get("eval", payload).items() if k not in ("step", "epoch")})
-    assert sorted(expected) == [1, 2, 3] and "eval/kl_to_teacher" in expected[2] and "train/loss" in expected[3]
+    assert sorted(expected) == [0, 1, 2, 3] and "eval/kl_to_teacher" in expected[0] and "train/loss" in expected[3]
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()

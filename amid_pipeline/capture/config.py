@@ -12,7 +12,7 @@ from amid_pipeline.shards.schema import TARGET_KINDS, VALUE_ENCODINGS
 DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
 
 # Settings that may differ between the run that started a directory and the one resuming it.
-RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress")
+RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress", "verbose")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,7 @@ class CaptureConfig(DatasetSettings):
     seed: int = setting(0, "Sampling seed for --generate (row i uses seed + i) and for the sampled kind's draws (per sample id).")
     overwrite: bool = setting(False, "Delete an existing output directory written with other settings instead of refusing.")
     progress: bool = setting(True, "Show a progress bar.")
+    verbose: bool = setting(False, "Show the engine's own log (vLLM's start-up lines and warnings); by default only its errors.")
 
     def check(self) -> list[str]:
         errors = []

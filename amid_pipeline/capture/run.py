@@ -61,12 +61,14 @@ class CaptureSummary:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     resumed_chunks: int = 0
     seconds: float = 0.0
+    dtype: str = ""  # the teacher's weights as the engine ran them (vLLM may downcast float32 under auto)
 
     def lines(self) -> list[tuple[str, Any]]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         return [
             ("output", self.output),
             ("backend", self.backend),
+            *([("teacher dtype", self.dtype)] if self.dtype else []),
             ("rows read", self.rows),
             ("sequences written", self.sequences),
             ("tokens", self.tokens),
@@ -291,7 +293,8 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
     output.makedirs()
     _write_journal(output, config, kept)  # restarted at the last intact chunk
 
-    summary = CaptureSummary(output=output.url, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept))
+    summary = CaptureSummary(output=output.url, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept),
+                             dtype=backend.dtype)
     for entry in kept:
         _add_chunk_stats(summary, entry)
     partition = range(config.worker_index, len(rows), config.num_workers)

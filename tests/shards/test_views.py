@@ -147,3 +147,23 @@ def test_distill_reports_duplicates_across_shards_and_trains_from_a_view(tiny_sh
     assert "note: 20 sample ids occur more than once across --shards" in capsys.readouterr().out
     summary = run([str(tmp_path / "first")], "view")
     assert summary.steps == 1 and "more than once" not in capsys.readouterr().out
+
+
+def test_views_refuse_what_they_cannot_hold_by_name(two_runs, tmp_path):
+    """Each remaining view, writer and reader guard in turn: an unknown duplicates policy, no sources, a
+    subset of ids that are not there, a directory given twice, a writer with no rows per file, unknown files."""
+    from amid_pipeline.shards.writer import ShardWriter
+
+    a, b = two_runs
+    with pytest.raises(ValueError, match="duplicates must be one of"):
+        combine_directories([str(a)], str(tmp_path / "x"), duplicates="merge")
+    with pytest.raises(FormatError, match="combine: no source directories given"):
+        combine_directories([], str(tmp_path / "y"))
+    with pytest.raises(FormatError, match="none of the 1 requested sample ids is there"):
+        subset_directory(str(a), str(tmp_path / "z"), sample_ids=["no-such-id"])
+    with pytest.raises(FormatError, match="is included twice"):
+        combine_directories([str(a), str(a)], str(tmp_path / "w"), duplicates="keep")
+    with pytest.raises(ValueError, match="rows_per_file and rows_per_group must be >= 1"):
+        ShardWriter(tmp_path / "v", header=synthetic_header(), rows_per_file=0)
+    with pytest.raises(FormatError, match=r"files not in the manifest: \['data/nope.parquet'\]"):
+        ShardReader(a, files=["data/nope.parquet"])

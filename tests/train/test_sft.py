@@ -141,3 +141,17 @@ def test_cli_sft_success_and_bad_input(tiny_models, pairs, tmp_path):
     missing = runner.invoke(app, ["sft", "--model", str(tmp_path / "nope"), "--dataset", str(pairs), "--output",
                                   str(tmp_path / "x")])
     assert missing.exit_code == 1 and "no such model folder" in missing.output
+
+
+def test_non_finite_sft_loss_stops_with_step_and_samples(tiny_models, pairs, tmp_path, monkeypatch):
+    import amid_pipeline.train.sft as sft_module
+
+    original = sft_module.supervised_ce_sum
+
+    def diverged(model, batch, device):  # the model's loss became NaN
+        loss, count = original(model, batch, device)
+        return loss * float("nan"), count
+
+    monkeypatch.setattr(sft_module, "supervised_ce_sum", diverged)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):
+        run(tiny_models, pairs, tmp_path / "run")

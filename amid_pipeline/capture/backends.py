@@ -72,8 +72,8 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     r = softmax(logits / temperature) exceeds ``uniforms[:, j]`` (times the total, which absorbs
     rounding). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the
     masses of blocks of :data:`CDF_BLOCK` ids (float32 sums) are accumulated in float64, a draw picks its
-    block from those cumulative sums and then its id from the float64 cumulative sum inside that block. Per position the distinct
-    ids come first, in descending teacher probability, each with its exact log p (the teacher at
+    block from those cumulative sums and then its id from the float64 cumulative sum inside that block.
+    Per position the distinct ids come first, in descending teacher probability, each with its exact log p (the teacher at
     temperature 1) and its count; the remaining slots repeat the first id with log p = -inf and count 0.
     """
     if temperature == 1.0:

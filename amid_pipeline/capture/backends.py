@@ -73,8 +73,9 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     rounding). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the
     masses of blocks of :data:`CDF_BLOCK` ids (float32 sums) are accumulated in float64, a draw picks its
     block from those cumulative sums and then its id from the float64 cumulative sum inside that block.
-    Per position the distinct ids come first, in descending teacher probability, each with its exact log p (the teacher at
-    temperature 1) and its count; the remaining slots repeat the first id with log p = -inf and count 0.
+    Per position the distinct ids come first, in descending teacher probability, each with its exact log p
+    (the teacher at temperature 1) and its count; the remaining slots repeat the first id with log p = -inf
+    and count 0.
     """
     if temperature == 1.0:
         proposal = (logits - log_normalizer).exp_()  # [C, V] float32, the teacher itself
@@ -162,15 +163,18 @@ class HFBackend:
     def score(self, sequences: list[np.ndarray], *, sampling: Sampling | None = None,
               seeds: list[int] | None = None) -> list[Scores]:
         """Top-k scores of each sequence, or with ``sampling`` its draws (sequence i drawn with ``seeds[i]``)."""
+        def scored(indices: list[int]) -> list[Scores]:
+            return self._score_batch([sequences[j] for j in indices], sampling, seeds and [seeds[j] for j in indices])
+
         out: list[Scores] = []
         batch: list[int] = []
         for i, seq in enumerate(sequences):
             if batch and (len(batch) + 1) * max(len(seq), *(len(sequences[j]) for j in batch)) > self.batch_tokens:
-                out.extend(self._score_batch([sequences[j] for j in batch], sampling, seeds and [seeds[j] for j in batch]))
+                out.extend(scored(batch))
                 batch = []
             batch.append(i)
         if batch:
-            out.extend(self._score_batch([sequences[j] for j in batch], sampling, seeds and [seeds[j] for j in batch]))
+            out.extend(scored(batch))
         return out
 
     @torch.no_grad()
@@ -211,10 +215,13 @@ class HFBackend:
             if sampling is not None:  # drawn on the CPU: the same draws on every device
                 generator = torch.Generator().manual_seed(seeds[i])
                 uniforms = torch.rand(positions, sampling.draws, generator=generator, dtype=torch.float64)
-            parts = [self._targets(logits_of(i, a, min(a + chunk, positions)), ids[i, a + 1 : min(a + chunk, positions) + 1],
-                                   sampling, None if uniforms is None else uniforms[a : a + chunk].to(self.device))
-                     for a in range(0, positions, chunk)]
-            results.append(Scores(*(np.concatenate(column) if column[0] is not None else None for column in zip(*parts))))
+            parts = []
+            for a in range(0, positions, chunk):
+                b = min(a + chunk, positions)
+                parts.append(self._targets(logits_of(i, a, b), ids[i, a + 1 : b + 1], sampling,
+                                           None if uniforms is None else uniforms[a:b].to(self.device)))
+            results.append(Scores(*(np.concatenate(column) if column[0] is not None else None
+                                    for column in zip(*parts))))
         return results
 
     def _targets(self, logits: torch.Tensor, targets: torch.Tensor, sampling: Sampling | None,

@@ -83,12 +83,14 @@ class CaptureSummary:
         ]
 
 
-# Settings added after the first release, with the behaviour every earlier capture had.
-LATER_SETTING_DEFAULTS = {"target_kind": "topk", "draws": 24, "sample_top": 256, "proposal_temperature": 1.0}
+SAMPLED_ONLY_SETTINGS = ("draws", "sample_top", "proposal_temperature")  # meaningless for top-k targets
 
 
 def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_SETTINGS}
+    """The settings a resumed run must share with the run that started the directory: all but the
+    resume-free ones, and only those of its target kind (``k`` for top-k, the draws' for sampled)."""
+    unused = ("k",) if config.target_kind == "sampled" else SAMPLED_ONLY_SETTINGS
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RESUME_FREE_SETTINGS, *unused)}
 
 
 def journal_name(config: CaptureConfig) -> str:
@@ -103,7 +105,7 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         first = output.read_text(journal).split("\n", 1)[0]
         saved = json.loads(first)["settings"] if first else {}
         saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
-        saved = {**LATER_SETTING_DEFAULTS, **saved}  # a journal from before a setting existed ran its default
+        saved.setdefault("target_kind", "topk")  # journals from before the sampled kind existed
         differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
@@ -241,9 +243,12 @@ def fit_to_teacher(config: CaptureConfig) -> CaptureConfig:
     value is refused. vLLM generates one token after each scored sequence, so there a sequence may be one
     token shorter than the context."""
     context, vocabulary = model_limits(config.teacher)
-    if vocabulary is not None and config.k > vocabulary:
-        raise ValueError(f"--k {config.k} is larger than the teacher vocabulary ({vocabulary} tokens, {config.teacher})")
     on_vllm = backend_name(config) == "vllm"
+    if vocabulary is not None and config.target_kind == "topk" and config.k > vocabulary:
+        raise ValueError(f"--k {config.k} is larger than the teacher vocabulary ({vocabulary} tokens, {config.teacher})")
+    if vocabulary is not None and config.target_kind == "sampled" and on_vllm and config.sample_top > vocabulary:
+        raise ValueError(f"--sample-top {config.sample_top} is larger than the teacher vocabulary ({vocabulary} tokens, "
+                         f"{config.teacher}); use --sample-top {vocabulary} to draw from all of it")
     fit = None if context is None else context - 1 if on_vllm else context
     if config.max_length is None:
         return dataclasses.replace(config, max_length=min(DEFAULT_MAX_LENGTH, fit or DEFAULT_MAX_LENGTH))

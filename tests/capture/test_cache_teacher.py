@@ -228,6 +228,8 @@ def test_bad_inputs_are_explained(tiny_models, tmp_path):
         capture(tiny_models, tmp_path / "x", tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="larger than the teacher vocabulary"):
         capture(tiny_models, tmp_path / "y", write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}]), k=100_000)
+    with pytest.raises(ValueError, match="--sample-top 1000 is larger than the teacher vocabulary .*use --sample-top 512"):
+        capture(tiny_models, tmp_path / "z", tmp_path / "t.jsonl", target_kind="sampled", backend="vllm", sample_top=1000)
 
 
 @pytest.mark.slow
@@ -416,16 +418,17 @@ def test_unreadable_datasets_and_settings_are_explained_in_one_line(tiny_models,
 
 
 def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models, tmp_path):
-    """A journal without the settings added later (the sampled kind's) is the same run at their defaults."""
+    """A journal without the settings added later (target_kind) is a top-k run; the sampled kind's own
+    settings do not bind a top-k capture (another --draws resumes it), nor k a sampled one."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(3)])
     capture(tiny_models, tmp_path, data)
     journal = next((tmp_path / "out").glob("progress.*.jsonl"))
     first, *rest = journal.read_text().splitlines()
     settings = json.loads(first)
-    for key in ("target_kind", "draws", "sample_top", "proposal_temperature"):
-        del settings["settings"][key]
+    assert "draws" not in settings["settings"] and "k" in settings["settings"]
+    del settings["settings"]["target_kind"]
     journal.write_text("\n".join([json.dumps(settings), *rest]) + "\n")
-    again = capture(tiny_models, tmp_path, data)
+    again = capture(tiny_models, tmp_path, data, draws=7)
     assert "nothing to do" in again.backend
     with pytest.raises(SettingsMismatch, match="target_kind: 'topk' there, 'sampled' now"):
         capture(tiny_models, tmp_path, data, target_kind="sampled")

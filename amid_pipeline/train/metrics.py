@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.data import Batch
 
 SUMS = ("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", "positions")
@@ -124,6 +125,10 @@ class MetricsLog:
                 self.trackers.append(TRACKERS[name](output, output.resolve().name, config or {}))
             except ImportError:
                 print(f"warning: report_to: {name} is not installed (pip install {name}); not reported there")
+            except Exception as exc:  # e.g. wandb online without a login: say so in one line, before any step
+                self.close()
+                raise TrainingError(f"report_to: {name} could not start ({type(exc).__name__}: {exc}); for wandb "
+                                    f"without network set WANDB_MODE=offline, or leave it out of --report-to") from exc
 
     def write(self, payload: dict[str, Any]) -> None:
         self.file.write(json.dumps(payload) + "\n")

@@ -332,6 +332,17 @@ def test_trackers_get_the_scalars_of_metrics_jsonl(tiny_shards, tiny_models, tmp
     assert (tmp_path / "plain" / "metrics.jsonl").exists() and not (tmp_path / "plain" / "wandb").exists()
 
 
+def test_a_tracker_that_cannot_start_stops_the_run_in_one_line(tiny_shards, tiny_models, tmp_path, monkeypatch):
+    import wandb
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("No API key configured")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    with pytest.raises(TrainingError, match="report_to: wandb could not start .*No API key configured.*WANDB_MODE=offline"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=1, report_to=["wandb"]))
+
+
 def test_unknown_tracker_is_refused_by_name(tiny_shards, tiny_models, tmp_path):
     from amid_pipeline.config import ConfigError
 

@@ -118,7 +118,8 @@ def test_unused_slots_carry_no_mass_and_the_sparse_head_gives_the_same_values():
     for support in ("tail", "renormalized", "sampled"):
         loss = KDLoss("forward_kl", support=support)
         padded = loss(logits, teacher).per_position
-        torch.testing.assert_close(loss(StudentHead(hidden, weight), teacher).per_position, padded)
+        head = loss(StudentHead(hidden, weight), teacher).per_position  # its logits blocks are float32, by design
+        torch.testing.assert_close(head, padded, rtol=1e-5, atol=1e-6)
         if support == "sampled":
             continue
         for row in range(6):

@@ -16,10 +16,12 @@ from amid_pipeline.shards.reader import ShardReader
 
 def reference_metrics(model_dir, shards) -> dict[str, float]:
     """Mean over every supervised position of every row: CE of the actual next token, top-1 agreement with
-    the teacher, the student's mass on the teacher's ids, KL(p̃‖q̃) on those ids renormalised."""
+    the teacher, the student's mass on the teacher's ids, KL(p̃‖q̃) on those ids renormalised; and the
+    expected calibration error of the student's top-1 prediction of the actual token over 15 equal-width
+    confidence bins, Σ_b (|b|/n)·|accuracy(b) − mean confidence(b)|."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     sums = {"ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0, "kl_to_teacher": 0.0}
-    positions = 0
+    positions, confidences, correct = 0, [], []
     for row in ShardReader(load_manifest(shards)):
         ids = torch.from_numpy(row.input_ids.astype("int64"))
         with torch.no_grad():
@@ -34,8 +36,14 @@ def reference_metrics(model_dir, shards) -> dict[str, float]:
             sums["top1_agreement"] += float(log_q[t].argmax() == top[0])
             sums["support_mass"] += float(q_top.exp().sum())
             sums["kl_to_teacher"] += float((p * (p.log() - torch.log_softmax(q_top, -1))).sum())
+            confidences.append(float(log_q[t].exp().max()))
+            correct.append(float(log_q[t].argmax() == ids[t + 1]))
             positions += 1
-    return {**{key: value / positions for key, value in sums.items()}, "positions": positions}
+    bins = [[] for _ in range(15)]
+    for confidence, hit in zip(confidences, correct):
+        bins[min(int(confidence * 15), 14)].append((confidence, hit))
+    ece = sum(len(b) / positions * abs(sum(h for _, h in b) / len(b) - sum(c for c, _ in b) / len(b)) for b in bins if b)
+    return {**{key: value / positions for key, value in sums.items()}, "ece": ece, "positions": positions}
 
 
 def test_eval_on_shards_equals_a_plain_forward_over_every_row(tiny_models, tiny_shards):
@@ -44,8 +52,9 @@ def test_eval_on_shards_equals_a_plain_forward_over_every_row(tiny_models, tiny_
     metrics = json.loads(result.stdout)
     expected = reference_metrics(tiny_models["student"], tiny_shards)
     assert metrics["positions"] == expected["positions"] > 0  # every row, every supervised position
-    for key in ("ce", "support_mass", "kl_to_teacher"):
+    for key in ("ce", "support_mass", "kl_to_teacher", "ece"):
         assert math.isclose(metrics[key], expected[key], rel_tol=1e-4), (key, metrics[key], expected[key])
+    assert expected["ece"] > 0.01  # a random student is not calibrated
     assert math.isclose(metrics["perplexity"], math.exp(expected["ce"]), rel_tol=1e-4)
     assert abs(metrics["top1_agreement"] - expected["top1_agreement"]) <= 1 / expected["positions"]  # one near-tie
 

@@ -17,14 +17,16 @@ from torch import nn
 
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.data import Batch
+from amid_pipeline.train.step import calibration_keys
 
-SUMS = ("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", "positions")
+SUMS = ("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", *calibration_keys(), "positions")
 
 
 @torch.no_grad()
 def evaluate(module: nn.Module, batches: Iterable[Batch], device, autocast) -> dict[str, float]:
     """Held-out metrics (see :func:`amid_pipeline.train.step.heldout_sums`) averaged over supervised
-    positions, plus perplexity = exp(mean CE).
+    positions, plus perplexity = exp(mean CE) and the expected calibration error of the top-1 prediction
+    of the actual token, ``ece`` = Σ_b |Σ_{t in b} (correct_t − confidence_t)| / positions.
 
     Under several processes every rank runs the same number of batches (the smallest share: forward
     passes are collective under FSDP and DDP) and the sums are added across ranks.
@@ -48,6 +50,7 @@ def evaluate(module: nn.Module, batches: Iterable[Batch], device, autocast) -> d
         totals = dict(zip(totals, summed.tolist()))
     count = totals.pop("positions")
     metrics = {key: value / max(count, 1.0) for key, value in totals.items()}
+    metrics["ece"] = sum(abs(metrics.pop(key)) for key in calibration_keys())
     metrics["perplexity"] = math.exp(min(metrics.get("ce", 0.0), 50.0))
     metrics["positions"] = count
     return metrics

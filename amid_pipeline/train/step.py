@@ -13,6 +13,7 @@ from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.train.data import StudentInputs
 
 METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once for the metrics
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
 
 
 class DistillModule(nn.Module):
@@ -55,6 +56,24 @@ def packs_by_position_ids(model: nn.Module) -> bool:
     return torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
 
 
+@torch.no_grad()
+def online_teacher_targets(teacher_model: nn.Module, inputs: StudentInputs, stored: TeacherTargets,
+                           vocabulary: int) -> TeacherTargets:
+    """The teacher's full-vocabulary distribution at the batch's ``N`` stored positions, as targets whose
+    ids are the student's whole head of ``vocabulary`` outputs ([N, vocabulary] log-probabilities, −inf
+    at outputs beyond the teacher's head; ids an [N, vocabulary] view of arange): every support mode then
+    equals the dense loss (``sampled`` excepted: no draws). The actual tokens and the mask are the
+    stored ones; the stored top-k or draws are not used."""
+    base = getattr(teacher_model, teacher_model.base_model_prefix)
+    hidden = base(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                  use_cache=False).last_hidden_state[inputs.row, inputs.column]
+    log_p = torch.log_softmax(teacher_model.get_output_embeddings()(hidden).float(), dim=-1)
+    log_p = torch.nn.functional.pad(log_p, (0, vocabulary - log_p.shape[1]), value=float("-inf"))
+    ids = torch.arange(vocabulary, device=log_p.device).expand_as(log_p)
+    target_ids = stored.target_ids.long()
+    return TeacherTargets(ids, log_p, target_ids, log_p.gather(1, target_ids[:, None])[:, 0], stored.mask)
+
+
 def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch.Tensor | StudentHead:
     """The loss's view of the student at the stored positions: the head itself, or its logits [N, V]."""
     if sparse:
@@ -66,10 +85,12 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
     """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
     renormalised stored ids (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
     agreement with the teacher (its first stored id: the argmax for top-k, the most probable drawn id for
-    sampled shards), student mass on the stored ids; and their count."""
+    sampled shards), student mass on the stored ids; and their count. For the expected calibration error
+    of the student's top-1 prediction of the actual token, per confidence bin b (``calibration_gap_b``):
+    Σ_{t in b} (1[argmax q_t = y_t] − max q_t), so that ECE = Σ_b |gap_b| / positions (equal-width bins)."""
     mask = teacher.mask.float()
     sums = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
-            "positions": float(mask.sum())}
+            **dict.fromkeys(calibration_keys(), 0.0), "positions": float(mask.sum())}
     if sums["positions"] == 0:
         return sums
     sums["kd"] = float(loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd) * sums["positions"]
@@ -80,6 +101,12 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         m = mask[a:b]
         sums["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())
         sums["top1_agreement"] += float(((logits.argmax(-1) == teacher.topk_ids[a:b, 0]).float() * m).sum())
+        confidence, predicted = log_q.max(-1)
+        confidence = confidence.exp()
+        gaps = ((predicted == teacher.target_ids[a:b]).float() - confidence) * m
+        bins = (confidence * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
+        for key, gap in zip(calibration_keys(), torch.zeros(CALIBRATION_BINS).index_add_(0, bins, gaps).tolist()):
+            sums[key] += gap
         log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
         if teacher.sample_weights is not None:  # a sampled shard's unused slots repeat a drawn id
             log_q_support = log_q_support.masked_fill(teacher.sample_weights[a:b] == 0, float("-inf"))
@@ -88,3 +115,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
         sums["kl_to_teacher"] += float((kl * m).sum())
     return sums
+
+
+def calibration_keys() -> list[str]:
+    """The names of the per-bin sums behind the expected calibration error (see :func:`heldout_sums`)."""
+    return [f"calibration_gap_{b}" for b in range(CALIBRATION_BINS)]

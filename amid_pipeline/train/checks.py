@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from amid_pipeline.chat import template_sha256
-from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import tokenizer_fingerprint
 from amid_pipeline.shards.manifest import Header, load_manifest, teacher_differences
 from amid_pipeline.train.config import DistillConfig
@@ -86,11 +85,28 @@ def objective_and_data_notes(config: DistillConfig, files: list[ShardFile]) -> l
     return notes
 
 
-def check_resumed_objective(recorded: Path, loss_fn: KDLoss) -> None:
-    """Refuse to resume a run under another objective than the one it recorded in ``loss.json``."""
-    if recorded.exists() and json.loads(recorded.read_text()) != loss_fn.resolved():
+def check_resumed_objective(recorded: Path, objective: dict) -> None:
+    """Refuse to resume a run under another objective (loss settings and online teacher) than the one it
+    recorded in ``loss.json`` (a record without ``online_teacher`` predates it: none)."""
+    if not recorded.exists():
+        return
+    before = {"online_teacher": None, **json.loads(recorded.read_text())}
+    if before != objective:
         raise TrainingError(f"{recorded} records another objective than this --resume asks for "
-                            f"({json.loads(recorded.read_text())} vs {loss_fn.resolved()}): resume with the same loss settings")
+                            f"({before} vs {objective}): resume with the same loss settings")
+
+
+def check_online_teacher(header: Header, tokenizer, head_size: int, teacher_name: str, student_head_size: int) -> None:
+    """Refuse an online teacher whose distribution cannot replace the shards' targets: another tokenizer
+    than the one that tokenised the rows, or a head with more outputs than the student's (a student head
+    padded beyond the teacher's is fine: the teacher gives its extra outputs probability 0)."""
+    fingerprint = tokenizer_fingerprint(tokenizer)["fingerprint"]
+    if fingerprint != header.tokenizer.get("fingerprint"):
+        raise TrainingError(f"online_teacher: {teacher_name}'s tokenizer (fingerprint {fingerprint[:12]}) is not the one "
+                            f"that tokenised the shards ({str(header.tokenizer.get('fingerprint'))[:12]})")
+    if head_size > student_head_size:
+        raise TrainingError(f"online_teacher: {teacher_name} has {head_size} outputs, the student {student_head_size}: "
+                            f"the student cannot be given probabilities for ids beyond its head")
 
 
 def packed_attention_mode(config: DistillConfig, model, notes: list[str]) -> str:

@@ -57,6 +57,7 @@ class DistillConfig(OptimizationSettings):
     loss: str = setting("amid", "Distillation loss, or a preset: amid-paper = the AMiD paper's main configuration (AB-divergence a = 0.2, b = 0.7, teacher-anchored, lam = 0.1, alpha = 0.5); --loss-params override a preset's values.", choices=LOSS_NAMES)
     loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -1.0, lam = 0.3} in TOML or alpha=-1,lam=0.3 on the command line; defaults in README (amid: alpha 0.5, lam 0.1).")
     support: str = setting("tail", "Support the loss sees: tail (default: the stored top-k plus one bucket for the rest, both sides normalised over the full vocabulary; trained the best students on a dev split, README 'Evidence'), renormalized (teacher and student renormalised over the stored top-k; the student's mass leaks outside them), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3), sampled (shards of the sampled kind only: the teacher side is the empirical distribution of the draws; unbiased for forward_kl, a plug-in estimate for the other losses); tail, teacher_renormalized and sampled need full-vocabulary logits.", choices=SUPPORT_MODES)
+    online_teacher: Optional[str] = setting(None, "A teacher model folder run on every training batch: its full-vocabulary distribution replaces the shards' stored targets (the reference that top-k and sampled targets approximate: full-vocabulary KD, as online distillation does it; a teacher forward per micro-batch and [positions x vocabulary] logits on both sides, so sparse_head is off). The shards still give the rows, their tokens and the held-out evaluation; the teacher must use the shards' tokenizer and have no more outputs than the student's head.")
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
@@ -81,6 +82,9 @@ class DistillConfig(OptimizationSettings):
                    if name not in TRACKERS and name != "none"]
         if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
+        if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):
+            errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
+                          "than 'sampled' (they hold every id; no draws)")
         if self.support in ("teacher_renormalized", "sampled") and not errors:
             reason = infinite_under_zero_teacher_mass(*resolve_loss(self.loss, self.loss_params))
             if reason:

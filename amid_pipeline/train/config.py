@@ -30,10 +30,14 @@ class OptimizationSettings:
     save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
     keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
     resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
-    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU.", choices=("auto", "float32", "bfloat16"))
+    dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU (bfloat16 on a CPU without AMX or AVX512-BF16 is emulated, about 20x slower: warned).", choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     log_every: int = setting(1, "Write a metrics line every N steps.", minimum=1)
     progress: bool = setting(True, "Show a progress bar.")
+
+    def uses_bfloat16(self, device_type: str) -> bool:
+        """bf16 autocast: asked for, or ``auto`` on a GPU (a CPU under ``auto`` computes in float32)."""
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
 
     def lr_factor(self, step: int, total: int) -> float:
         """The learning rate at ``step`` (finished steps) of ``total`` as a fraction of ``lr``: linear

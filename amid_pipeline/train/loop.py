@@ -24,7 +24,7 @@ from torch import nn
 
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss
-from amid_pipeline.models import model_source
+from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint,
                                             set_rng_state, staging_folder)
@@ -66,7 +66,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     # --- 1. processes and devices --------------------------------------------------------------
     processes = start_processes()
     world, rank, device = processes.world, processes.rank, processes.device
-    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    use_bf16 = config.uses_bfloat16(device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(config.seed)
 
@@ -83,6 +83,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32).to(device)
     head_size = model.get_output_embeddings().weight.shape[0]
     notes = check_student(header, tokenizer, head_size, config.student) + objective_and_data_notes(config, files)
+    notes += [warning] if (warning := emulated_bfloat16_warning(config.dtype, device.type)) else []
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_fn = KDLoss(config.loss, support=config.support, kd_ratio=config.kd_ratio, **config.loss_params)

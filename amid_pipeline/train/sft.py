@@ -32,7 +32,7 @@ from torch import nn
 
 from amid_pipeline.capture.examples import Example, dataset_examples
 from amid_pipeline.config import save_config
-from amid_pipeline.models import model_source
+from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.checks import TrainingError
@@ -135,7 +135,7 @@ def sft(config: SFTConfig) -> SFTSummary:
     started = time.perf_counter()
     output = Path(config.output)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    use_bf16 = config.uses_bfloat16(device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(config.seed)
 
@@ -176,6 +176,9 @@ def sft(config: SFTConfig) -> SFTSummary:
     output.mkdir(parents=True, exist_ok=True)
     save_config(config, output / "sft_config.toml")
     trim_metrics(output / "metrics.jsonl", state["step"])
+    warning = emulated_bfloat16_warning(config.dtype, device.type)
+    if warning:
+        print(warning)
     print(f"sft: {len(train)} training and {len(dev)} dev examples, {total_steps} steps of "
           f"{config.batch_size * config.grad_accum} sequences, device {device.type}")
 

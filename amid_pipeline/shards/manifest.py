@@ -130,11 +130,13 @@ class Header:
         return json.loads(json.dumps({**self.extra, **fields}))  # a deep copy: the header stays as it was
 
 
-def teacher_differences(header: Header, other: Header) -> list[str]:
+def teacher_differences(header: Header, other: Header, same_targets: bool = True) -> list[str]:
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
     Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, target kind
     (and a sampled shard's proposal temperature and what it drew from), k and value encoding are required; dataset, backend, dtype and lengths may differ.
+    With ``same_targets=False`` only the teacher, tokenizer and head size (what makes one set of shards a
+    fair measure of a student trained on the other, e.g. held-out top-64 for a run on sampled shards).
     """
     reasons = []
     teacher, theirs = header.teacher, other.teacher
@@ -147,7 +149,11 @@ def teacher_differences(header: Header, other: Header) -> list[str]:
     if header.tokenizer.get("fingerprint") != other.tokenizer.get("fingerprint"):
         reasons.append(f"tokenizer differs (fingerprint {str(header.tokenizer.get('fingerprint'))[:12]} vs "
                        f"{str(other.tokenizer.get('fingerprint'))[:12]})")
-    for key in ("model_vocab_size", "target_kind", "k", "value_encoding"):
+    if header.model_vocab_size != other.model_vocab_size:
+        reasons.append(f"model_vocab_size differs ({header.model_vocab_size} vs {other.model_vocab_size})")
+    if not same_targets:
+        return reasons
+    for key in ("target_kind", "k", "value_encoding"):
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
     if header.target_kind == other.target_kind == "sampled":

@@ -32,6 +32,16 @@ def check_shard_dirs(directories: list[str], support: str | None = None) -> Head
     return first
 
 
+def check_eval_shard_dirs(train_header: Header, train_dir: str, directories: list[str]) -> Header:
+    """Refuse evaluation directories that are not one dataset, or not of the training shards' teacher,
+    tokenizer and head size; their target kind, k and encoding may differ from the training shards'."""
+    header = check_shard_dirs(directories)
+    reasons = teacher_differences(train_header, header, same_targets=False)
+    if reasons:
+        raise TrainingError(f"{directories[0]} cannot evaluate a student trained on {train_dir}: {'; '.join(reasons)}")
+    return header
+
+
 def check_student(manifest_header: Header, tokenizer, head_size: int, student_name: str) -> list[str]:
     """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
     shard_tok = manifest_header.tokenizer

@@ -28,8 +28,8 @@ from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint,
                                             set_rng_state, staging_folder)
-from amid_pipeline.train.checks import (TrainingError, check_online_teacher, check_resumed_objective, check_shard_dirs,
-                                        check_student, objective_and_data_notes, packed_attention_mode)
+from amid_pipeline.train.checks import (TrainingError, check_eval_shard_dirs, check_online_teacher, check_resumed_objective,
+                                        check_shard_dirs, check_student, objective_and_data_notes, packed_attention_mode)
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
 from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, save_sharded,
@@ -105,9 +105,11 @@ def _distill(config: DistillConfig) -> RunSummary:
                             heldout_fraction=config.heldout_fraction,
                             proposal_temperature=header.proposal_temperature,
                             skip_bad_files=config.skip_bad_files, student_vocab=head_size)
-    if config.eval_shards:  # evaluate on those; train on every row of --shards
-        check_shard_dirs([*config.shards, *config.eval_shards])
+    eval_settings = settings
+    if config.eval_shards:  # evaluate on those (any target kind and k of the same teacher); train on every row of --shards
+        eval_header = check_eval_shard_dirs(header, config.shards[0], config.eval_shards)
         settings = dataclasses.replace(settings, heldout_fraction=0.0)
+        eval_settings = dataclasses.replace(settings, proposal_temperature=eval_header.proposal_temperature)
     eval_files = list_files(config.eval_shards) if config.eval_shards else files
     heldout = (f"all rows of {', '.join(config.eval_shards)}" if config.eval_shards
                else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
@@ -154,7 +156,7 @@ def _distill(config: DistillConfig) -> RunSummary:
         return data, iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_data_workers))
 
     def heldout_batches():
-        data = ShardBatches(eval_files, settings, seed=config.seed, rank=rank, world=world,
+        data = ShardBatches(eval_files, eval_settings, seed=config.seed, rank=rank, world=world,
                             heldout=not config.eval_shards, shuffle=False)
         return (batch for index, batch in zip(range(config.eval_batches), data))
 

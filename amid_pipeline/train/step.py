@@ -85,7 +85,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
     """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
     renormalised stored ids (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
     agreement with the teacher (its first stored id: the argmax for top-k, the most probable drawn id for
-    sampled shards), student mass on the stored ids; and their count. For the expected calibration error
+    sampled shards), student mass on the stored ids; and their count. A loss on the ``sampled`` support
+    evaluated on top-k shards is measured on ``tail`` there. For the expected calibration error
     of the student's top-1 prediction of the actual token, per confidence bin b (``calibration_gap_b``):
     Σ_{t in b} (1[argmax q_t = y_t] − max q_t), so that ECE = Σ_b |gap_b| / positions (equal-width bins)."""
     mask = teacher.mask.float()
@@ -93,6 +94,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
             **dict.fromkeys(calibration_keys(), 0.0), "positions": float(mask.sum())}
     if sums["positions"] == 0:
         return sums
+    if loss_fn.support == "sampled" and teacher.sample_weights is None:  # top-k held-out shards: the same loss on 'tail'
+        loss_fn = KDLoss(loss_fn.name, support="tail", kd_ratio=loss_fn.kd_ratio, **loss_fn.params)
     sums["kd"] = float(loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd) * sums["positions"]
     for a in range(0, hidden.shape[0], METRIC_CHUNK):
         b = a + METRIC_CHUNK

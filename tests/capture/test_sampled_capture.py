@@ -172,6 +172,17 @@ def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top
     evaluated = evaluate_on_shards(load_model(tmp_path / "b" / "model")[0], shards)  # `eval --shards`, other batches
     for key in ("kl_to_teacher", "support_mass", "ce", "positions"):
         assert evaluated[key] == pytest.approx(long.eval[key], rel=1e-4), key
+    top_k = capture(tiny_models, tmp_path / "t", data, max_length=48).output  # the same rows' top-8: a common yardstick
+    measured = distill(make_config(shards, tiny_models["student"], tmp_path / "e", loss="forward_kl", support="sampled",
+                                   max_steps=1, eval_every=0, save_every=0, heldout_fraction=0.0, eval_shards=[top_k],
+                                   eval_batches=100))
+    evaluated = evaluate_on_shards(load_model(tmp_path / "e" / "model")[0], top_k)
+    for key in ("kl_to_teacher", "support_mass", "ce", "ece", "positions"):
+        assert evaluated[key] == pytest.approx(measured.eval[key], rel=1e-4), key
+    other_teacher = capture({**tiny_models, "teacher": tiny_models["student"]}, tmp_path / "u", data, max_length=48).output
+    with pytest.raises(TrainingError, match="cannot evaluate a student trained on .*: teacher weights differ"):
+        distill(make_config(shards, tiny_models["student"], tmp_path / "f", loss="forward_kl", support="sampled",
+                            eval_shards=[other_teacher]))
     amid = distill(make_config(shards, tiny_models["student"], tmp_path / "c", max_steps=2))  # AMiD, tail support
     assert np.isfinite(amid.final_loss)
     with pytest.raises(TrainingError, match="support 'sampled' needs shards of the sampled target kind"):

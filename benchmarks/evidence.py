@@ -2,7 +2,8 @@
 
     python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
     python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
-        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--jobs 2] [--arms NAME ...]
+        [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--jobs 2] \\
+        [--arms NAME ...] [--targets top-64 top-20 sampled-24 online] [--dtype bfloat16]
 
 Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
 training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
@@ -14,8 +15,16 @@ teacher on its top-64, top-1 agreement, and ROUGE-L of responses to the first ``
 held-out prompts (greedy, and sampled at temperature 1 with one sampling seed per training seed) with the
 mean words per greedy answer; mean ± sd over seeds. ``--max-new-tokens`` should cover the references
 (held-out: median 86 tokens, p95 195, max 313; the default 192 covers 94 %): answers cut shorter score by
-where they are cut (at 64 tokens the healed student scored 11.88 greedy, at 192 8.60). Writes WORK/evidence/results.md, results.json and curves.png (held-out curves on the first
-32 held-out pairs, every 10 steps, seed 0). Runs are kept, so a rerun only does what is missing.
+where they are cut (at 64 tokens the healed student scored 11.88 greedy, at 192 8.60). Also the expected
+calibration error of the top-1 prediction of the actual token (15 bins). Writes WORK/evidence/results.md,
+results.json and curves.png (held-out curves on the first 32 held-out pairs, every 10 steps, seed 0).
+Runs are kept, so a rerun only does what is missing.
+
+``--targets`` trains every arm on each kind of teacher target (:data:`TARGETS`): the top-64 shards, the
+top-20 shards (about the bytes of sampled-24), the sampled shards (24 draws, support ``sampled``), or
+``online`` — the teacher's full-vocabulary distribution computed during training (``distill
+--online-teacher``, the reference), on the top-64 shards' rows. Every kind holds the same rows and the same
+train/dev split; all are evaluated against the same held-out top-64 shards.
 
 Two phases, each a list of independent runs spread over ``--jobs`` processes: (1) every arm at every lr,
 seed 0, scored on dev (and the student before, on held-out); (2) every arm at its chosen lr and every seed,
@@ -42,6 +51,7 @@ from amid_pipeline.config import load_config  # noqa: E402
 from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts  # noqa: E402
 from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss  # noqa: E402
 from amid_pipeline.shards.manifest import load_manifest  # noqa: E402
+from amid_pipeline.shards.stats import collect_stats  # noqa: E402
 from amid_pipeline.shards.views import subset_directory  # noqa: E402
 from amid_pipeline.train.checks import TrainingError  # noqa: E402
 from amid_pipeline.train.config import DistillConfig  # noqa: E402
@@ -60,26 +70,38 @@ ARMS = {  # objective settings; support is the library's default unless the loss
     "AMiD, paper preset": {"loss": "amid-paper"},
     "AMiD, library default": {"loss": "amid"},
 }
+TARGETS = {  # teacher targets: shard directory under WORK (its rows and stored targets), or the online teacher
+    "top-64": {"shards": "jargon-smollm2-k64"},
+    "top-20": {"shards": "jargon-smollm2-k20"},
+    "sampled-24": {"shards": "jargon-smollm2-sampled24"},
+    "online": {"shards": "jargon-smollm2-k64", "online_teacher": "sft-teacher-jargon/model"},
+}
 METRICS = {"perplexity": "held-out perplexity", "kl_to_teacher": "KL to teacher", "top1_agreement": "top-1 agreement",
-           "rouge_l": "ROUGE-L greedy", "rouge_l_sampled": "ROUGE-L sampled", "greedy_words": "words per greedy answer"}
+           "ece": "ECE", "rouge_l": "ROUGE-L greedy", "rouge_l_sampled": "ROUGE-L sampled",
+           "greedy_words": "words per greedy answer"}
 DEV_FRACTION = 0.05
 CURVE_BATCHES = 4
 PROMPTS = ROOT / "data" / "jargon" / "heldout.jsonl"
 
 
-def arm_settings(name: str) -> dict:
-    """The arm's loss, loss_params and support: the library default support, or 'tail' where the loss is
-    infinite under it (AKL's reverse-KL term under 'teacher_renormalized')."""
+def arm_settings(name: str, target: str = "top-64") -> dict:
+    """The arm's loss, loss_params and support: the library default support (``sampled`` on sampled
+    shards), or 'tail' where the loss is infinite under it (AKL's reverse-KL term under
+    'teacher_renormalized')."""
     settings = dict(ARMS[name])
-    support = DEFAULTS["support"].default
-    if support == "teacher_renormalized" and infinite_under_zero_teacher_mass(*resolve_loss(settings["loss"], {})):
+    support = "sampled" if target.startswith("sampled") else DEFAULTS["support"].default
+    if support in ("teacher_renormalized", "sampled") and infinite_under_zero_teacher_mass(*resolve_loss(settings["loss"], {})):
         support = "tail"
     return {"support": support, **settings}
 
 
-def split_train_dev(shards: str, work: Path) -> tuple[str, str]:
+def arm_label(name: str, target: str) -> str:
+    return name if target == "top-64" else f"{name}, {target}"
+
+
+def split_train_dev(shards: str, work: Path, tag: str = "") -> tuple[str, str]:
     """Views of ``shards``: the training rows and the dev rows (sample-id hash < DEV_FRACTION)."""
-    train, dev = work / "shards-train-view", work / "shards-dev-view"
+    train, dev = work / f"shards-train-view{tag}", work / f"shards-dev-view{tag}"
     if not (dev / "manifest.json").exists():
         ids = [s for f in list_files([shards]) for s in ids_and_lengths(f)[0].to_pylist()]
         subset_directory(shards, str(train), sample_ids=[s for s in ids if not is_heldout(s, DEV_FRACTION)])
@@ -87,18 +109,22 @@ def split_train_dev(shards: str, work: Path) -> tuple[str, str]:
     return str(train), str(dev)
 
 
-def run_arm(name: str, lr: float, seed: int, args) -> Path:
-    """The arm trained at ``lr`` and ``seed`` (trained once; a later call finds it on disk)."""
-    tag = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def run_arm(arm: tuple[str, str], lr: float, seed: int, args) -> Path:
+    """The arm (objective, targets) trained at ``lr`` and ``seed`` (trained once; a later call finds it on disk)."""
+    name, target = arm
+    tag = "".join(c if c.isalnum() else "_" for c in arm_label(name, target)).strip("_")
     run = args.work / "evidence" / f"{tag}-lr{lr:g}-seed{seed}"
     if not (run / "model" / "config.json").exists():
         started = time.perf_counter()
+        online = TARGETS[target].get("online_teacher")
         distill(load_config(DistillConfig, None, {
-            "shards": [args.train], "eval_shards": [args.heldout], "student": args.student, "output": str(run),
+            "shards": [args.train[target]], "eval_shards": [args.heldout], "student": args.student, "output": str(run),
             "max_steps": args.steps, "batch_size": 8, "max_length": 256, "lr": lr, "warmup_steps": 2,
             "weight_decay": 0.01, "seed": seed, "eval_every": 10, "eval_batches": CURVE_BATCHES, "save_every": 0,
-            "dtype": "bfloat16", "progress": False, "resume": True, **arm_settings(name)}))
-        print(f"  {name}, lr {lr:g}, seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+            "dtype": args.dtype, "progress": False, "resume": True, **arm_settings(name, target),
+            **({"online_teacher": str(args.work / online)} if online else {})}))
+        print(f"  {arm_label(name, target)}, lr {lr:g}, seed {seed}: trained in {time.perf_counter() - started:.0f} s",
+              flush=True)
     return run
 
 
@@ -120,15 +146,15 @@ def heldout_metrics(model_dir: Path, args) -> dict:
     return {**metrics, **greedy, "rouge_l_sampled": sampled["rouge_l_sampled"]}
 
 
-def dev_perplexity(name: str, lr: float, args) -> float:
+def dev_perplexity(arm: tuple[str, str], lr: float, args) -> float:
     """Phase 1, the per-arm lr choice: the arm trained at the first seed, its perplexity on the dev rows."""
-    run = run_arm(name, lr, args.seeds[0], args)
+    run = run_arm(arm, lr, args.seeds[0], args)
     return measured(run, "dev", lambda: evaluate_on_shards(load_model(run / "model")[0], args.dev))["perplexity"]
 
 
-def heldout_of_seed(name: str, lr: float, seed: int, args) -> dict:
+def heldout_of_seed(arm: tuple[str, str], lr: float, seed: int, args) -> dict:
     """Phase 2: the arm at its chosen lr and ``seed``, measured on the held-out pairs."""
-    run = run_arm(name, lr, seed, args)
+    run = run_arm(arm, lr, seed, args)
     return measured(run, args.key, lambda: heldout_metrics(run / "model", args))
 
 
@@ -174,65 +200,81 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained and measured at once, in processes of "
                         "cpu_count / jobs threads (2 on a 2-core CPU; 1 on one GPU)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="training compute dtype (float32 on a CPU without native bfloat16: there it is ~20x faster)")
+    parser.add_argument("--targets", nargs="+", default=["top-64"], choices=list(TARGETS),
+                        help="teacher targets every arm is trained on (default: the top-64 shards)")
     args = parser.parse_args()
     started = time.perf_counter()
     args.work = ROOT / args.work
     args.student = args.student or str(args.work / "heal-importance" / "model")
-    shards, args.heldout = str(args.work / "jargon-smollm2-k64"), str(args.work / "jargon-heldout-k64")
-    for needed in (args.student, shards, args.heldout):
+    args.heldout = str(args.work / "jargon-heldout-k64")
+    sources = {target: str(args.work / TARGETS[target]["shards"]) for target in args.targets}
+    online = [str(args.work / TARGETS[t]["online_teacher"]) for t in args.targets if "online_teacher" in TARGETS[t]]
+    for needed in (args.student, args.heldout, *sources.values(), *online):
         if not Path(needed).exists():
-            raise SystemExit(f"{needed} is missing: run `python benchmarks/recipe.py` first")
+            raise SystemExit(f"{needed} is missing: run `python benchmarks/recipe.py` first (and, for top-20 and "
+                             f"sampled-24, the two cache-teacher commands in docs/benchmarks.md)")
     load_manifest(args.heldout)
-    args.train, args.dev = split_train_dev(shards, args.work / "evidence")
+    args.dev = split_train_dev(str(args.work / TARGETS["top-64"]["shards"]), args.work / "evidence")[1]
+    args.train = {target: split_train_dev(shards, args.work / "evidence",  # the same sample ids in every kind's views
+                                          "" if shards.endswith(TARGETS["top-64"]["shards"]) else f"-{target}")[0]
+                  for target, shards in sources.items()}
     args.key = f"heldout-{args.rouge_prompts}x{args.max_new_tokens}-b{args.generate_batch}"
+    bytes_per_position = {target: "online" if "online_teacher" in TARGETS[target] else
+                          f"{collect_stats(shards).bytes_per_position:.1f}" for target, shards in sources.items()}
 
     # phase 1: every arm at every lr, seed 0, scored on dev rows; the student before on held-out beside them
-    lr_runs = [(name, lr) for name in args.arms for lr in args.lrs]
-    before, *dev = in_parallel([(heldout_of_student, args), *((dev_perplexity, name, lr, args) for name, lr in lr_runs)],
+    arms = [(name, target) for target in args.targets for name in args.arms]
+    lr_runs = [(arm, lr) for arm in arms for lr in args.lrs]
+    before, *dev = in_parallel([(heldout_of_student, args), *((dev_perplexity, arm, lr, args) for arm, lr in lr_runs)],
                                args.jobs)
-    stopped: dict[str, str] = {}
-    dev_by_arm: dict[str, dict[float, float]] = {name: {} for name in args.arms}
-    for (name, lr), value in zip(lr_runs, dev):
+    stopped: dict[tuple[str, str], str] = {}
+    dev_by_arm: dict[tuple[str, str], dict[float, float]] = {arm: {} for arm in arms}
+    for (arm, lr), value in zip(lr_runs, dev):
         if isinstance(value, TrainingError):
-            stopped[name] = str(value).split(" (samples")[0]
+            stopped[arm] = str(value).split(" (samples")[0]
         else:
-            dev_by_arm[name][lr] = value
-    chosen = {name: min(values, key=values.get) for name, values in dev_by_arm.items() if values}
+            dev_by_arm[arm][lr] = value
+    chosen = {arm: min(values, key=values.get) for arm, values in dev_by_arm.items() if values}
     # phase 2: the chosen lr of every arm at every seed, on the held-out pairs
-    seed_runs = [(name, chosen[name], seed) for name in chosen for seed in args.seeds]
-    measures = in_parallel([(heldout_of_seed, name, lr, seed, args) for name, lr, seed in seed_runs], args.jobs)
-    results: dict[str, dict] = {}
-    for name in chosen:
-        per_seed = dict((seed, value) for (arm, _, seed), value in zip(seed_runs, measures) if arm == name)
+    seed_runs = [(arm, chosen[arm], seed) for arm in chosen for seed in args.seeds]
+    measures = in_parallel([(heldout_of_seed, arm, lr, seed, args) for arm, lr, seed in seed_runs], args.jobs)
+    results: dict[tuple[str, str], dict] = {}
+    for arm in chosen:
+        per_seed = dict((seed, value) for (run_arm_, _, seed), value in zip(seed_runs, measures) if run_arm_ == arm)
         failed = [value for value in per_seed.values() if isinstance(value, TrainingError)]
         if failed:
-            stopped[name] = str(failed[0]).split(" (samples")[0]
+            stopped[arm] = str(failed[0]).split(" (samples")[0]
             continue
-        stopped.pop(name, None)  # an lr that stopped, when the other one trained, is simply not chosen
-        results[name] = {"lr": chosen[name], "dev_perplexity": dev_by_arm[name], "settings": arm_settings(name),
-                         "seeds": per_seed}
-    for name, reason in stopped.items():
-        print(f"{name}: stopped, {reason}", flush=True)
+        stopped.pop(arm, None)  # an lr that stopped, when the other one trained, is simply not chosen
+        results[arm] = {"lr": chosen[arm], "dev_perplexity": dev_by_arm[arm], "settings": arm_settings(*arm),
+                        "targets": arm[1], "bytes_per_position": bytes_per_position[arm[1]], "seeds": per_seed}
+    for arm, reason in stopped.items():
+        print(f"{arm_label(*arm)}: stopped, {reason}", flush=True)
 
-    def cell(name: str, key: str) -> str:
-        values = [s[key] for s in results[name]["seeds"].values()]
+    def cell(arm: tuple[str, str], key: str) -> str:
+        values = [s[key] for s in results[arm]["seeds"].values()]
         return f"{statistics.fmean(values):,.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:,.2f}"
 
-    columns = ["objective", "support", "lr (dev)", *METRICS.values()]
-    rows = [["student before (healed)", "–", "–", *(f"{before[key]:,.2f}" for key in METRICS)]]
-    rows += [[name, results[name]["settings"]["support"] if name != "CE (ground truth only)" else "–",
-             f"{results[name]['lr']:g}", *(cell(name, key) for key in METRICS)] for name in results]
-    rows += [[name, "–", "–", f"stopped: {reason}", *[""] * (len(METRICS) - 1)] for name, reason in stopped.items()]
+    columns = ["objective", "targets", "bytes per position", "support", "lr (dev)", *METRICS.values()]
+    rows = [["student before (healed)", "–", "–", "–", "–", *(f"{before[key]:,.2f}" for key in METRICS)]]
+    rows += [[name, target, bytes_per_position[target],
+              results[(name, target)]["settings"]["support"] if name != "CE (ground truth only)" else "–",
+              f"{results[(name, target)]['lr']:g}", *(cell((name, target), key) for key in METRICS)]
+             for name, target in results]
+    rows += [[name, target, "–", "–", "–", f"stopped: {reason}", *[""] * (len(METRICS) - 1)]
+             for (name, target), reason in stopped.items()]
     title = (f"Held-out (214 pairs; ROUGE-L on {args.rouge_prompts} prompts, {args.max_new_tokens} new tokens, "
              f"{before['reference_words']:.1f} words per reference), "
              f"{args.steps} steps x 8 sequences from {Path(args.student).parent.name}, seeds {args.seeds}, mean ± sd")
     print_table(title, columns, rows)
     out = args.work / "evidence"
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps({arm_label(*arm): value for arm, value in results.items()}, indent=1))
     (out / "results.md").write_text(f"{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
                                     + "".join("| " + " | ".join(r) + " |\n" for r in rows))
     start = json.loads((out / f"before-{Path(args.student).parent.name}-curve.json").read_text())
-    plot_curves(out, {name: run_arm(name, results[name]["lr"], args.seeds[0], args) for name in results}, start)
+    plot_curves(out, {arm_label(*arm): run_arm(arm, results[arm]["lr"], args.seeds[0], args) for arm in results}, start)
     print(f"{len(lr_runs) + len(seed_runs) - len(chosen)} training runs, {args.jobs} at a time: "
           f"{(time.perf_counter() - started) / 60:.1f} minutes (runs already on disk are reused)")
 

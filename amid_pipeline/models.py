@@ -194,11 +194,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def block_influence(model, sequences: list, batch_size: int = 8) -> list[float]:
+def block_influence(model, sequences: list, batch_size: int = 8, progress: str | None = None) -> list[float]:
     """Importance of each decoder layer: 1 − mean cosine similarity between the hidden state entering it
     and the one leaving it, over every token of ``sequences`` (lists of token ids). A layer that barely
-    changes the residual stream (near 0) is the cheapest to drop (ShortGPT's "block influence")."""
+    changes the residual stream (near 0) is the cheapest to drop (ShortGPT's "block influence").
+    ``progress``: the label of a progress bar over the batches (None: none)."""
     import torch
+    from tqdm.auto import tqdm
 
     layers = getattr(model, model.base_model_prefix).layers
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -215,7 +217,7 @@ def block_influence(model, sequences: list, batch_size: int = 8) -> list[float]:
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for start in range(0, len(sequences), batch_size):
+        for start in tqdm(range(0, len(sequences), batch_size), desc=progress, unit="batch", disable=progress is None):
             batch = sequences[start : start + batch_size]
             width = max(len(s) for s in batch)
             ids = torch.zeros(len(batch), width, dtype=torch.long)

@@ -76,5 +76,5 @@ def _importance_choice(teacher: str, calibration: str, rows: int, layers: int | 
     keep = layers if layers is not None else math.ceil(total / keep_every)
     if not 1 <= keep <= total:
         raise UserError(f"--layers must lie in [1, {total}], got {keep}")
-    influence = block_influence(model, sequences)
+    influence = block_influence(model, sequences, progress="block influence")
     return influence, most_influential_layers(influence, keep)

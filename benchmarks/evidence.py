@@ -113,7 +113,8 @@ def run_arm(arm: tuple[str, str], lr: float, seed: int, args) -> Path:
     """The arm (objective, targets) trained at ``lr`` and ``seed`` (trained once; a later call finds it on disk)."""
     name, target = arm
     tag = "".join(c if c.isalnum() else "_" for c in arm_label(name, target)).strip("_")
-    run = args.work / "evidence" / f"{tag}-lr{lr:g}-seed{seed}"
+    precision = "" if args.dtype == "bfloat16" else f"-{args.dtype}"  # runs of another dtype are other runs
+    run = args.work / "evidence" / f"{tag}-lr{lr:g}-seed{seed}{precision}"
     if not (run / "model" / "config.json").exists():
         started = time.perf_counter()
         online = TARGETS[target].get("online_teacher")

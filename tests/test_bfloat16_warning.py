@@ -46,3 +46,21 @@ def test_capture_runs_a_bfloat16_checkpoint_in_float32_where_bfloat16_is_emulate
                                                    "backend": "hf", "device": "cpu", "k": 8, "dtype": dtype})
         assert make_backend(config).dtype == runs_in, (emulated, dtype)
         assert ("bfloat16 compute on a CPU without native bfloat16" in capsys.readouterr().err) == warned
+
+
+def test_only_x86_cpus_without_the_probes_count_as_emulating_bfloat16(monkeypatch):
+    import platform
+
+    import torch
+
+    from amid_pipeline.models import bfloat16_is_emulated
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert bfloat16_is_emulated("cpu") and not bfloat16_is_emulated("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not bfloat16_is_emulated("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # no probe for its BF16 extension: no claim
+    assert not bfloat16_is_emulated("cpu")

@@ -196,7 +196,7 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
         log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
     elif teacher.topk_ids.shape[1] < vocabulary_size(student):
         log_p, log_p_rest = teacher_tail(log_p)
-    else:  # the ids cover the vocabulary: the rest bucket holds no id, so no mass on either side (1 − Σ p
-        log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))  # would be float32 rounding, ~1e-7, against q = 0)
+    else:  # the ids cover the vocabulary: the rest bucket holds no id, so no mass on either side
+        log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))  # (1 − Σp is float32 rounding, ~1e-7, against q = 0)
     log_q_rest = lse_outside - lse
     return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1), lse

@@ -108,7 +108,7 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         confidence = confidence.exp()
         gaps = ((predicted == teacher.target_ids[a:b]).float() - confidence) * m
         bins = (confidence * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
-        for key, gap in zip(calibration_keys(), torch.zeros(CALIBRATION_BINS).index_add_(0, bins, gaps).tolist()):
+        for key, gap in zip(calibration_keys(), torch.zeros(CALIBRATION_BINS, device=gaps.device).index_add_(0, bins, gaps).tolist()):
             sums[key] += gap
         log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
         if teacher.sample_weights is not None:  # a sampled shard's unused slots repeat a drawn id

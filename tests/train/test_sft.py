@@ -155,4 +155,3 @@ def test_non_finite_sft_loss_stops_with_step_and_samples(tiny_models, pairs, tmp
     monkeypatch.setattr(sft_module, "supervised_ce_sum", diverged)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):
         run(tiny_models, pairs, tmp_path / "run")
-

@@ -41,9 +41,10 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
                        max_batches: int | None = None, device: str = "cpu", progress: str | None = None) -> dict[str, float]:
     """Metrics over every row of ``shards`` (or its first ``max_batches`` batches); ``progress``: the
     label of a progress bar over the batches (None: none)."""
+    header = load_manifest(shards).header
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
                             student_vocab=model.get_output_embeddings().weight.shape[0],
-                            proposal_temperature=load_manifest(shards).header.proposal_temperature)
+                            proposal_temperature=header.proposal_temperature, exact_top=header.exact_top)
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)

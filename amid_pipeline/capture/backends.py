@@ -3,8 +3,9 @@
 ``backend.score(sequences)`` takes lists of token ids and returns, per sequence of length L, a
 :class:`Scores` over its L - 1 prediction positions (position t predicts token t + 1), with
 log-probabilities normalised over the model's full vocabulary (raw fp32 logits minus their logsumexp).
-``backend.score(sequences, sampling=Sampling(draws, temperature), seeds=[...])`` (hf backend) instead
-stores, per position, ``draws`` ids drawn with replacement from softmax(logits / temperature), as the
+``backend.score(sequences, sampling=Sampling(draws, temperature, exact_top), seeds=[...])`` instead
+stores, per position, the teacher's ``exact_top`` most probable ids (none by default) and ``draws`` ids
+drawn with replacement from softmax(logits / temperature) over the rest of the vocabulary, as the
 distinct ids with their exact log-probabilities and counts (the ``sampled`` target kind).
 
 - :class:`HFBackend`: transformers forward passes; the reference.
@@ -37,19 +38,25 @@ CHUNK_ELEMENTS = 1 << 24  # [positions x vocabulary] logits held at once in fp32
 class Scores:
     """Teacher output for one sequence of length L (P = L - 1 prediction positions)."""
 
-    topk_ids: np.ndarray  # [P, k] int32, descending probability (sampled: the distinct drawn ids, k = draws)
+    topk_ids: np.ndarray  # [P, k] int32, descending probability (sampled: the exact top, then the distinct drawn ids)
     topk_logprobs: np.ndarray  # [P, k] float32 (sampled: -inf in unused slots)
     target_logprob: np.ndarray  # [P] float32, log p(input_ids[t + 1])
     target_rank: np.ndarray  # [P] int32, 1-based
-    sampled_counts: np.ndarray | None = None  # sampled: [P, k] uint16 draws per id (0 in unused slots)
+    sampled_counts: np.ndarray | None = None  # sampled: [P, k] uint16 draws per id (0 in the exact top and unused slots)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """The sampled target kind: ``draws`` ids per position from softmax(logits / ``temperature``)."""
+    """The sampled target kind: the ``exact_top`` most probable ids, then ``draws`` ids per position from
+    softmax(logits / ``temperature``) restricted to the other ids (k = exact_top + draws slots)."""
 
     draws: int
     temperature: float = 1.0
+    exact_top: int = 0
+
+    @property
+    def slots(self) -> int:
+        return self.exact_top + self.draws
 
 
 def sequence_seed(seed: int, sample_id: str) -> int:
@@ -66,18 +73,20 @@ CDF_BLOCK = 256  # vocabulary ids per block of the two-level inverse CDF
 
 
 def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draws by inverse CDF, kept as distinct ids: (ids [C, N], log p [C, N], counts [C, N]).
+                  temperature: float, exact_top: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact top and inverse-CDF draws, kept as distinct ids: (ids [C, m + N], log p [C, m + N], counts [C, m + N]).
 
     ``logits`` [C, V] float32 of C positions, ``log_normalizer`` [C, 1] their logsumexp, ``uniforms``
-    [C, N] in [0, 1). Draw j of a position is the first id whose cumulative proposal probability
-    r = softmax(logits / temperature) exceeds ``uniforms[:, j]`` (times the total, which absorbs
-    rounding). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the
-    masses of blocks of :data:`CDF_BLOCK` ids (float32 sums) are accumulated in float64, a draw picks its
-    block from those cumulative sums and then its id from the float64 cumulative sum inside that block.
-    Per position the distinct ids come first, in descending teacher probability, each with its exact log p
-    (the teacher at temperature 1) and its count; the remaining slots repeat the first id with log p = -inf
-    and count 0.
+    [C, N] in [0, 1), ``exact_top`` = m. The first m slots hold the m most probable ids (count 0: kept,
+    not drawn). Draw j of a position is the first id whose cumulative proposal probability exceeds
+    ``uniforms[:, j]`` times the total, the proposal being r ∝ softmax(logits / temperature) with the top
+    m set to 0 (where the teacher's mass outside them underflows to 0 in float32, uniform over the other
+    ids). The CDF is two-level, so that nothing of [C, V] but r itself (float32) is built: the masses of
+    blocks of :data:`CDF_BLOCK` ids (float32 sums) are accumulated in float64, a draw picks its block from
+    those cumulative sums and then its id from the float64 cumulative sum inside that block (never an id
+    of proposal 0). After the top, the distinct drawn ids, in descending teacher probability, each with
+    its exact log p (the teacher at temperature 1) and its count; the remaining slots repeat the first id
+    with log p = -inf and count 0.
     """
     if temperature == 1.0:
         proposal = (logits - log_normalizer).exp_()  # [C, V] float32, the teacher itself
@@ -85,6 +94,12 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
         scaled = logits / temperature
         proposal = scaled.sub_(scaled.logsumexp(dim=-1, keepdim=True)).exp_()
     count, vocab = logits.shape
+    if exact_top:
+        head_logits, head = logits.topk(exact_top, dim=-1)  # [C, m]
+        proposal.scatter_(1, head, 0.0)
+        empty = proposal.sum(dim=-1) == 0
+        if empty.any():
+            proposal[empty] = torch.ones_like(proposal[empty]).scatter_(1, head[empty], 0.0)
     whole = vocab - vocab % CDF_BLOCK  # blocks of CDF_BLOCK ids, then one shorter block of the rest
     masses = proposal[:, :whole].reshape(count, -1, CDF_BLOCK).sum(dim=-1)
     if whole < vocab:
@@ -95,9 +110,10 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
     index = block[..., None] * CDF_BLOCK + torch.arange(CDF_BLOCK, device=logits.device)  # [C, N, block]
     inside = proposal.gather(1, index.clamp(max=vocab - 1).flatten(1)).view(index.shape)
-    inside = torch.where(index < vocab, inside, torch.zeros_like(inside)).double().cumsum(dim=-1)
-    offset = torch.searchsorted(inside, (target - before)[..., None], right=True)[..., 0].clamp(max=CDF_BLOCK - 1)
-    drawn = (block * CDF_BLOCK + offset).clamp(max=vocab - 1).sort(dim=-1).values  # [C, N]
+    inside = torch.where(index < vocab, inside, torch.zeros_like(inside))
+    last_positive = torch.where(inside > 0, torch.arange(CDF_BLOCK, device=logits.device), 0).amax(dim=-1)
+    offset = torch.searchsorted(inside.double().cumsum(dim=-1), (target - before)[..., None], right=True)[..., 0]
+    drawn = (block * CDF_BLOCK + offset.minimum(last_positive)).sort(dim=-1).values  # [C, N]
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     run = first.cumsum(dim=-1) - 1  # which distinct id each draw is
@@ -107,7 +123,10 @@ def draw_distinct(logits: torch.Tensor, log_normalizer: torch.Tensor, uniforms: 
     key = torch.where(first, log_p, torch.full_like(log_p, float("-inf")))
     order = key.argsort(dim=-1, descending=True, stable=True)
     ids, log_p, counts = drawn.gather(1, order), key.gather(1, order), counts.gather(1, order)
-    ids = torch.where(counts > 0, ids, ids[:, :1])
+    if exact_top:
+        ids, counts = torch.cat([head, ids], dim=1), torch.cat([torch.zeros_like(head), counts], dim=1)
+        log_p = torch.cat([head_logits - log_normalizer, log_p], dim=1)
+    ids = torch.where(torch.isneginf(log_p), ids[:, :1], ids)
     return ids, log_p, counts
 
 
@@ -236,7 +255,8 @@ class HFBackend:
             values, top = logits.topk(self.k, dim=-1)
             top_logprobs, counts = values - log_normalizer, None
         else:
-            top, top_logprobs, counts = draw_distinct(logits, log_normalizer, uniforms, sampling.temperature)
+            top, top_logprobs, counts = draw_distinct(logits, log_normalizer, uniforms, sampling.temperature,
+                                                      sampling.exact_top)
             counts = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
         return (top.int().cpu().numpy(), top_logprobs.float().cpu().numpy(),
                 (target_logit - log_normalizer)[:, 0].cpu().numpy(), rank.int().cpu().numpy(), counts)
@@ -359,7 +379,8 @@ def draws_from_top_k(scores: Scores, sampling: Sampling, seed: int) -> Scores:
     by_id = np.argsort(scores.topk_ids, axis=1, kind="stable")  # the CDF runs in id order, as over the vocabulary
     ids = np.take_along_axis(scores.topk_ids, by_id, axis=1)
     logprobs = torch.from_numpy(np.take_along_axis(scores.topk_logprobs, by_id, axis=1))
-    index, log_p, counts = draw_distinct(logprobs, torch.zeros(len(logprobs), 1), uniforms, sampling.temperature)
+    index, log_p, counts = draw_distinct(logprobs, torch.zeros(len(logprobs), 1), uniforms, sampling.temperature,
+                                         sampling.exact_top)
     ids = np.take_along_axis(ids, index.numpy(), axis=1)
     return Scores(ids.astype(np.int32), log_p.float().numpy(), scores.target_logprob, scores.target_rank,
                   counts.to(torch.int32).numpy().astype(np.uint16))

@@ -83,7 +83,12 @@ class CaptureSummary:
         ]
 
 
-SAMPLED_ONLY_SETTINGS = ("draws", "sample_top", "proposal_temperature")  # meaningless for top-k targets
+SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "sample_top", "proposal_temperature")  # meaningless for top-k targets
+
+
+def sampling_of(config: CaptureConfig) -> Sampling:
+    """What a sampled run keeps per position: the exact top and the draws from the rest, at the proposal temperature."""
+    return Sampling(config.draws, config.proposal_temperature, config.exact_top)
 
 
 def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
@@ -207,7 +212,7 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         },
         tokenizer=tokenizer_info,
         model_vocab_size=backend.vocab_size,
-        k=config.draws if config.target_kind == "sampled" else config.k,
+        k=sampling_of(config).slots if config.target_kind == "sampled" else config.k,
         value_encoding=config.value_encoding,
         backend={"name": backend.name, "version": backend.version},
         max_length=config.max_length,
@@ -224,8 +229,8 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         positions=config.positions,
         config=comparable_settings(config),
         target_kind=config.target_kind,
-        sampling={"draws": config.draws, "temperature": config.proposal_temperature, "seed": config.seed,
-                  "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
+        sampling={"draws": config.draws, "exact_top": config.exact_top, "temperature": config.proposal_temperature,
+                  "seed": config.seed, "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
         if config.target_kind == "sampled" else {},
     )
 
@@ -249,6 +254,10 @@ def fit_to_teacher(config: CaptureConfig) -> CaptureConfig:
     if vocabulary is not None and config.target_kind == "sampled" and on_vllm and config.sample_top > vocabulary:
         raise ValueError(f"--sample-top {config.sample_top} is larger than the teacher vocabulary ({vocabulary} tokens, "
                          f"{config.teacher}); use --sample-top {vocabulary} to draw from all of it")
+    if config.target_kind == "sampled" and config.exact_top:
+        pool, what = (config.sample_top, "--sample-top") if on_vllm else (vocabulary, "the teacher vocabulary")
+        if pool is not None and config.exact_top >= pool:
+            raise ValueError(f"--exact-top {config.exact_top} leaves nothing to draw from: it must be below {what} ({pool})")
     fit = None if context is None else context - 1 if on_vllm else context
     if config.max_length is None:
         return dataclasses.replace(config, max_length=min(DEFAULT_MAX_LENGTH, fit or DEFAULT_MAX_LENGTH))
@@ -393,7 +402,7 @@ def _score_and_write(batch: list[Example], backend, writer: ShardWriter, config:
         return 0
     sequences = [e.input_ids for e in batch]
     if config.target_kind == "sampled":
-        scored = backend.score(sequences, sampling=Sampling(config.draws, config.proposal_temperature),
+        scored = backend.score(sequences, sampling=sampling_of(config),
                                seeds=[sequence_seed(config.seed, e.sample_id) for e in batch])
     else:
         scored = backend.score(sequences)

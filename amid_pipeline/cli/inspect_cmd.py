@@ -28,7 +28,7 @@ def inspect(
             "backend": f"{header.backend.get('name')} {header.backend.get('version', '')}".strip(),
             "target_kind": header.target_kind,
             "k": header.k,
-            **({"draws": header.draws, "proposal_temperature": header.sampling.get("temperature"),
+            **({"draws": header.draws, "exact_top": header.exact_top, "proposal_temperature": header.sampling.get("temperature"),
                 "sampling_seed": header.sampling.get("seed")} if header.target_kind == "sampled" else {}),
             "value_encoding": header.value_encoding,
             "format_version": header.format_version,

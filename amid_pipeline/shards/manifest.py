@@ -65,9 +65,10 @@ class Header:
     special_tokens, chat_template_sha256. ``backend``: name, version. ``dataset``: source, split,
     fingerprint, fields, chat_template_sha256. ``positions``: "supervised" (only supervised positions
     stored) or "all". ``target_kind``: "topk" or "sampled" (format 1.1); ``sampling`` (sampled kind):
-    draws (= k), temperature of the proposal, seed. ``extra``: keys a newer 1.x writer added, kept and
+    draws, exact_top (format 1.2; absent = 0; draws + exact_top = k), temperature of the proposal, seed,
+    what was drawn from. ``extra``: keys a newer 1.x writer added, kept and
     written back unchanged. Construction validates (an unknown value encoding or target kind, k < 1, a
-    sampled header whose draws are not k: :class:`FormatError`).
+    sampled header whose draws and exact top do not add up to k: :class:`FormatError`).
     """
 
     teacher: dict[str, Any]
@@ -93,8 +94,12 @@ class Header:
             raise FormatError(f"k must be >= 1, got {self.k}")
         if self.target_kind not in TARGET_KINDS:
             raise FormatError(f"unknown target_kind {self.target_kind!r}; expected one of {TARGET_KINDS}")
-        if self.target_kind == "sampled" and self.sampling.get("draws") != int(self.k):
-            raise FormatError(f"a sampled header needs sampling.draws = k ({self.k}), got {self.sampling.get('draws')!r}")
+        if self.target_kind == "sampled":
+            draws, exact_top = self.sampling.get("draws"), self.sampling.get("exact_top", 0)
+            if not (isinstance(draws, int) and isinstance(exact_top, int) and draws >= 1 and exact_top >= 0
+                    and draws + exact_top == int(self.k)):
+                raise FormatError(f"a sampled header needs sampling.draws >= 1 and exact_top >= 0 adding up to k "
+                                  f"({self.k}), got draws {draws!r} and exact_top {exact_top!r}")
         object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
 
@@ -121,6 +126,11 @@ class Header:
         return self.sampling["draws"] if self.target_kind == "sampled" else None
 
     @property
+    def exact_top(self) -> int:
+        """How many of a sampled shard's first slots hold the teacher's top ids exactly, not draws (0 for top-k)."""
+        return int(self.sampling.get("exact_top", 0)) if self.target_kind == "sampled" else 0
+
+    @property
     def proposal_temperature(self) -> float | None:
         """The temperature a sampled shard's draws were taken at (None for top-k)."""
         return float(self.sampling.get("temperature", 1.0)) if self.target_kind == "sampled" else None
@@ -134,7 +144,7 @@ def teacher_differences(header: Header, other: Header, same_targets: bool = True
     """Why rows written under ``other`` cannot be mixed with rows written under ``header`` (empty: they can).
 
     Same teacher (weights fingerprint where both have one, else name), tokenizer, head size, target kind
-    (and a sampled shard's proposal temperature and what it drew from), k and value encoding are required; dataset, backend, dtype and lengths may differ.
+    (and a sampled shard's exact top, proposal temperature and what it drew from), k and value encoding are required; dataset, backend, dtype and lengths may differ.
     With ``same_targets=False`` only the teacher, tokenizer and head size (what makes one set of shards a
     fair measure of a student trained on the other, e.g. held-out top-64 for a run on sampled shards).
     """
@@ -157,6 +167,8 @@ def teacher_differences(header: Header, other: Header, same_targets: bool = True
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
     if header.target_kind == other.target_kind == "sampled":
+        if header.exact_top != other.exact_top:
+            reasons.append(f"sampling exact_top differs ({header.exact_top} vs {other.exact_top})")
         for key in ("temperature", "from"):
             mine, theirs = header.sampling.get(key), other.sampling.get(key)
             if mine != theirs:

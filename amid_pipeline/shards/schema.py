@@ -41,6 +41,10 @@ Target kinds (``target_kind`` in the header; format 1.1):
   exact log-probabilities) and ``sampled_counts`` [P · k] uint16, how often each was drawn (Σ = N per
   position). Unused slots repeat the position's first id with log-probability −inf and count 0. A 1.0
   reader sees a top-k shard whose ids are the drawn ones; this reader also reads the counts.
+  Since 1.2, ``sampling.exact_top = m`` (absent: 0): the first m slots of every position hold the teacher's
+  m most probable ids with their log-probabilities and count 0 (kept, not drawn), and the N draws come
+  from the teacher's distribution over the other ids (k = m + N). Training weighs the m ids by their
+  probabilities and spreads the rest's mass, 1 − Σ of those, over the draws.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "amid-teacher-shards"
-FORMAT_VERSION = "1.1"  # 1.1: the sampled target kind
+FORMAT_VERSION = "1.2"  # 1.1: the sampled target kind; 1.2: its exact top (sampling.exact_top)
 PARQUET_METADATA_KEY = b"amid_pipeline.header"
 MANIFEST_NAME = "manifest.json"
 DATA_SUFFIX = ".parquet"
@@ -234,10 +238,10 @@ class TeacherRow:
         """[P] the actual next token at each stored position."""
         return self.input_ids[self.positions + 1]
 
-    def check(self, k: int, vocab_size: int, draws: int | None = None) -> None:
+    def check(self, k: int, vocab_size: int, draws: int | None = None, exact_top: int = 0) -> None:
         """Raise ``ValueError`` naming the sample and field if shapes or ranges are inconsistent; with
-        ``draws`` (sampled kind) the counts must be present, sum to ``draws`` per position and be 0
-        exactly in the unused (−inf) slots."""
+        ``draws`` (sampled kind) the counts must be present, sum to ``draws`` per position, be 0 in the
+        ``exact_top`` first slots and, after them, 0 exactly in the unused (−inf) slots."""
         where = f"sample {self.sample_id!r}"
         length, count = len(self.input_ids), len(self.positions)
         if length < 2 and count:
@@ -279,5 +283,7 @@ class TeacherRow:
             bad = int(np.argmax(counts.sum(axis=1, dtype=np.int64) != draws))
             raise ValueError(f"{where}: sampled_counts at stored position {bad} sum to "
                              f"{int(counts[bad].sum())}, not the {draws} draws")
-        if np.any((counts == 0) != np.isneginf(self.topk_logprobs)):
+        if np.any(counts[:, :exact_top]):  # (their log p are finite: a drawn, finite slot follows in descending order)
+            raise ValueError(f"{where}: the first {exact_top} slots (the exact top) must have sampled_counts 0")
+        if np.any((counts[:, exact_top:] == 0) != np.isneginf(self.topk_logprobs[:, exact_top:])):
             raise ValueError(f"{where}: sampled_counts must be 0 exactly where topk_logprobs is -inf (unused slots)")

@@ -83,7 +83,7 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
         ranks.append(row.target_rank)
         stored.append((row.topk_ids == row.target_ids[:, None]).any(axis=1))
         if row.sampled_counts is not None:
-            distinct.append((row.sampled_counts > 0).sum(axis=1))
+            distinct.append(np.isfinite(row.topk_logprobs).sum(axis=1))  # the exact top and the distinct draws
     totals = reader.manifest.totals
     return ShardStats(
         header=reader.manifest.header,

@@ -89,7 +89,8 @@ def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
     rows = positions = supervised = 0
     for row in iter_file_rows(manifest, record):
         try:
-            row.check(manifest.k, vocab, manifest.part_header(record).draws)
+            header = manifest.part_header(record)
+            row.check(manifest.k, vocab, header.draws, header.exact_top)
         except ValueError as exc:
             return f"row {rows}: {exc}"
         if len(row.target_rank) and row.target_rank.min() < 1:

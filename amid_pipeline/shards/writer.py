@@ -75,7 +75,7 @@ class ShardWriter:
 
     def add(self, row: TeacherRow) -> FileRecord | None:
         """Buffer one row; returns the record of a file committed by this call, if any."""
-        row.check(self.k, self.vocab_size, self.header.draws)
+        row.check(self.k, self.vocab_size, self.header.draws, self.header.exact_top)
         self._pending.append(row)
         if len(self._pending) >= self.rows_per_group:
             self._flush_group()

@@ -103,13 +103,14 @@ def _distill(config: DistillConfig) -> RunSummary:
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
                             heldout_fraction=config.heldout_fraction,
-                            proposal_temperature=header.proposal_temperature,
+                            proposal_temperature=header.proposal_temperature, exact_top=header.exact_top,
                             skip_bad_files=config.skip_bad_files, student_vocab=head_size)
     eval_settings = settings
     if config.eval_shards:  # evaluate on those (any target kind and k of the same teacher); train on every row of --shards
         eval_header = check_eval_shard_dirs(header, config.shards[0], config.eval_shards)
         settings = dataclasses.replace(settings, heldout_fraction=0.0)
-        eval_settings = dataclasses.replace(settings, proposal_temperature=eval_header.proposal_temperature)
+        eval_settings = dataclasses.replace(settings, proposal_temperature=eval_header.proposal_temperature,
+                                            exact_top=eval_header.exact_top)
     eval_files = list_files(config.eval_shards) if config.eval_shards else files
     heldout = (f"all rows of {', '.join(config.eval_shards)}" if config.eval_shards
                else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")

@@ -230,6 +230,11 @@ def test_bad_inputs_are_explained(tiny_models, tmp_path):
         capture(tiny_models, tmp_path / "y", write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}]), k=100_000)
     with pytest.raises(ValueError, match="--sample-top 1000 is larger than the teacher vocabulary .*use --sample-top 512"):
         capture(tiny_models, tmp_path / "z", tmp_path / "t.jsonl", target_kind="sampled", backend="vllm", sample_top=1000)
+    with pytest.raises(ValueError, match=r"^--exact-top 512 leaves nothing to draw from: it must be below the teacher vocabulary \(512\)"):
+        capture(tiny_models, tmp_path / "w", tmp_path / "t.jsonl", target_kind="sampled", exact_top=512)
+    with pytest.raises(ValueError, match=r"^--exact-top 16 leaves nothing to draw from: it must be below --sample-top \(16\)"):
+        capture(tiny_models, tmp_path / "v", tmp_path / "t.jsonl", target_kind="sampled", backend="vllm", sample_top=16,
+                exact_top=16)
 
 
 @pytest.mark.slow

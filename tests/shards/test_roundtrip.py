@@ -78,7 +78,7 @@ def test_every_file_carries_the_header(shard_dir):
     for record in manifest.files:
         meta = pq.read_schema(shard_dir / record.name).metadata
         header = json.loads(meta[PARQUET_METADATA_KEY])
-        assert header["format_version"] == manifest.header.format_version == "1.1"
+        assert header["format_version"] == manifest.header.format_version == "1.2"
         assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
 
 
@@ -177,6 +177,27 @@ def test_sampled_rows_round_trip_and_inconsistent_counts_are_refused(tmp_path):
             ShardWriter(tmp_path / "bad", header=header).add(bad)
     with pytest.raises(ValueError, match="sampled_counts in a shard of the topk kind"):
         ShardWriter(tmp_path / "topk", header=synthetic_header(k=4)).add(sampled_row())
+
+
+def test_an_exact_top_row_round_trips_and_a_drawn_top_slot_is_refused(tmp_path):
+    """exact_top 1 and 3 draws over 4 slots: slot 0 holds the top (count 0, finite log p), then ids drawn
+    2 + 1 times and one unused slot. A count in the top slot is refused."""
+    import dataclasses
+
+    from amid_pipeline.shards.writer import ShardWriter
+
+    header = dataclasses.replace(synthetic_header(k=4), target_kind="sampled",
+                                 sampling={"draws": 3, "exact_top": 1, "temperature": 1.0})
+    row = sampled_row()
+    row.sampled_counts[:, :3] = [0, 2, 1]
+    write_shards(tmp_path / "ok", [row], header)
+    assert load_manifest(tmp_path / "ok").header.exact_top == 1
+    np.testing.assert_array_equal(next(iter(ShardReader(tmp_path / "ok"))).sampled_counts, row.sampled_counts)
+    bad = sampled_row()
+    bad.sampled_counts[:, :3] = [0, 2, 1]
+    bad.sampled_counts[0, :2] = [1, 1]
+    with pytest.raises(ValueError, match="the first 1 slots \\(the exact top\\) must have sampled_counts 0"):
+        ShardWriter(tmp_path / "bad", header=header).add(bad)
 
 
 def test_crash_before_commit_leaves_no_data_file(tmp_path):
@@ -301,7 +322,9 @@ def test_header_round_trips_keeps_a_newer_minor_versions_keys_and_names_bad_fiel
     assert read.k == 8 and read.extra == {"tail_mass": {"stored": True}} and read.to_json()["tail_mass"] == {"stored": True}
     for bad, message in (({"k": 0}, "m.json: k must be >= 1"), ({"value_encoding": "zip"}, "m.json: unknown value_encoding"),
                          ({"target_kind": "dense"}, "m.json: unknown target_kind 'dense'"),
-                         ({"target_kind": "sampled", "sampling": {"draws": 12}}, "m.json: a sampled header needs sampling.draws = k"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 12}}, "m.json: a sampled header needs sampling.draws"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 6, "exact_top": 3}},
+                          "m.json: a sampled header needs .* adding up to k \\(8\\), got draws 6 and exact_top 3"),
                          ({"format": "other"}, "m.json: not an amid-pipeline shard header"),
                          ({"format_version": "2.0"}, "m.json")):
         with pytest.raises(FormatError, match=message):

@@ -7,7 +7,7 @@ from typing import Optional
 
 from amid_pipeline.chat import CHAT_TEMPLATE_MODES
 from amid_pipeline.config import setting
-from amid_pipeline.shards.schema import TARGET_KINDS, VALUE_ENCODINGS
+from amid_pipeline.shards.schema import SAMPLED_LAYOUTS, TARGET_KINDS, VALUE_ENCODINGS
 
 DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
 
@@ -51,8 +51,9 @@ class CaptureConfig(DatasetSettings):
     max_length: Optional[int] = setting(None, f"Longest token sequence given to the teacher (longer ones: see overflow); default: the teacher's context, at most {DEFAULT_MAX_LENGTH} (on vLLM one token less: it generates one after each sequence). A larger value is refused.", minimum=2)
     target_kind: str = setting("topk", "What is stored per position: topk (the k most probable ids) or sampled (ids drawn with replacement from the teacher's full distribution, kept as the distinct ids with their counts and exact log-probabilities: unbiased sparse targets; on vLLM from its top sample_top).", choices=TARGET_KINDS)
     k: int = setting(64, "Top-k teacher log-probabilities stored per position (topk kind).", minimum=1)
-    draws: int = setting(24, "sampled kind: draws per position (the shard's k is exact_top + draws; each drawn id is stored once with its count).", minimum=1, maximum=65535)
+    draws: int = setting(24, "sampled kind: draws per position (each drawn id is stored once with its count).", minimum=1, maximum=65535)
     exact_top: int = setting(0, "sampled kind: also keep the teacher's this many most probable ids exactly (weighted by their probabilities in training) and draw from the rest of its distribution only: still unbiased, with the variance of the draws confined to the rest's mass. 0 = draw from the whole distribution.", minimum=0)
+    layout: str = setting("compact", "sampled kind: how the draws are stored. compact (format 1.3): only the distinct drawn ids, in columns of their own, the top-k columns holding the exact top (any Parquet reader sees a top-exact_top shard); padded (1.2): exact_top + draws slots per position in the top-k columns, unused ones padded, readable by amid-pipeline releases before 1.3 and about 30 % larger. Both train identically.", choices=SAMPLED_LAYOUTS)
     sample_top: int = setting(256, "sampled kind on vLLM: the engine returns this many top log-probabilities per position and the draws come from them renormalised (the teacher mass beyond is never drawn; the hf backend draws from the full vocabulary).", minimum=1)
     proposal_temperature: float = setting(1.0, "sampled kind: draw from softmax(logits / T); T = 1 draws from the teacher itself (unbiased), T > 1 spreads the draws over more ids (importance-weighted in training).", minimum=0.05)
     value_encoding: str = setting("q64-delta", "How log-probabilities are stored (q64-delta: 1/128 max error, smallest; float32: exact).", choices=VALUE_ENCODINGS)

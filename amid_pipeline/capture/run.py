@@ -83,12 +83,20 @@ class CaptureSummary:
         ]
 
 
-SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "sample_top", "proposal_temperature")  # meaningless for top-k targets
+SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "layout", "sample_top", "proposal_temperature")  # meaningless for top-k
 
 
 def sampling_of(config: CaptureConfig) -> Sampling:
     """What a sampled run keeps per position: the exact top and the draws from the rest, at the proposal temperature."""
     return Sampling(config.draws, config.proposal_temperature, config.exact_top)
+
+
+def stored_top(config: CaptureConfig) -> int:
+    """The header's k, the width of the top-k columns: k; for the sampled kind its exact top and, in the padded
+    layout, its draws' slots too."""
+    if config.target_kind != "sampled":
+        return config.k
+    return config.exact_top if config.layout == "compact" else sampling_of(config).slots
 
 
 def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
@@ -111,6 +119,8 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         saved = json.loads(first)["settings"] if first else {}
         saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
         saved.setdefault("target_kind", "topk")  # journals from before the sampled kind existed
+        if saved["target_kind"] == "sampled":
+            saved.setdefault("layout", "padded")  # and from before the compact layout
         differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
@@ -212,7 +222,7 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         },
         tokenizer=tokenizer_info,
         model_vocab_size=backend.vocab_size,
-        k=sampling_of(config).slots if config.target_kind == "sampled" else config.k,
+        k=stored_top(config),
         value_encoding=config.value_encoding,
         backend={"name": backend.name, "version": backend.version},
         max_length=config.max_length,
@@ -229,8 +239,9 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         positions=config.positions,
         config=comparable_settings(config),
         target_kind=config.target_kind,
-        sampling={"draws": config.draws, "exact_top": config.exact_top, "temperature": config.proposal_temperature,
-                  "seed": config.seed, "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
+        sampling={"draws": config.draws, "exact_top": config.exact_top, "layout": config.layout,
+                  "temperature": config.proposal_temperature, "seed": config.seed,
+                  "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
         if config.target_kind == "sampled" else {},
     )
 

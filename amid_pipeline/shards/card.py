@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.manifest import Header, load_manifest
 from amid_pipeline.shards.schema import DATA_DIR, FORMAT_VERSION
 from amid_pipeline.shards.stats import collect_stats
 from amid_pipeline.shards.storage import open_store
 
 CARD_NAME = "README.md"
+
+
+def counts_where(header: Header) -> str:
+    """Where a sampled shard keeps its draws, in the card's words (its layout)."""
+    if header.layout == "compact":
+        return ("`draw_ids`, `draw_logprobs`, `draw_counts`, with `draw_distinct` ids per position; the top-k columns hold "
+                + (f"the exact top-{header.exact_top}" if header.exact_top else "nothing"))
+    return f"`sampled_counts`{'; 0 in the exact top' if header.exact_top else ''}"
 
 
 def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
@@ -31,9 +39,8 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     targets = (f"sampled: {f'the teacher top-{top} exactly, then ' if top else ''}{header.draws} draws per position "
                f"from the teacher's distribution{' over the other ids' if top else ''} (drawn from its "
                f"{header.sampling.get('from', 'full vocabulary')}) at temperature {header.sampling.get('temperature')} "
-               f"(seed {header.sampling.get('seed')}), kept as the distinct ids with their counts (`sampled_counts`"
-               f"{'; 0 in the exact top' if top else ''}), {stats.get('distinct_ids_per_position_mean')} ids per "
-               f"position on average"
+               f"(seed {header.sampling.get('seed')}), kept as the distinct ids with their counts ("
+               f"{counts_where(header)}), {stats.get('distinct_ids_per_position_mean')} ids per position on average"
                if sampled else f"top-{header.k}")
     return f"""---
 license: {licence}
@@ -87,7 +94,7 @@ With amid-pipeline (checks, decodes, streams):
 
 ```python
 from amid_pipeline.shards.reader import ShardReader
-for row in ShardReader("."):   # row.topk_ids [P, k], row.topk_logprobs [P, k], ...
+for row in ShardReader("."):   # row.topk_ids [P, {header.slots}], row.topk_logprobs [P, {header.slots}], ...
     ...
 ```
 

@@ -30,6 +30,7 @@ from amid_pipeline.shards.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SAMPLED_LAYOUTS,
     TARGET_KINDS,
     VALUE_ENCODINGS,
     FormatError,
@@ -65,10 +66,12 @@ class Header:
     special_tokens, chat_template_sha256. ``backend``: name, version. ``dataset``: source, split,
     fingerprint, fields, chat_template_sha256. ``positions``: "supervised" (only supervised positions
     stored) or "all". ``target_kind``: "topk" or "sampled" (format 1.1); ``sampling`` (sampled kind):
-    draws, exact_top (format 1.2; absent = 0; draws + exact_top = k), temperature of the proposal, seed,
-    what was drawn from. ``extra``: keys a newer 1.x writer added, kept and
-    written back unchanged. Construction validates (an unknown value encoding or target kind, k < 1, a
-    sampled header whose draws and exact top do not add up to k: :class:`FormatError`).
+    draws, exact_top (format 1.2; absent = 0), temperature of the proposal, seed, what was drawn from, and
+    layout (format 1.3; absent = "padded": draws + exact_top = k slots in the top-k columns; "compact": the
+    top-k columns hold the exact top alone, k = exact_top, and the draws have columns of their own).
+    ``extra``: keys a newer 1.x writer added, kept and written back unchanged. Construction validates (an
+    unknown value encoding, target kind or layout, k < 1 outside the compact layout, a sampled header whose
+    draws, exact top and k do not fit its layout: :class:`FormatError`).
     """
 
     teacher: dict[str, Any]
@@ -90,15 +93,20 @@ class Header:
     def __post_init__(self) -> None:
         if self.value_encoding not in VALUE_ENCODINGS:
             raise FormatError(f"unknown value_encoding {self.value_encoding!r}")
-        if int(self.k) < 1:
-            raise FormatError(f"k must be >= 1, got {self.k}")
         if self.target_kind not in TARGET_KINDS:
             raise FormatError(f"unknown target_kind {self.target_kind!r}; expected one of {TARGET_KINDS}")
+        if self.layout not in SAMPLED_LAYOUTS:
+            raise FormatError(f"unknown sampling layout {self.layout!r}; expected one of {SAMPLED_LAYOUTS}")
+        least = 0 if self.layout == "compact" else 1  # a compact sampled shard may have no exact top
+        if int(self.k) < least:
+            raise FormatError(f"k must be >= {least}, got {self.k}")
         if self.target_kind == "sampled":
             draws, exact_top = self.sampling.get("draws"), self.sampling.get("exact_top", 0)
+            stored = exact_top if self.layout == "compact" else (draws or 0) + exact_top
             if not (isinstance(draws, int) and isinstance(exact_top, int) and draws >= 1 and exact_top >= 0
-                    and draws + exact_top == int(self.k)):
-                raise FormatError(f"a sampled header needs sampling.draws >= 1 and exact_top >= 0 adding up to k "
+                    and stored == int(self.k)):
+                needs = "exact_top equal to k" if self.layout == "compact" else "exact_top adding up to k"
+                raise FormatError(f"a sampled header ({self.layout} layout) needs sampling.draws >= 1 and {needs} "
                                   f"({self.k}), got draws {draws!r} and exact_top {exact_top!r}")
         object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
@@ -129,6 +137,17 @@ class Header:
     def exact_top(self) -> int:
         """How many of a sampled shard's first slots hold the teacher's top ids exactly, not draws (0 for top-k)."""
         return int(self.sampling.get("exact_top", 0)) if self.target_kind == "sampled" else 0
+
+    @property
+    def layout(self) -> str:
+        """How a sampled shard stores its slots: "padded" (1.1, 1.2: k = m + N slots in the top-k columns) or
+        "compact" (1.3: the exact top there, the distinct draws in columns of their own); "padded" for top-k."""
+        return str(self.sampling.get("layout", "padded")) if self.target_kind == "sampled" else "padded"
+
+    @property
+    def slots(self) -> int:
+        """The width of a decoded row's [P, slots] targets: k, or the exact top and the draws (sampled kind)."""
+        return self.exact_top + self.draws if self.target_kind == "sampled" else self.k
 
     @property
     def proposal_temperature(self) -> float | None:
@@ -167,8 +186,9 @@ def teacher_differences(header: Header, other: Header, same_targets: bool = True
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
     if header.target_kind == other.target_kind == "sampled":
-        if header.exact_top != other.exact_top:
-            reasons.append(f"sampling exact_top differs ({header.exact_top} vs {other.exact_top})")
+        for key in ("draws", "exact_top", "layout"):
+            if getattr(header, key) != getattr(other, key):
+                reasons.append(f"sampling {key} differs ({getattr(header, key)} vs {getattr(other, key)})")
         for key in ("temperature", "from"):
             mine, theirs = header.sampling.get(key), other.sampling.get(key)
             if mine != theirs:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.schema import (
     COLUMNS,
+    COMPACT_COLUMNS,
     PARQUET_METADATA_KEY,
     SAMPLED_COLUMNS,
     FormatError,
@@ -28,6 +29,7 @@ from amid_pipeline.shards.schema import (
     check_version,
     decode_target_logprobs,
     decode_topk_logprobs,
+    expand_compact,
     first_impossible_value,
     kind_columns,
 )
@@ -55,7 +57,8 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
     column of the shard's target kind, decoded.
     """
     store, name, k, encoding = manifest.store, record.name, manifest.k, manifest.value_encoding
-    every = kind_columns(manifest.header.target_kind)
+    compact = manifest.header.layout == "compact"
+    every = kind_columns(manifest.header.target_kind, manifest.header.layout)
     decode, columns = columns is None, columns or every
     keep = None if manifest.selection is None else manifest.selection.get(name, np.zeros(0, np.int64))
     parquet = store.parquet(name, record.sha256)
@@ -79,29 +82,38 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
             table = table.take(chosen)
         if decode:
             try:
-                yield from decode_batch(table, k, encoding)
+                yield from decode_batch(table, k, encoding, manifest.header.draws if compact else 0)
             except ValueError as exc:
                 raise FormatError(f"{store.where(name)}: {exc}") from exc
         else:
             yield table
 
 
-def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Iterator[TeacherRow]:
-    """Rows of an Arrow table/batch with the v1 columns (and ``sampled_counts`` when present), as
-    :class:`TeacherRow` views."""
+def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws: int = 0) -> Iterator[TeacherRow]:
+    """Rows of an Arrow table/batch with the v1 columns (and ``sampled_counts``, or the compact layout's draw
+    columns, when present), as :class:`TeacherRow` views. ``draws``: the draws per position of a compact sampled
+    table, whose rows decode to ``k + draws`` slots (see :func:`expand_compact`)."""
     flat: dict[str, np.ndarray] = {}
     offsets: dict[str, np.ndarray] = {}
-    sampled = "sampled_counts" in table.column_names
-    for name in COLUMNS[1:] + (SAMPLED_COLUMNS if sampled else ()):
+    compact, sampled = "draw_ids" in table.column_names, "sampled_counts" in table.column_names
+    for name in COLUMNS[1:] + (COMPACT_COLUMNS if compact else SAMPLED_COLUMNS if sampled else ()):
         column = table.column(name)
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets[name] = array.offsets.to_numpy()  # indexes into .values (zero-copy, unlike flatten())
         flat[name] = array.values.to_numpy(zero_copy_only=False)
-    topk_logprobs = decode_topk_logprobs(flat["topk_logprobs"], k, encoding)
     target_logprob = decode_target_logprobs(flat["target_logprob"], encoding)
+    count = len(flat["target_logprob"])  # stored positions in the table
+    slot_ids = flat["topk_ids"].reshape(count, k)
+    if compact:
+        slot_ids, slot_logprobs, slot_counts = expand_compact(
+            slot_ids, flat["topk_logprobs"].reshape(count, k), flat["draw_distinct"], flat["draw_ids"],
+            flat["draw_logprobs"], flat["draw_counts"], draws, encoding)
+    else:
+        slot_logprobs = decode_topk_logprobs(flat["topk_logprobs"], k, encoding).reshape(count, k)
+        slot_counts = flat["sampled_counts"].reshape(count, k) if sampled else None
     ids = table.column("sample_id").to_pylist()
     tokens, pos = offsets["input_ids"], offsets["positions"]
-    impossible = first_impossible_value(topk_logprobs, k, target_logprob, encoding)
+    impossible = first_impossible_value(slot_logprobs.reshape(-1), slot_logprobs.shape[1], target_logprob, encoding)
     if impossible:
         column, position = impossible
         i = int(np.searchsorted(pos, position, side="right")) - 1
@@ -114,11 +126,11 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str) -> Ite
             input_ids=flat["input_ids"][tokens[i] : tokens[i + 1]],
             positions=flat["positions"][a:b],
             loss_mask=flat["loss_mask"][a:b],
-            topk_ids=flat["topk_ids"][a * k : b * k].reshape(b - a, k),
-            topk_logprobs=topk_logprobs[a * k : b * k].reshape(b - a, k),
+            topk_ids=slot_ids[a:b],
+            topk_logprobs=slot_logprobs[a:b],
             target_logprob=target_logprob[a:b],
             target_rank=flat["target_rank"][a:b],
-            sampled_counts=flat["sampled_counts"][a * k : b * k].reshape(b - a, k) if sampled else None,
+            sampled_counts=None if slot_counts is None else slot_counts[a:b],
         )
 
 

@@ -45,6 +45,15 @@ Target kinds (``target_kind`` in the header; format 1.1):
   m most probable ids with their log-probabilities and count 0 (kept, not drawn), and the N draws come
   from the teacher's distribution over the other ids (k = m + N). Training weighs the m ids by their
   probabilities and spreads the rest's mass, 1 − Σ of those, over the draws.
+  Since 1.3, ``sampling.layout = "compact"`` (absent: ``"padded"``, the layout above) stores no unused slot:
+  the top-k columns hold the exact top alone (``k = m``, so a 1.0 reader reads a top-m shard, and an empty
+  one at m = 0), and the draws go to four columns of their own (:data:`COMPACT_COLUMNS`):
+  ``draw_distinct`` [P] uint16, the distinct drawn ids of each position (d_t, 1 ≤ d_t ≤ N); ``draw_ids``
+  [Σ d_t] those ids, position by position in descending teacher probability; ``draw_logprobs`` [Σ d_t]
+  their log-probabilities, each position's continuing its exact top (q64-delta: differences from the top's
+  last code, or from 0 without an exact top); ``draw_counts`` [Σ d_t] uint16, how often each was drawn
+  (Σ = N per position). The stored values are the padded layout's without the unused slots, and both
+  layouts decode to the same :class:`TeacherRow` of ``m + N`` slots.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "amid-teacher-shards"
-FORMAT_VERSION = "1.2"  # 1.1: the sampled target kind; 1.2: its exact top (sampling.exact_top)
+FORMAT_VERSION = "1.3"  # 1.1: the sampled target kind; 1.2: its exact top; 1.3: its compact layout
 PARQUET_METADATA_KEY = b"amid_pipeline.header"
 MANIFEST_NAME = "manifest.json"
 DATA_SUFFIX = ".parquet"
@@ -68,13 +77,17 @@ VALUE_ENCODINGS = ("q64-delta", "q64", "float32")
 ROW_COLUMNS = ("sample_id", "input_ids", "positions", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob", "target_rank")
 COLUMNS = ROW_COLUMNS + TOPK_COLUMNS
-SAMPLED_COLUMNS = ("sampled_counts",)  # besides COLUMNS, in shards of the sampled kind
+SAMPLED_COLUMNS = ("sampled_counts",)  # besides COLUMNS, in shards of the sampled kind (padded layout)
+COMPACT_COLUMNS = ("draw_distinct", "draw_ids", "draw_logprobs", "draw_counts")  # the sampled kind, compact layout
 TARGET_KINDS = ("topk", "sampled")
+SAMPLED_LAYOUTS = ("compact", "padded")
 
 
-def kind_columns(target_kind: str) -> tuple[str, ...]:
-    """Every column of a shard file of ``target_kind``."""
-    return COLUMNS + SAMPLED_COLUMNS if target_kind == "sampled" else COLUMNS
+def kind_columns(target_kind: str, layout: str = "padded") -> tuple[str, ...]:
+    """Every column of a shard file of ``target_kind`` (and, for the sampled kind, ``layout``)."""
+    if target_kind != "sampled":
+        return COLUMNS
+    return COLUMNS + (COMPACT_COLUMNS if layout == "compact" else SAMPLED_COLUMNS)
 
 
 class FormatError(ValueError):
@@ -99,23 +112,16 @@ def required_list(value: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", value, nullable=False))
 
 
-def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk") -> pa.Schema:
-    """The Parquet schema of a v1 shard file for this value encoding, model vocabulary size and target kind."""
-    values = value_type(encoding)
-    sampled = [pa.field("sampled_counts", required_list(pa.uint16()), nullable=False)] if target_kind == "sampled" else []
-    return pa.schema(
-        [
-            pa.field("sample_id", pa.string(), nullable=False),
-            pa.field("input_ids", required_list(pa.int32()), nullable=False),
-            pa.field("positions", required_list(pa.int32()), nullable=False),
-            pa.field("loss_mask", required_list(pa.bool_()), nullable=False),
-            pa.field("topk_ids", required_list(id_type(model_vocab_size)), nullable=False),
-            pa.field("topk_logprobs", required_list(values), nullable=False),
-            pa.field("target_logprob", required_list(values), nullable=False),
-            pa.field("target_rank", required_list(pa.int32()), nullable=False),
-            *sampled,
-        ]
-    )
+def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk", layout: str = "padded") -> pa.Schema:
+    """The Parquet schema of a v1 shard file for this value encoding, model vocabulary size, target kind and
+    (sampled kind) layout."""
+    values, ids = value_type(encoding), id_type(model_vocab_size)
+    types = {"sample_id": pa.string(), "input_ids": pa.int32(), "positions": pa.int32(), "loss_mask": pa.bool_(),
+             "topk_ids": ids, "topk_logprobs": values, "target_logprob": values, "target_rank": pa.int32(),
+             "sampled_counts": pa.uint16(), "draw_distinct": pa.uint16(), "draw_ids": ids, "draw_logprobs": values,
+             "draw_counts": pa.uint16()}
+    return pa.schema([pa.field(name, types[name] if name == "sample_id" else required_list(types[name]), nullable=False)
+                      for name in kind_columns(target_kind, layout)])
 
 
 # Parquet encodings chosen per column (measured in benchmarks/shard_format.py, see README "Shard format"):
@@ -125,7 +131,8 @@ def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk"
 COLUMN_ENCODINGS = {
     "positions.list.element": "DELTA_BINARY_PACKED",
     **{f"{name}.list.element": "BYTE_STREAM_SPLIT"
-       for name in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "target_rank", "sampled_counts")},
+       for name in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "target_rank", "sampled_counts",
+                    "draw_distinct", "draw_ids", "draw_logprobs", "draw_counts")},
 }
 
 
@@ -179,6 +186,60 @@ def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarra
 
     codes = torch.from_numpy(np.asarray(stored).reshape(-1, k).astype(np.int32)).cumsum(dim=1, dtype=torch.int32)
     return _from_q64_codes(codes.numpy()).reshape(-1)
+
+
+def compact_columns(row: TeacherRow, exact_top: int, encoding: str) -> dict[str, np.ndarray]:
+    """The stored columns of a sampled row's ``m + N`` slots in the compact layout (see the module docstring):
+    the exact top's [P, m] ids and values, and the draws' ``draw_distinct`` [P], ``draw_ids``, ``draw_logprobs``
+    and ``draw_counts`` [Σ d_t]. The row must have passed :meth:`TeacherRow.check`, which holds each position's
+    drawn slots before its unused ones (descending log-probabilities, −inf exactly where the count is 0)."""
+    m = exact_top
+    drawn = row.sampled_counts[:, m:] > 0  # [P, N]: a prefix of every position's draws
+    stored = encode_topk_logprobs(row.topk_logprobs, encoding)  # [P, m + N]: q64-delta runs on from the top into the draws
+    return {
+        "topk_ids": row.topk_ids[:, :m],
+        "topk_logprobs": stored[:, :m],
+        "draw_distinct": drawn.sum(axis=1).astype(np.uint16),
+        "draw_ids": row.topk_ids[:, m:][drawn],
+        "draw_logprobs": stored[:, m:][drawn],
+        "draw_counts": row.sampled_counts[:, m:][drawn],
+    }
+
+
+def expand_compact(top_ids: np.ndarray, top_logprobs: np.ndarray, distinct: np.ndarray, draw_ids: np.ndarray,
+                   draw_logprobs: np.ndarray, draw_counts: np.ndarray, draws: int,
+                   encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compact columns of P positions -> their ``m + N`` slots as the padded layout holds them: (ids, decoded
+    log-probabilities, counts), each [P, m + N]; unused slots repeat the position's first id with −inf and count 0.
+
+    ``top_ids`` [P, m] and ``top_logprobs`` [P, m] the exact top's ids and stored values; ``distinct`` [P] the
+    drawn ids per position; ``draw_ids``, ``draw_logprobs`` (stored values) and ``draw_counts`` [Σ distinct];
+    ``draws`` = N. Raises ``ValueError`` when the lengths do not fit together (a damaged file).
+    """
+    distinct = distinct.astype(np.int64)
+    if len(distinct) and (distinct.min() < 1 or distinct.max() > draws):
+        bad = int(np.argmax((distinct < 1) | (distinct > draws)))
+        raise ValueError(f"draw_distinct at stored position {bad} is {int(distinct[bad])}, outside [1, {draws}] "
+                         f"(the draws per position)")
+    total = int(distinct.sum())
+    for name, values in (("draw_ids", draw_ids), ("draw_logprobs", draw_logprobs), ("draw_counts", draw_counts)):
+        if len(values) != total:
+            raise ValueError(f"{name} holds {len(values)} values but draw_distinct adds up to {total}")
+    drawn = np.arange(draws) < distinct[:, None]  # [P, N]
+
+    def slots(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(drawn.shape, dtype=values.dtype)
+        out[drawn] = values
+        return out
+
+    m = top_ids.shape[1]
+    ids = np.concatenate([top_ids, slots(draw_ids)], axis=1)
+    ids[:, m:][~drawn] = np.broadcast_to(ids[:, :1], drawn.shape)[~drawn]
+    stored = np.concatenate([top_logprobs, slots(draw_logprobs)], axis=1)  # unused slots: delta 0, then -inf below
+    logprobs = decode_topk_logprobs(stored.reshape(-1), m + draws, encoding).reshape(stored.shape)
+    logprobs[:, m:][~drawn] = -np.inf
+    counts = np.concatenate([np.zeros(top_ids.shape, np.uint16), slots(draw_counts.astype(np.uint16))], axis=1)
+    return ids, logprobs, counts
 
 
 LOGPROB_TOLERANCE = 1e-4  # a stored log-probability above this is not one

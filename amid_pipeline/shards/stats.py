@@ -93,7 +93,7 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
         positions=totals["positions"],
         supervised=totals["supervised_tokens"],
         bytes=totals["bytes"],
-        k=reader.manifest.k,
+        k=reader.header.slots,
         coverage=np.concatenate(coverage) if coverage else np.zeros(0),
         target_rank=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int32),
         target_stored=np.concatenate(stored) if stored else np.zeros(0, dtype=bool),

@@ -90,7 +90,7 @@ def _check_rows(manifest: Manifest, record: FileRecord) -> str | None:
     for row in iter_file_rows(manifest, record):
         try:
             header = manifest.part_header(record)
-            row.check(manifest.k, vocab, header.draws, header.exact_top)
+            row.check(header.slots, vocab, header.draws, header.exact_top)
         except ValueError as exc:
             return f"row {rows}: {exc}"
         if len(row.target_rank) and row.target_rank.min() < 1:

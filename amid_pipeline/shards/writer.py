@@ -25,6 +25,7 @@ from amid_pipeline.shards.schema import (
     PARQUET_METADATA_KEY,
     TeacherRow,
     arrow_schema,
+    compact_columns,
     encode_target_logprobs,
     encode_topk_logprobs,
 )
@@ -57,10 +58,9 @@ class ShardWriter:
         self.store = open_store(directory)
         self.store.makedirs(DATA_DIR)
         self.header = header
-        self.k = header.k
         self.encoding = header.value_encoding
         self.vocab_size = header.model_vocab_size
-        self.schema = arrow_schema(self.encoding, self.vocab_size, header.target_kind).with_metadata(
+        self.schema = arrow_schema(self.encoding, self.vocab_size, header.target_kind, header.layout).with_metadata(
             {PARQUET_METADATA_KEY: json.dumps(header.to_json(), sort_keys=True).encode()}
         )
         self.stem = stem
@@ -75,7 +75,7 @@ class ShardWriter:
 
     def add(self, row: TeacherRow) -> FileRecord | None:
         """Buffer one row; returns the record of a file committed by this call, if any."""
-        row.check(self.k, self.vocab_size, self.header.draws, self.header.exact_top)
+        row.check(self.header.slots, self.vocab_size, self.header.draws, self.header.exact_top)
         self._pending.append(row)
         if len(self._pending) >= self.rows_per_group:
             self._flush_group()
@@ -155,15 +155,17 @@ class ShardWriter:
                 store_schema=True,
             )
         rows = self._pending
-        self._file.write_table(rows_to_table(rows, self.schema, self.encoding), row_group_size=len(rows))
+        self._file.write_table(rows_to_table(rows, self.schema, self.encoding, self.header.exact_top),
+                               row_group_size=len(rows))
         self._file_rows += len(rows)
         self._file_positions += sum(len(r.positions) for r in rows)
         self._file_supervised += sum(int(np.count_nonzero(r.loss_mask)) for r in rows)
         self._pending = []
 
 
-def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str) -> pa.Table:
-    """Columnar Arrow table of ``rows``: each list column built from one concatenated buffer + offsets."""
+def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str, exact_top: int = 0) -> pa.Table:
+    """Columnar Arrow table of ``rows``: each list column built from one concatenated buffer + offsets. Under a
+    compact sampled ``schema`` the slots are split into the exact top (the first ``exact_top``) and the draws."""
 
     def list_column(name: str, arrays: list[np.ndarray], dtype) -> pa.Array:
         flat = [np.asarray(a).reshape(-1) for a in arrays]
@@ -174,21 +176,23 @@ def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str) -> p
         list_type = schema.field(name).type
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=list_type.value_type), type=list_type)
 
-    value_dtype = schema.field("target_logprob").type.value_type.to_pandas_dtype()
+    def slot_columns(row: TeacherRow) -> dict[str, np.ndarray]:
+        if "draw_ids" in schema.names:
+            return compact_columns(row, exact_top, encoding)
+        padded = {"topk_ids": row.topk_ids, "topk_logprobs": encode_topk_logprobs(row.topk_logprobs, encoding)}
+        return {**padded, "sampled_counts": row.sampled_counts} if "sampled_counts" in schema.names else padded
+
+    slots = [slot_columns(r) for r in rows]
     columns = {
         "sample_id": pa.array([r.sample_id for r in rows], type=pa.string()),
         "input_ids": list_column("input_ids", [r.input_ids for r in rows], np.int32),
         "positions": list_column("positions", [r.positions for r in rows], np.int32),
         "loss_mask": list_column("loss_mask", [r.loss_mask for r in rows], np.bool_),
-        "topk_ids": list_column("topk_ids", [r.topk_ids for r in rows], schema.field("topk_ids").type.value_type.to_pandas_dtype()),
-        "topk_logprobs": list_column(
-            "topk_logprobs", [encode_topk_logprobs(r.topk_logprobs, encoding) for r in rows], value_dtype
-        ),
-        "target_logprob": list_column(
-            "target_logprob", [encode_target_logprobs(r.target_logprob, encoding) for r in rows], value_dtype
-        ),
+        "target_logprob": list_column("target_logprob", [encode_target_logprobs(r.target_logprob, encoding) for r in rows],
+                                      schema.field("target_logprob").type.value_type.to_pandas_dtype()),
         "target_rank": list_column("target_rank", [r.target_rank for r in rows], np.int32),
     }
-    if "sampled_counts" in schema.names:
-        columns["sampled_counts"] = list_column("sampled_counts", [r.sampled_counts for r in rows], np.uint16)
+    for name in schema.names:  # the slots' columns: the top-k ones, and the counts or the compact draws
+        if name not in columns:
+            columns[name] = list_column(name, [c[name] for c in slots], schema.field(name).type.value_type.to_pandas_dtype())
     return pa.Table.from_pydict(columns, schema=schema)

@@ -430,10 +430,10 @@ def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models,
     journal = next((tmp_path / "out").glob("progress.*.jsonl"))
     first, *rest = journal.read_text().splitlines()
     settings = json.loads(first)
-    assert "draws" not in settings["settings"] and "k" in settings["settings"]
+    assert "draws" not in settings["settings"] and "layout" not in settings["settings"] and "k" in settings["settings"]
     del settings["settings"]["target_kind"]
     journal.write_text("\n".join([json.dumps(settings), *rest]) + "\n")
-    again = capture(tiny_models, tmp_path, data, draws=7)
+    again = capture(tiny_models, tmp_path, data, draws=7, layout="padded")
     assert "nothing to do" in again.backend
     with pytest.raises(SettingsMismatch, match="target_kind: 'topk' there, 'sampled' now"):
         capture(tiny_models, tmp_path, data, target_kind="sampled")

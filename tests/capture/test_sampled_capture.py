@@ -38,9 +38,9 @@ def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_mod
     sampled(tiny_models, tmp_path, data, proposal_temperature=temperature)
     assert verify_directory(tmp_path / "out").ok
     header = load_manifest(tmp_path / "out").header
-    assert header.target_kind == "sampled" and header.k == DRAWS
-    assert header.sampling == {"draws": DRAWS, "exact_top": 0, "temperature": temperature, "seed": 0,
-                               "from": "full vocabulary"}
+    assert header.target_kind == "sampled" and header.k == 0 and header.slots == DRAWS  # compact: no exact top
+    assert header.sampling == {"draws": DRAWS, "exact_top": 0, "layout": "compact", "temperature": temperature,
+                               "seed": 0, "from": "full vocabulary"}
     estimates, expected, variances, argmax_share, argmax_r = [], [], [], [], []
     for row in ShardReader(tmp_path / "out"):
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]  # [P, V] float64
@@ -82,7 +82,7 @@ def test_an_exact_top_is_the_teachers_top_and_the_draws_come_from_the_rest(tiny_
     sampled(tiny_models, tmp_path, data, draws=draws, exact_top=top)
     assert verify_directory(tmp_path / "out").ok
     header = load_manifest(tmp_path / "out").header
-    assert header.k == top + draws and header.exact_top == top and header.draws == draws
+    assert header.k == top and header.slots == top + draws and header.exact_top == top and header.draws == draws
     share, probability = [], []
     for row in ShardReader(tmp_path / "out"):
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions].numpy()  # [P, V] float64
@@ -140,6 +140,41 @@ def test_sampled_rows_are_the_same_after_a_kill_and_with_several_workers(tiny_mo
                for i, a in rows_by_id(tmp_path / "seed" / "out").items())
 
 
+def test_a_capture_begun_in_the_padded_layout_resumes_in_it_only(tiny_models, tmp_path, monkeypatch):
+    """A sampled capture killed in the padded layout, its journal as a release before the compact layout wrote it
+    (no layout setting): the default (compact) refuses to continue it by name, --layout padded continues it, and
+    its rows equal those of a compact capture of the same rows."""
+    import json
+
+    import amid_pipeline.capture.run as run_module
+
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:6])
+    original, calls = run_module._score_and_write, {"n": 0}
+
+    def dies_on_the_second_chunk(batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(batch, *args)
+
+    monkeypatch.setattr(run_module, "_score_and_write", dies_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        sampled(tiny_models, tmp_path, data, rows_per_file=2, layout="padded")
+    monkeypatch.setattr(run_module, "_score_and_write", original)
+    journal = tmp_path / "out" / "progress.w00000-of-00001.jsonl"
+    first, rest = journal.read_text().split("\n", 1)
+    settings = json.loads(first)
+    del settings["settings"]["layout"]
+    journal.write_text(json.dumps(settings) + "\n" + rest)
+    with pytest.raises(run_module.SettingsMismatch, match="layout: 'padded' there, 'compact' now"):
+        sampled(tiny_models, tmp_path, data, rows_per_file=2)
+    resumed = sampled(tiny_models, tmp_path, data, rows_per_file=2, layout="padded")
+    assert resumed.resumed_chunks == 1 and load_manifest(tmp_path / "out").header.layout == "padded"
+    assert verify_directory(tmp_path / "out", deep=True).ok
+    sampled(tiny_models, tmp_path / "compact", data, rows_per_file=2)
+    assert_same_rows(rows_by_id(tmp_path / "out"), rows_by_id(tmp_path / "compact" / "out"))
+
+
 def test_the_chunked_head_path_equals_the_models_own_logits(tiny_models):
     """Scores from the LM head applied a chunk at a time equal those from the model's full logits (the
     fallback for models whose logits are not the head of the hidden states), for both kinds."""
@@ -160,24 +195,32 @@ def test_the_chunked_head_path_equals_the_models_own_logits(tiny_models):
                 np.testing.assert_array_equal(a.sampled_counts, b.sampled_counts)
 
 
-def test_a_plain_parquet_read_inspect_and_the_card_know_the_kind(tiny_models, tmp_path):
+def test_a_plain_parquet_read_inspect_and_the_card_know_the_kind_in_either_layout(tiny_models, tmp_path):
+    """Compact (the default): the draws' counts add up to N over each position's draw_distinct entries and the
+    top-k columns are empty (no exact top); padded: P·N counts in sampled_counts. Both read as the same rows."""
     from typer.testing import CliRunner
 
     from amid_pipeline.cli import app
 
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
     sampled(tiny_models, tmp_path, data, proposal_temperature=2.0)
+    sampled(tiny_models, tmp_path / "padded", data, proposal_temperature=2.0, layout="padded")
     table = pq.read_table(tmp_path / "out" / "data")
-    counts = table.column("sampled_counts").to_pylist()
+    distinct, counts = table.column("draw_distinct").to_pylist(), table.column("draw_counts").to_pylist()
     positions = table.column("positions").to_pylist()
-    assert all(len(c) == DRAWS * len(pos) for c, pos in zip(counts, positions))
-    assert all(sum(c[j : j + DRAWS]) == DRAWS for c in counts for j in range(0, len(c), DRAWS))
+    assert all(len(d) == len(pos) and len(c) == sum(d) for d, c, pos in zip(distinct, counts, positions))
+    assert all(sum(chunk) == DRAWS for d, c in zip(distinct, counts) for chunk in np.split(c, np.cumsum(d)[:-1]))
+    assert all(ids == [] for ids in table.column("topk_ids").to_pylist())
+    padded = pq.read_table(tmp_path / "padded" / "out" / "data").column("sampled_counts").to_pylist()
+    assert all(len(c) == DRAWS * len(pos) for c, pos in zip(padded, positions))
+    assert_same_rows(rows_by_id(tmp_path / "out"), rows_by_id(tmp_path / "padded" / "out"))
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     assert '"target_kind": "sampled"' in result.output and '"proposal_temperature": 2.0' in result.output
-    assert '"distinct_ids_per_position_mean"' in result.output
+    assert '"distinct_ids_per_position_mean"' in result.output and '"layout": "compact"' in result.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"Teacher {DRAWS} sampled log-probabilities" in card and "temperature 2.0" in card
+    assert "`draw_ids`" in card and "`sampled_counts`" in (tmp_path / "padded" / "out" / "README.md").read_text()
 
 
 def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_models, tmp_path):
@@ -187,9 +230,11 @@ def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_mode
     sampled(tiny_models, tmp_path / "s", data, k=DRAWS)
     capture(tiny_models, tmp_path / "t", data, k=DRAWS, value_encoding="float32")
     sampled(tiny_models, tmp_path / "hot", data, proposal_temperature=2.0)
-    sampled(tiny_models, tmp_path / "top", data, draws=DRAWS - 2, exact_top=2)  # the same k
+    sampled(tiny_models, tmp_path / "top", data, draws=DRAWS - 2, exact_top=2, layout="padded")  # the same k
+    sampled(tiny_models, tmp_path / "padded", data, layout="padded")
     for other, reason in (("t", "target_kind differs \\(sampled vs topk\\)"), ("hot", "sampling temperature differs \\(1.0 vs 2.0\\)"),
-                          ("top", "^[^,]*sampling exact_top differs \\(0 vs 2\\)$")):
+                          ("top", "sampling exact_top differs \\(0 vs 2\\)"),
+                          ("padded", "sampling layout differs \\(compact vs padded\\)")):
         with pytest.raises(Exception, match=reason):
             combine_directories([str(tmp_path / "s" / "out"), str(tmp_path / other / "out")], str(tmp_path / "both"))
     subset_directory(str(tmp_path / "s" / "out"), str(tmp_path / "some"), sample_ids=["row-1", "row-3"])

@@ -78,7 +78,7 @@ def test_every_file_carries_the_header(shard_dir):
     for record in manifest.files:
         meta = pq.read_schema(shard_dir / record.name).metadata
         header = json.loads(meta[PARQUET_METADATA_KEY])
-        assert header["format_version"] == manifest.header.format_version == "1.2"
+        assert header["format_version"] == manifest.header.format_version == "1.3"
         assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
 
 
@@ -317,14 +317,20 @@ def test_header_round_trips_keeps_a_newer_minor_versions_keys_and_names_bad_fiel
 
     header = synthetic_header()
     assert Header.from_json(header.to_json(), "x") == header
-    newer = {**header.to_json(), "format_version": "1.3", "tail_mass": {"stored": True}}  # a later 1.x writer's key
+    newer = {**header.to_json(), "format_version": "1.4", "tail_mass": {"stored": True}}  # a later 1.x writer's key
     read = Header.from_json(newer, "m.json")
     assert read.k == 8 and read.extra == {"tail_mass": {"stored": True}} and read.to_json()["tail_mass"] == {"stored": True}
     for bad, message in (({"k": 0}, "m.json: k must be >= 1"), ({"value_encoding": "zip"}, "m.json: unknown value_encoding"),
                          ({"target_kind": "dense"}, "m.json: unknown target_kind 'dense'"),
-                         ({"target_kind": "sampled", "sampling": {"draws": 12}}, "m.json: a sampled header needs sampling.draws"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 12}},
+                          "m.json: a sampled header \\(padded layout\\) needs sampling.draws"),
                          ({"target_kind": "sampled", "sampling": {"draws": 6, "exact_top": 3}},
-                          "m.json: a sampled header needs .* adding up to k \\(8\\), got draws 6 and exact_top 3"),
+                          "m.json: a sampled header .* adding up to k \\(8\\), got draws 6 and exact_top 3"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 6, "exact_top": 3, "layout": "compact"}},
+                          "m.json: a sampled header \\(compact layout\\) needs .* exact_top equal to k \\(8\\)"),
+                         ({"target_kind": "sampled", "k": 0, "sampling": {"draws": 6}}, "m.json: k must be >= 1"),
+                         ({"target_kind": "sampled", "sampling": {"draws": 8, "layout": "sparse"}},
+                          "m.json: unknown sampling layout 'sparse'"),
                          ({"format": "other"}, "m.json: not an amid-pipeline shard header"),
                          ({"format_version": "2.0"}, "m.json")):
         with pytest.raises(FormatError, match=message):

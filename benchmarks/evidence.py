@@ -3,7 +3,7 @@
     python benchmarks/recipe.py            # first: expert teacher, its shards (train, held-out), healed student
     python benchmarks/evidence.py [--work runs] [--student runs/heal-importance/model] [--seeds 0 1 2] \\
         [--steps 30] [--lrs 3e-5 1e-4] [--rouge-prompts 32] [--max-new-tokens 192] [--generate-batch 32] [--jobs 2] \\
-        [--arms NAME ...] [--targets top-64 top-20 sampled-24 online] [--dtype bfloat16]
+        [--arms NAME ...] [--targets top-64 top-20 sampled-24 sampled-4+8 online] [--dtype bfloat16]
 
 Protocol (every arm identical except the objective): the expert teacher's top-64 shards of the shipped
 training split, the healed student, ``--steps`` optimiser steps of 8 sequences, the same data order per
@@ -21,7 +21,9 @@ results.json and curves.png (held-out curves on the first 32 held-out pairs, eve
 Runs are kept, so a rerun only does what is missing.
 
 ``--targets`` trains every arm on each kind of teacher target (:data:`TARGETS`): the top-64 shards, the
-top-20 shards (about the bytes of sampled-24), the sampled shards (24 draws, support ``sampled``), or
+top-20 shards (about the bytes of sampled-24 padded), the sampled shards (24 draws, support ``sampled``), the
+sampled shards with an exact top (the teacher's top 4, then 8 draws from the rest: less gradient variance than
+24 draws at fewer bytes, ``benchmarks/exact_top_split.py``), or
 ``online`` — the teacher's full-vocabulary distribution computed during training (``distill
 --online-teacher``, the reference), on the top-64 shards' rows. Every kind holds the same rows and the same
 train/dev split; all are evaluated against the same held-out top-64 shards.
@@ -74,6 +76,7 @@ TARGETS = {  # teacher targets: shard directory under WORK (its rows and stored 
     "top-64": {"shards": "jargon-smollm2-k64"},
     "top-20": {"shards": "jargon-smollm2-k20"},
     "sampled-24": {"shards": "jargon-smollm2-sampled24"},
+    "sampled-4+8": {"shards": "jargon-smollm2-sampled4+8"},  # the teacher's top 4 exactly, 8 draws from the rest
     "online": {"shards": "jargon-smollm2-k64", "online_teacher": "sft-teacher-jargon/model"},
 }
 METRICS = {"perplexity": "held-out perplexity", "kl_to_teacher": "KL to teacher", "top1_agreement": "top-1 agreement",
@@ -215,7 +218,7 @@ def main() -> None:
     for needed in (args.student, args.heldout, *sources.values(), *online):
         if not Path(needed).exists():
             raise SystemExit(f"{needed} is missing: run `python benchmarks/recipe.py` first (and, for top-20 and "
-                             f"sampled-24, the two cache-teacher commands in docs/benchmarks.md)")
+                             f"the sampled targets, the cache-teacher commands in docs/benchmarks.md)")
     load_manifest(args.heldout)
     args.dev = split_train_dev(str(args.work / TARGETS["top-64"]["shards"]), args.work / "evidence")[1]
     args.train = {target: split_train_dev(shards, args.work / "evidence",  # the same sample ids in every kind's views

@@ -241,7 +241,8 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         target_kind=config.target_kind,
         sampling={"draws": config.draws, "exact_top": config.exact_top, "layout": config.layout,
                   "temperature": config.proposal_temperature, "seed": config.seed,
-                  "from": "full vocabulary" if backend.name == "hf" else f"top-{config.sample_top}"}
+                  "from": "full vocabulary" if backend.name == "hf" or config.sample_top >= backend.vocab_size
+                  else f"top-{config.sample_top}"}  # vLLM asked for every id draws what hf draws
         if config.target_kind == "sampled" else {},
     )
 

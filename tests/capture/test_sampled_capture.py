@@ -327,6 +327,34 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
     assert load_manifest(tmp_path / "top16" / "out").header.sampling["from"] == "top-16"
     with pytest.raises(Exception, match="sampling from differs \\(full vocabulary vs top-16\\)"):
         combine_directories([str(tmp_path / "hf" / "out"), str(tmp_path / "top16" / "out")], str(tmp_path / "both"))
+    assert load_manifest(tmp_path / "vllm" / "out").header.sampling["from"] == "full vocabulary"  # every id asked for
+    combine_directories([str(tmp_path / "hf" / "out"), str(tmp_path / "vllm" / "out")], str(tmp_path / "exact"),
+                        duplicates="keep")  # the same draws: one set of targets
+
+
+def test_vllm_scores_in_calls_that_bound_its_python_logprob_objects(monkeypatch):
+    """The engine returns tokens x k prompt log-probabilities as Python objects (about 105 bytes each): score()
+    hands it consecutive groups of at most LOGPROB_ENTRIES_PER_CALL / k tokens (a longer sequence alone) and
+    returns the scores in the order of the sequences."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from amid_pipeline.capture import backends
+
+    calls = []
+
+    class Engine:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append([len(prompt["prompt_token_ids"]) for prompt in prompts])
+            return [SimpleNamespace(prompt_logprobs=f"flat-{len(prompt['prompt_token_ids'])}") for prompt in prompts]
+
+    backend = object.__new__(backends.VLLMBackend)
+    backend.k, backend.engine, backend.params = 10, Engine(), None
+    monkeypatch.setattr(backend, "_convert", lambda flat, length: (flat, length))
+    monkeypatch.setattr(backends, "LOGPROB_ENTRIES_PER_CALL", 100)  # 10 tokens a call at k = 10
+    lengths = (4, 5, 3, 12, 1, 2)
+    assert backend.score([np.arange(n) for n in lengths]) == [(f"flat-{n}", n) for n in lengths]
+    assert calls == [[4, 5], [3], [12], [1, 2]]
 
 
 def test_two_level_inverse_cdf_draws_what_a_float64_inverse_cdf_draws():

@@ -109,6 +109,24 @@ def test_an_exact_top_is_the_teachers_top_and_the_draws_come_from_the_rest(tiny_
     torch.testing.assert_close(weights[:, :top], log_p[:, :top].exp(), rtol=1e-5, atol=1e-6)
 
 
+def killed_on_chunk(monkeypatch, chunk: int, run) -> None:
+    """``run()``, a capture, interrupted (KeyboardInterrupt) as it scores its ``chunk``-th chunk."""
+    import amid_pipeline.capture.run as run_module
+
+    original, calls = run_module._score_and_write, {"n": 0}
+
+    def dies(batch, *args):
+        calls["n"] += 1
+        if calls["n"] == chunk:
+            raise KeyboardInterrupt
+        return original(batch, *args)
+
+    monkeypatch.setattr(run_module, "_score_and_write", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(run_module, "_score_and_write", original)
+
+
 def test_sampled_rows_are_the_same_after_a_kill_and_with_several_workers(tiny_models, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS + TEXTS[:1])  # row-9 repeats row-0's text
     sampled(tiny_models, tmp_path / "ref", data, rows_per_file=2)
@@ -117,20 +135,7 @@ def test_sampled_rows_are_the_same_after_a_kill_and_with_several_workers(tiny_mo
     for worker in range(3):
         sampled(tiny_models, tmp_path / "workers", data, rows_per_file=2, num_workers=3, worker_index=worker)
     assert_same_rows(rows_by_id(tmp_path / "workers" / "out"), reference)
-    import amid_pipeline.capture.run as run_module
-
-    original, calls = run_module._score_and_write, {"n": 0}
-
-    def dies_on_the_third_chunk(batch, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(batch, *args)
-
-    monkeypatch.setattr(run_module, "_score_and_write", dies_on_the_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        sampled(tiny_models, tmp_path / "run", data, rows_per_file=2)
-    monkeypatch.setattr(run_module, "_score_and_write", original)
+    killed_on_chunk(monkeypatch, 3, lambda: sampled(tiny_models, tmp_path / "run", data, rows_per_file=2))
     resumed = sampled(tiny_models, tmp_path / "run", data, rows_per_file=2, batch_tokens=64)  # other batching too
     assert resumed.resumed_chunks == 2
     assert_same_rows(rows_by_id(tmp_path / "run" / "out"), reference)
@@ -146,27 +151,16 @@ def test_a_capture_begun_in_the_padded_layout_resumes_in_it_only(tiny_models, tm
     its rows equal those of a compact capture of the same rows."""
     import json
 
-    import amid_pipeline.capture.run as run_module
+    from amid_pipeline.capture.run import SettingsMismatch
 
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:6])
-    original, calls = run_module._score_and_write, {"n": 0}
-
-    def dies_on_the_second_chunk(batch, *args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(batch, *args)
-
-    monkeypatch.setattr(run_module, "_score_and_write", dies_on_the_second_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        sampled(tiny_models, tmp_path, data, rows_per_file=2, layout="padded")
-    monkeypatch.setattr(run_module, "_score_and_write", original)
+    killed_on_chunk(monkeypatch, 2, lambda: sampled(tiny_models, tmp_path, data, rows_per_file=2, layout="padded"))
     journal = tmp_path / "out" / "progress.w00000-of-00001.jsonl"
     first, rest = journal.read_text().split("\n", 1)
     settings = json.loads(first)
     del settings["settings"]["layout"]
     journal.write_text(json.dumps(settings) + "\n" + rest)
-    with pytest.raises(run_module.SettingsMismatch, match="layout: 'padded' there, 'compact' now"):
+    with pytest.raises(SettingsMismatch, match="layout: 'padded' there, 'compact' now"):
         sampled(tiny_models, tmp_path, data, rows_per_file=2)
     resumed = sampled(tiny_models, tmp_path, data, rows_per_file=2, layout="padded")
     assert resumed.resumed_chunks == 1 and load_manifest(tmp_path / "out").header.layout == "padded"

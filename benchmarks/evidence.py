@@ -169,6 +169,17 @@ def heldout_of_student(args) -> dict:
     return measured(out, f"{tag}-{args.key}", lambda: heldout_metrics(Path(args.student), args))
 
 
+def start_worker(threads: int) -> None:
+    """A pool worker: ``threads`` torch threads and, on Linux, a SIGTERM when this script dies (prctl
+    PR_SET_PDEATHSIG), so that killing the script does not leave its runs training on in the background."""
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def in_parallel(calls: list[tuple], jobs: int) -> list:
     """``[function(*arguments) for function, *arguments in calls]``, over ``jobs`` processes of
     cpu_count / jobs torch threads each; a TrainingError (e.g. a non-finite loss) is returned, not raised,
@@ -184,7 +195,7 @@ def in_parallel(calls: list[tuple], jobs: int) -> list:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
                              initargs=(max(1, (os.cpu_count() or 1) // jobs),)) as pool:
         futures = [pool.submit(*call) for call in calls]
         return [future.exception() if isinstance(future.exception(), TrainingError) else future.result()

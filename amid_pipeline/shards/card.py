@@ -78,7 +78,7 @@ rank of the actual next token.
 |---|---|
 | rows | {stats['rows']:,} |
 | stored positions | {stats['stored_positions']:,} (supervised {stats['supervised_positions']:,}) |
-| bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per top-k entry) |
+| bytes | {stats['bytes']:,} ({stats['bytes_per_position']} per position, {stats['bytes_per_entry']} per {'slot (exact top and draws)' if sampled else 'top-k entry'}) |
 | teacher mass on {stored} | {mass} |
 | actual next token outside {stored.replace("stored ", "")} | {stats['target_outside_topk']:.2%} |
 

@@ -215,6 +215,7 @@ def test_a_plain_parquet_read_inspect_and_the_card_know_the_kind_in_either_layou
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"Teacher {DRAWS} sampled log-probabilities" in card and "temperature 2.0" in card
     assert "`draw_ids`" in card and "`sampled_counts`" in (tmp_path / "padded" / "out" / "README.md").read_text()
+    assert "per slot (exact top and draws)" in card and "per top-k entry" not in card
 
 
 def test_mixing_kinds_is_refused_by_name_and_a_subset_keeps_the_counts(tiny_models, tmp_path):

@@ -25,6 +25,7 @@ from amid_pipeline.shards.schema import (
     PARQUET_METADATA_KEY,
     SAMPLED_COLUMNS,
     FormatError,
+    PositionError,
     TeacherRow,
     check_version,
     decode_target_logprobs,
@@ -103,22 +104,29 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws:
         flat[name] = array.values.to_numpy(zero_copy_only=False)
     target_logprob = decode_target_logprobs(flat["target_logprob"], encoding)
     count = len(flat["target_logprob"])  # stored positions in the table
+    ids = table.column("sample_id").to_pylist()
+    tokens, pos = offsets["input_ids"], offsets["positions"]
+
+    def named(error: PositionError) -> ValueError:
+        """``error`` naming the sample that holds the table's stored position, and the position within it."""
+        i = int(np.searchsorted(pos, error.position, side="right")) - 1
+        return ValueError(f"sample {ids[i]!r}: {error.field} at stored position {error.position - pos[i]} {error.problem}")
+
     slot_ids = flat["topk_ids"].reshape(count, k)
     if compact:
-        slot_ids, slot_logprobs, slot_counts = expand_compact(
-            slot_ids, flat["topk_logprobs"].reshape(count, k), flat["draw_distinct"], flat["draw_ids"],
-            flat["draw_logprobs"], flat["draw_counts"], draws, encoding)
+        try:
+            slot_ids, slot_logprobs, slot_counts = expand_compact(
+                slot_ids, flat["topk_logprobs"].reshape(count, k), flat["draw_distinct"], flat["draw_ids"],
+                flat["draw_logprobs"], flat["draw_counts"], draws, encoding)
+        except PositionError as error:
+            raise named(error) from error
     else:
         slot_logprobs = decode_topk_logprobs(flat["topk_logprobs"], k, encoding).reshape(count, k)
         slot_counts = flat["sampled_counts"].reshape(count, k) if sampled else None
-    ids = table.column("sample_id").to_pylist()
-    tokens, pos = offsets["input_ids"], offsets["positions"]
     impossible = first_impossible_value(slot_logprobs.reshape(-1), slot_logprobs.shape[1], target_logprob, encoding)
     if impossible:
         column, position = impossible
-        i = int(np.searchsorted(pos, position, side="right")) - 1
-        raise ValueError(f"sample {ids[i]!r}: {column} at stored position {position - pos[i]} is not a "
-                         f"log-probability (NaN, positive, or a top-1 of -inf)")
+        raise named(PositionError(column, position, "is not a log-probability (NaN, positive, or a top-1 of -inf)"))
     for i, sample_id in enumerate(ids):
         a, b = pos[i], pos[i + 1]
         yield TeacherRow(

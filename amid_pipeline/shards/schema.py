@@ -94,6 +94,15 @@ class FormatError(ValueError):
     """A shard, manifest or header that this reader cannot accept; the message names what and why."""
 
 
+class PositionError(ValueError):
+    """A ``field`` that cannot be what it is (``problem``) at ``position`` of a table's stored positions (its row
+    group); the reader names the sample and the position within it."""
+
+    def __init__(self, field: str, position: int, problem: str) -> None:
+        super().__init__(f"{field} at stored position {position} {problem}")
+        self.field, self.position, self.problem = field, position, problem
+
+
 def value_type(encoding: str) -> pa.DataType:
     """Arrow element type that stores log-probabilities under ``encoding``."""
     if encoding not in VALUE_ENCODINGS:
@@ -219,8 +228,7 @@ def expand_compact(top_ids: np.ndarray, top_logprobs: np.ndarray, distinct: np.n
     distinct = distinct.astype(np.int64)
     if len(distinct) and (distinct.min() < 1 or distinct.max() > draws):
         bad = int(np.argmax((distinct < 1) | (distinct > draws)))
-        raise ValueError(f"draw_distinct at stored position {bad} is {int(distinct[bad])}, outside [1, {draws}] "
-                         f"(the draws per position)")
+        raise PositionError("draw_distinct", bad, f"is {int(distinct[bad])}, outside [1, {draws}] (the draws per position)")
     total = int(distinct.sum())
     for name, values in (("draw_ids", draw_ids), ("draw_logprobs", draw_logprobs), ("draw_counts", draw_counts)):
         if len(values) != total:

@@ -154,10 +154,10 @@ def test_a_compact_file_whose_draw_columns_disagree_is_refused_by_name(tmp_path)
         row[row.index(min(row))] += 1
 
     def none(distinct):
-        distinct[0][0] = 0
+        distinct[1][2] = 0
 
     for change, message in ((one_more, r"draw_ids holds \d+ values but draw_distinct adds up to \d+"),
-                            (none, r"draw_distinct at stored position 0 is 0, outside \[1, 6\]")):
+                            (none, r"sample 's3-1': draw_distinct at stored position 2 is 0, outside \[1, 6\]")):
         directory = write_shards(tmp_path / change.__name__, sampled_rows(5, 0, 6, seed=3),
                                  sampled_header(0, 6, "compact"), rows_per_file=10)
         name = rewrite_draw_distinct(directory, change)

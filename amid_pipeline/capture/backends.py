@@ -326,17 +326,20 @@ class VLLMBackend:
     def score(self, sequences: list[np.ndarray], *, sampling: Sampling | None = None,
               seeds: list[int] | None = None) -> list[Scores]:
         """Top-k scores of each sequence; with ``sampling``, draws from the engine's top-k (k = the engine's
-        ``max_logprobs``, e.g. 256) renormalised: see :func:`draws_from_top_k`."""
+        ``max_logprobs``, e.g. 256) renormalised: see :func:`draws_from_top_k`. The engine gets consecutive groups
+        of at most LOGPROB_ENTRIES_PER_CALL / k tokens, and each group's [P, k] scores are reduced to its draws
+        before the next, so that memory stays bounded at any ``--sample-top``."""
         from vllm.inputs import TokensPrompt
 
-        scores = []
+        scores, done = [], 0
         for group in calls_within(sequences, max(1, LOGPROB_ENTRIES_PER_CALL // self.k)):
             prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in seq]) for seq in group]
             outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
-            scores += [self._convert(output.prompt_logprobs, len(seq)) for output, seq in zip(outputs, group)]
-        if sampling is None:
-            return scores
-        return [draws_from_top_k(score, sampling, seed) for score, seed in zip(scores, seeds)]
+            for output, seq in zip(outputs, group):
+                score = self._convert(output.prompt_logprobs, len(seq))
+                scores.append(score if sampling is None else draws_from_top_k(score, sampling, seeds[done]))
+                done += 1
+        return scores
 
     def generate(self, prompts: list[np.ndarray], config, *, seeds: list[int],
                  stop_ids: list[int]) -> list[list[np.ndarray]]:

@@ -330,7 +330,7 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
 def test_vllm_scores_in_calls_that_bound_its_python_logprob_objects(monkeypatch):
     """The engine returns tokens x k prompt log-probabilities as Python objects (about 105 bytes each): score()
     hands it consecutive groups of at most LOGPROB_ENTRIES_PER_CALL / k tokens (a longer sequence alone) and
-    returns the scores in the order of the sequences."""
+    returns the scores in the order of the sequences; with sampling, each sequence drawn with its own seed."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
@@ -350,6 +350,9 @@ def test_vllm_scores_in_calls_that_bound_its_python_logprob_objects(monkeypatch)
     lengths = (4, 5, 3, 12, 1, 2)
     assert backend.score([np.arange(n) for n in lengths]) == [(f"flat-{n}", n) for n in lengths]
     assert calls == [[4, 5], [3], [12], [1, 2]]
+    monkeypatch.setattr(backends, "draws_from_top_k", lambda score, sampling, seed: (score, seed))  # each its own seed
+    drawn = backend.score([np.arange(n) for n in lengths], sampling=Sampling(4), seeds=[10 + i for i in range(6)])
+    assert drawn == [((f"flat-{n}", n), 10 + i) for i, n in enumerate(lengths)]
 
 
 def test_two_level_inverse_cdf_draws_what_a_float64_inverse_cdf_draws():

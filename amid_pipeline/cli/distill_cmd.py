@@ -27,6 +27,9 @@ def run(config: DistillConfig) -> None:
             ("wall time (s)", round(summary.seconds, 1)), ("final train loss", round(summary.final_loss, 5)),
             ("held-out split", summary.heldout), ("logits", "sparse head" if summary.sparse_head else "full vocabulary")]
     rows += [(f"eval {key}", round(value, 5)) for key, value in summary.eval.items()]
+    if summary.best is not None:
+        rows += [("model", f"step {summary.best.step}: best {summary.best.metric} {summary.best.value:.5g} (best.json)"),
+                 ("stopped at a plateau", "yes" if summary.best.stopped else "no")]
     rows += [("skipped bad file", bad) for bad in summary.bad_files]
     echo_table(rows)
 

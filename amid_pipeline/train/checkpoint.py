@@ -80,3 +80,17 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer_state.pt", weights_only=False)
+
+
+def save_model(model, tokenizer, final: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` (of ``state_dict`` when given: gathered full weights under FSDP) into a
+    temporary folder beside ``final``, then swapped in: a kill leaves the old or the new model."""
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

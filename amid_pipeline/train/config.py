@@ -10,6 +10,11 @@ from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
 from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_NAMES, SUPPORT_MODES
 
+# Held-out metrics that distill can keep its best model by (train/metrics.py's names), and their direction.
+HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "ce": False, "perplexity": False, "ece": False,
+                    "top1_agreement": True, "support_mass": True}
+BEST_METRIC_CHOICES = ("last", *HIGHER_IS_BETTER)
+
 
 @dataclasses.dataclass
 class OptimizationSettings:
@@ -28,6 +33,7 @@ class OptimizationSettings:
     seed: int = setting(0, "Seed for data order, shuffling and sampling.")
     eval_every: int = setting(50, "Evaluate on the held-out (distill) or dev (sft) rows every N optimiser steps (and at the end; distill also before the first step; 0 = only at the end).", minimum=0)
     save_every: int = setting(50, "Checkpoint every N optimiser steps (and at the end; 0 = only at the end).", minimum=0)
+    patience: int = setting(0, "Stop after this many evaluations without a new best (a plateau: sft's dev loss, distill's --best-metric); 0 = run every step.", minimum=0)
     keep_checkpoints: int = setting(2, "Checkpoints kept on disk (oldest deleted first).", minimum=1)
     resume: bool = setting(False, "Continue from the latest checkpoint in --output.")
     dtype: str = setting("auto", "Compute dtype: auto = bf16 autocast on GPU, fp32 on CPU (bfloat16 on a CPU without AMX or AVX512-BF16 is emulated, about 20x slower: warned).", choices=("auto", "float32", "bfloat16"))
@@ -71,6 +77,7 @@ class DistillConfig(OptimizationSettings):
     eval_shards: list = setting([], "Shard directories evaluated instead of a held-out fraction of --shards (all their rows).")
     heldout_fraction: float = setting(0.05, "Fraction of sample ids held out for evaluation (stable hash of the id).", minimum=0.0, maximum=0.5)
     eval_batches: int = setting(16, "Held-out batches per evaluation.", minimum=1)
+    best_metric: str = setting("last", "What RUN_DIR/model holds: last (the weights after the last step) or the evaluated weights (step 0 included) with the best value of this held-out metric (kd, kl_to_teacher, ce and perplexity of the reference tokens, and ece: lowest; top1_agreement and support_mass: highest), as HF Trainer's load_best_model_at_end; RUN_DIR/best.json says which step and why. The choice is made on the evaluation rows: make them a dev split (the held-out fraction, or --eval-shards of dev rows), not the rows you report.", choices=BEST_METRIC_CHOICES)
     parallel: str = setting("ddp", "Several processes (torchrun): ddp (a full student per process) or fsdp (student sharded across processes).", choices=("ddp", "fsdp"))
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")
@@ -89,6 +96,8 @@ class DistillConfig(OptimizationSettings):
         if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):
             errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
                           "than 'sampled' (they hold every id; no draws)")
+        if self.patience and self.best_metric == "last":
+            errors.append("patience: stopping at a plateau needs a --best-metric to watch (e.g. kl_to_teacher); it is 'last'")
         if self.support in ("teacher_renormalized", "sampled") and not errors:
             reason = infinite_under_zero_teacher_mass(*resolve_loss(self.loss, self.loss_params))
             if reason:
@@ -107,4 +116,3 @@ class SFTConfig(OptimizationSettings, DatasetSettings):
     dev_dataset: Optional[str] = setting(None, "Dev data (same format) for choosing the checkpoint and stopping at a plateau (default: a held-out fraction of --dataset).")
     dev_fraction: float = setting(0.1, "Fraction of --dataset's sample ids held out as the dev split when --dev-dataset is not given (stable hash of the id).", minimum=0.0, maximum=0.5)
     epochs: int = setting(3, "Passes over the training rows.", minimum=1)
-    patience: int = setting(0, "Stop after this many dev evaluations without a new best (a plateau); 0 = run every step.", minimum=0)

@@ -6,8 +6,10 @@
 
 (1) processes and devices, (2) shards, student, objective and the pre-flight checks, (3) parallel
 wrapping, optimiser, schedule and resume, (4) the step loop: micro-batches -> student hidden states at
-the stored positions -> KD loss (sparse head when allowed) -> clip -> step -> log / evaluate / checkpoint,
-(5) the final model, saved with ``save_pretrained`` beside its tokenizer.
+the stored positions -> KD loss (sparse head when allowed) -> clip -> step -> log / evaluate (with
+``--best-metric``: keep the best evaluated model in RUN_DIR/model, stop after ``--patience`` evaluations
+without a new best) / checkpoint, (5) the final model (the last, or the best one kept), saved with
+``save_pretrained`` beside its tokenizer.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
-from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint,
+from amid_pipeline.train.best import BestModel
+from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
                                             set_rng_state, staging_folder)
 from amid_pipeline.train.checks import (TrainingError, check_eval_shard_dirs, check_online_teacher, check_resumed_objective,
                                         check_shard_dirs, check_student, objective_and_data_notes, packed_attention_mode)
@@ -49,6 +52,7 @@ class RunSummary:
     heldout: str
     bad_files: list[str]
     sparse_head: bool
+    best: BestModel | None  # with --best-metric: the step RUN_DIR/model holds, and whether a plateau stopped the run
 
 
 def distill(config: DistillConfig) -> RunSummary:
@@ -129,6 +133,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s, total_steps))
     step, epoch, consumed, tokens = 0, 0, 0, 0
+    best = BestModel(config.best_metric, config.patience) if config.best_metric != "last" else None
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         if sharded_resume:
@@ -139,6 +144,8 @@ def _distill(config: DistillConfig) -> RunSummary:
         if loss_fn.schedule is not None:
             loss_fn.schedule.load_state_dict(state["loss_schedule"])
         step, epoch, consumed, tokens = state["step"], state["epoch"], state["consumed"], state["tokens"]
+        if best is not None:
+            best.load_state_dict(state.get("best"))
         set_rng_state(state["rng"])
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
@@ -173,8 +180,22 @@ def _distill(config: DistillConfig) -> RunSummary:
                 "optimizer": None if fsdp else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "consumed": consumed, "tokens": tokens,
                 "loss_schedule": loss_fn.schedule.state_dict() if loss_fn.schedule else None,
+                "best": best.state_dict() if best else None,
             }, config.keep_checkpoints, sharded=fsdp)
         processes.barrier()
+
+    def evaluate_heldout() -> dict[str, float]:
+        """Held-out metrics at this step, logged; with --best-metric the model is kept when it is the best."""
+        model.eval()
+        metrics = evaluate(wrapped, heldout_batches(), device, autocast)
+        if metrics_file:
+            metrics_file.write({"step": step, "eval": metrics})
+        if best is not None and best.update(step, metrics):
+            weights = full_weights(module, fsdp)  # collective under FSDP
+            if processes.main:
+                save_model(model, tokenizer, output / "model", weights)
+            processes.barrier()
+        return metrics
 
     # --- 4. the step loop ---------------------------------------------------------------------------
     data, batches = train_batches(epoch, consumed)
@@ -185,11 +206,8 @@ def _distill(config: DistillConfig) -> RunSummary:
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
     try:
         if step == 0 and config.eval_every:  # the curves start from the student as it came
-            model.eval()
-            start_eval = evaluate(wrapped, heldout_batches(), device, autocast)
-            if metrics_file:
-                metrics_file.write({"step": 0, "eval": start_eval})
-        while step < total_steps:
+            evaluate_heldout()
+        while step < total_steps and not (best and best.stopped):
             model.train()
             optimizer.zero_grad(set_to_none=True)
             step_loss = step_kd = 0.0
@@ -229,23 +247,22 @@ def _distill(config: DistillConfig) -> RunSummary:
                                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
                                     "tokens_per_s": speed})
             if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
-                model.eval()
-                last_eval = evaluate(wrapped, heldout_batches(), device, autocast)
-                if metrics_file:
-                    metrics_file.write({"step": step, "eval": last_eval})
-            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                last_eval = evaluate_heldout()
+            if (config.save_every and step % config.save_every == 0) or step == total_steps or (best and best.stopped):
                 checkpoint()
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
 
-    # --- 5. the final model ---------------------------------------------------------------------------
-    weights = full_weights(module, fsdp)  # collective under FSDP
-    if processes.main:
-        model.save_pretrained(output / "model", state_dict=weights)
-        tokenizer.save_pretrained(output / "model")
+    # --- 5. the final model: the last one, or the best one already kept in RUN_DIR/model ------------------
+    if best is None:
+        weights = full_weights(module, fsdp)  # collective under FSDP
+        if processes.main:
+            save_model(model, tokenizer, output / "model", weights)
+    elif processes.main:
+        best.write(output / "best.json", step, heldout)
     processes.barrier()
     return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
                       final_loss=last_loss, eval=last_eval, heldout=heldout,
-                      bad_files=data.bad_files, sparse_head=sparse)
+                      bad_files=data.bad_files, sparse_head=sparse, best=best)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 from amid_pipeline.capture.examples import Example, dataset_examples
 from amid_pipeline.config import save_config
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
-from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_model, set_rng_state
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.metrics import MetricsLog, trim_metrics
@@ -113,19 +112,6 @@ def dev_loss(model: nn.Module, examples: list[Example], batch_size: int, device,
         total, count = total + float(loss), count + n
     ce = total / max(count, 1)
     return {"ce": ce, "perplexity": math.exp(min(ce, 50.0)), "positions": count}
-
-
-def save_model(model: nn.Module, tokenizer, final: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then swapped in: a kill leaves the old or the new model."""
-    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def sft(config: SFTConfig) -> SFTSummary:

@@ -1,0 +1,70 @@
+"""The best evaluated model and the plateau: which step ``RUN_DIR/model`` holds, and when to stop.
+
+After every evaluation :meth:`BestModel.update` compares the chosen metric with the best value so far
+(lower or higher is better by :data:`~amid_pipeline.train.config.HIGHER_IS_BETTER`); a strictly better
+value makes that step the best and resets the count of evaluations without one, which ``patience``
+bounds (HF Trainer's ``load_best_model_at_end`` with early-stopping patience). Its state travels in
+every checkpoint, so a resumed run compares against the same best and stops at the same step;
+``RUN_DIR/best.json`` states the choice for the reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from amid_pipeline.shards.storage import write_json_atomic
+from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.config import HIGHER_IS_BETTER
+
+
+@dataclasses.dataclass
+class BestModel:
+    metric: str
+    patience: int = 0
+    step: int | None = None  # the best evaluated step so far
+    value: float | None = None
+    evaluations: int = 0
+    bad_evaluations: int = 0  # evaluations since the best one
+    stopped: bool = False  # the plateau was reached: the run is over
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Record the evaluation at ``step``; True when it is the new best (its weights should be kept).
+        A non-finite value is never the best."""
+        value = float(metrics[self.metric])
+        self.evaluations += 1
+        sign = -1.0 if HIGHER_IS_BETTER[self.metric] else 1.0
+        better = math.isfinite(value) and (self.value is None or sign * value < sign * self.value)
+        if better:
+            self.step, self.value, self.bad_evaluations = step, value, 0
+        else:
+            self.bad_evaluations += 1
+        self.stopped = bool(self.patience) and self.bad_evaluations >= self.patience
+        return better
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """The state of a checkpoint (None: one written without best-model tracking: nothing to restore).
+        Patience is this run's setting; the metric must be the one the best so far was chosen by."""
+        if state is None:
+            return
+        if state["metric"] != self.metric:
+            raise TrainingError(f"resume: this run kept its best model by {state['metric']}, not --best-metric "
+                                f"{self.metric}; resume with --best-metric {state['metric']} or start another --output")
+        for key, value in state.items():
+            if key != "patience":
+                setattr(self, key, value)
+
+    def write(self, path: Path, last_step: int, rows: str) -> None:
+        """``best.json``: the chosen step, its value, and why the run ended where it did."""
+        direction = "highest" if HIGHER_IS_BETTER[self.metric] else "lowest"
+        ended = (f"stopped at step {last_step}: {self.bad_evaluations} evaluations without a new best (patience "
+                 f"{self.patience})" if self.stopped else f"ran to its last step, {last_step}")
+        write_json_atomic(path, {
+            "metric": self.metric, "step": self.step, "value": self.value, "evaluations": self.evaluations,
+            "stopped_early": self.stopped, "last_step": last_step,
+            "why": f"{direction} {self.metric} on {rows} over {self.evaluations} evaluations; {ended}"})

@@ -103,3 +103,19 @@ def assert_same_rows(found: dict, expected: dict) -> None:
     for sample_id, row in expected.items():
         for name in ROW_ARRAYS:
             np.testing.assert_array_equal(getattr(found[sample_id], name), getattr(row, name), err_msg=f"{sample_id} {name}")
+
+
+def stop_distill_at_step(monkeypatch, step: int):
+    """Make distill raise KeyboardInterrupt as optimiser step ``step`` ends (a kill between checkpoints);
+    call the returned function to let later runs go through."""
+    from amid_pipeline.losses import KDLoss
+
+    original = KDLoss.end_step
+
+    def killed(self, finished, total, kd_value):
+        if finished == step:
+            raise KeyboardInterrupt
+        return original(self, finished, total, kd_value)
+
+    monkeypatch.setattr(KDLoss, "end_step", killed)
+    return lambda: monkeypatch.setattr(KDLoss, "end_step", original)

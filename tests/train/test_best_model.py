@@ -10,6 +10,7 @@ import pytest
 from amid_pipeline.train.best import BestModel
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.loop import distill
+from tests.helpers import stop_distill_at_step
 from tests.train.test_distill import make_config, weights
 
 # lr high enough that the held-out curve turns up again within a few steps: the best is not the last step
@@ -61,19 +62,10 @@ def test_a_plateau_stops_the_run_and_a_resume_does_nothing_more(tiny_shards, tin
 def test_killed_run_resumes_to_the_same_best_model(tiny_shards, tiny_models, tmp_path, monkeypatch):
     settings = {**SETTINGS, "save_every": 3, "best_metric": "kl_to_teacher", "patience": 3}
     reference = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "ref", **settings))
-    from amid_pipeline.losses import KDLoss
-
-    original = KDLoss.end_step
-
-    def killed_during_step_seven(self, step, total, kd_value):
-        if step == 7:  # after the checkpoint at step 6
-            raise KeyboardInterrupt
-        return original(self, step, total, kd_value)
-
-    monkeypatch.setattr(KDLoss, "end_step", killed_during_step_seven)
+    release = stop_distill_at_step(monkeypatch, 7)  # after the checkpoint at step 6
     with pytest.raises(KeyboardInterrupt):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
-    monkeypatch.setattr(KDLoss, "end_step", original)
+    release()
     resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", resume=True, **settings))
     assert (resumed.steps, resumed.best.step, resumed.best.stopped) == (reference.steps, reference.best.step,
                                                                          reference.best.stopped)

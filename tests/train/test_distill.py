@@ -15,7 +15,7 @@ from amid_pipeline.config import load_config
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.loop import distill
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop_distill_at_step
 
 
 def make_config(shards, student, output, **overrides):
@@ -90,19 +90,10 @@ def test_position_id_packing_is_used_only_where_the_student_supports_it(tiny_sha
 @pytest.mark.parametrize("settings", [{"loss": "taid", "grad_accum": 2}, {"loss": "amid", "packing": True, "max_length": 200}])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tiny_shards, tiny_models, tmp_path, monkeypatch, settings):
     reference = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "ref", **settings))
-    from amid_pipeline.losses import KDLoss
-
-    original = KDLoss.end_step
-
-    def killed_during_step_five(self, step, total, kd_value):
-        if step == 5:  # after the checkpoint at step 3
-            raise KeyboardInterrupt
-        return original(self, step, total, kd_value)
-
-    monkeypatch.setattr(KDLoss, "end_step", killed_during_step_five)
+    release = stop_distill_at_step(monkeypatch, 5)  # after the checkpoint at step 3
     with pytest.raises(KeyboardInterrupt):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
-    monkeypatch.setattr(KDLoss, "end_step", original)
+    release()
     with pytest.raises(TrainingError, match="use --resume"):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
     resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", resume=True, **settings))

@@ -8,6 +8,8 @@ trained to its dev plateau, scored where the optimum is known.
     python benchmarks/ladder.py probe                       # 20 steps of the slowest arms, timed
 
 Options: --work runs/ladder, --jobs 2 (runs at once, cpu_count / jobs threads each), --lrs 3e-4 1e-3 3e-3.
+``final --lr X`` trains the arms at X instead of their dev choice (recorded as fixed); ``--smoke`` checks the
+script end to end on 60 rows.
 
 Protocol (docs/benchmarks.md, "The known-optimum ladder", written before the runs):
 

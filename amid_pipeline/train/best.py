@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from amid_pipeline.shards.storage import write_json_atomic
-from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.config import HIGHER_IS_BETTER
 
 
@@ -48,16 +47,11 @@ class BestModel:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """The state of a checkpoint (None: one written without best-model tracking: nothing to restore).
-        Patience is this run's setting; the metric must be the one the best so far was chosen by."""
-        if state is None:
-            return
-        if state["metric"] != self.metric:
-            raise TrainingError(f"resume: this run kept its best model by {state['metric']}, not --best-metric "
-                                f"{self.metric}; resume with --best-metric {state['metric']} or start another --output")
-        for key, value in state.items():
-            if key != "patience":
-                setattr(self, key, value)
+        """The state of a checkpoint (None: one written without best-model tracking: nothing to restore). The
+        metric and patience are the run's own: a resume under others is refused by its run record
+        (:func:`amid_pipeline.train.checks.check_resumed_run`)."""
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
 
     def write(self, path: Path, last_step: int, rows: str) -> None:
         """``best.json``: the chosen step, its value, and why the run ended where it did."""

@@ -12,7 +12,9 @@ as the latest.
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+
 from amid_pipeline.shards.storage import fsync_dir, write_json_atomic
+from amid_pipeline.train.checks import TrainingError
 
 LATEST = "latest.json"
+CHECKPOINT_NAME = re.compile(r"step-\d{6}")
+NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # a pickled np.random.get_state()
 SHARDED = "distributed"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 
 
@@ -71,15 +81,32 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[st
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names, or None; a pointer to anything but a ``step-NNNNNN`` folder of
+    ``directory`` itself (an edited or crafted run folder) is refused."""
     pointer = directory / LATEST
     if not pointer.exists():
         return None
-    path = directory / json.loads(pointer.read_text())["path"]
-    return path if (path / "trainer_state.pt").exists() else None
+    try:
+        name = json.loads(pointer.read_text())["path"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{pointer}: not a checkpoint pointer ({exc}); restore it or start another --output") from exc
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise TrainingError(f"{pointer}: points at {name!r}, not a step-NNNNNN checkpoint inside {directory}; refused")
+    path = directory / name
+    return path if (path / "trainer_state.pt").exists() and not path.is_symlink() else None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    """The trainer state of checkpoint ``path``, unpickled with ``weights_only``: tensors, containers, numbers,
+    strings and numpy's RNG state only, so a crafted file cannot run code; anything else is refused."""
+    file = path / "trainer_state.pt"
+    torch.serialization.add_safe_globals(NUMPY_RNG_GLOBALS)
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("WeightsUnpickler error: ")[-1].split(".")[0]
+        raise TrainingError(f"{file}: refused, it holds more than a trainer state ({reason}); "
+                            f"a run folder from elsewhere may not run code: start another --output") from exc
 
 
 def save_model(model, tokenizer, final: Path, state_dict: dict[str, Any] | None = None) -> None:

@@ -3,11 +3,12 @@ notes printed at start-up about differences that are accepted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from amid_pipeline.chat import template_sha256
-from amid_pipeline.models import tokenizer_fingerprint
+from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.manifest import Header, load_manifest, teacher_differences
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import ShardFile, duplicate_ids
@@ -104,6 +105,56 @@ def check_resumed_objective(recorded: Path, objective: dict) -> None:
     if before != objective:
         raise TrainingError(f"{recorded} records another objective than this --resume asks for "
                             f"({before} vs {objective}): resume with the same loss settings")
+
+
+# Settings a resumed run may change (how long it runs, how it is watched, kept, parallelised and fed; a new max_steps or
+# epochs stretches the lr schedule over the new total from the resumed step on), and the settings that name
+# inputs: those are compared by the fingerprint of what they name, so a folder given by another path, or
+# moved, is the same input, and a folder whose content changed at the same path is not.
+RESUME_FREE_SETTINGS = ("resume", "max_steps", "epochs", "eval_every", "progress", "report_to", "log_every",
+                        "save_every", "keep_checkpoints", "parallel", "num_data_workers", "skip_bad_files")
+INPUT_SETTINGS = ("output", "shards", "eval_shards", "student", "online_teacher", "model", "dataset", "dev_dataset")
+RUN_RECORD = "run.json"
+
+
+def run_record(config, inputs: dict) -> dict:
+    """What a ``--resume`` must find unchanged in RUN_DIR/run.json: ``settings``, every setting of
+    ``config`` but the resume-free ones and the input paths; ``inputs``, the fingerprints of the inputs
+    (shard manifests, model weights, tokenised datasets) by setting name."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RESUME_FREE_SETTINGS, *INPUT_SETTINGS)}
+    return json.loads(json.dumps({"settings": settings, "inputs": inputs}))
+
+
+def check_resumed_run(output: Path, record: dict) -> None:
+    """Refuse, naming every difference, to resume a run whose RUN_DIR/run.json records other settings or
+    inputs than ``record`` (a run folder without one predates the record: nothing to compare)."""
+    path = output / RUN_RECORD
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+        sections = {section: dict(before[section]) for section in ("settings", "inputs")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{path}: not a run record ({exc}); resume needs it unchanged, or start another --output") from exc
+
+    def shown(section: str, value) -> str:
+        return f"{str(value)[:12]}…" if section == "inputs" and isinstance(value, str) else repr(value)
+
+    differing = [f"{key}: {shown(section, sections[section].get(key))} there, {shown(section, record[section].get(key))} now"
+                 for section in ("settings", "inputs")
+                 for key in sorted(set(sections[section]) | set(record[section]))
+                 if sections[section].get(key) != record[section].get(key)]
+    if differing:
+        raise TrainingError(f"--resume: {output} was trained with other settings or inputs ({'; '.join(differing)}); "
+                            f"resume with the same ones, or start another --output")
+
+
+def model_fingerprint(name: str | None) -> str | None:
+    """The weights fingerprint of a model folder (:func:`amid_pipeline.models.weights_fingerprint`); a hub id
+    stands for itself."""
+    if name is None:
+        return None
+    return weights_fingerprint(name) if Path(name).is_dir() else f"hub:{name}"
 
 
 def check_online_teacher(header: Header, tokenizer, head_size: int, teacher_name: str, student_head_size: int) -> None:

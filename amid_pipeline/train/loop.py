@@ -31,10 +31,11 @@ from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.best import BestModel
 from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
                                             set_rng_state, staging_folder)
-from amid_pipeline.train.checks import (TrainingError, check_eval_shard_dirs, check_online_teacher, check_resumed_objective,
-                                        check_shard_dirs, check_student, objective_and_data_notes, packed_attention_mode)
+from amid_pipeline.train.checks import (RUN_RECORD, TrainingError, check_eval_shard_dirs, check_online_teacher,
+                                        check_resumed_objective, check_resumed_run, check_shard_dirs, check_student,
+                                        model_fingerprint, objective_and_data_notes, packed_attention_mode, run_record)
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.data import DataSettings, ShardBatches, count_batches, list_files
+from amid_pipeline.train.data import DataSettings, ShardBatches, cached_manifest, count_batches, list_files
 from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, save_sharded,
                                              start_processes, wrap)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
@@ -82,6 +83,13 @@ def _distill(config: DistillConfig) -> RunSummary:
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
         raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    record = run_record(config, {
+        "shards": [cached_manifest(d).fingerprint for d in config.shards],
+        "eval_shards": [cached_manifest(d).fingerprint for d in config.eval_shards],
+        "student": model_fingerprint(model_source(config.student, "student")),
+        "online_teacher": model_fingerprint(config.online_teacher and model_source(config.online_teacher, "online teacher"))})
+    if resume_from is not None:
+        check_resumed_run(output, record)
     sharded_resume = resume_from is not None and (resume_from / SHARDED).is_dir()  # an FSDP checkpoint
     weights_from = config.student if resume_from is None or sharded_resume else resume_from
     model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32).to(device)
@@ -149,7 +157,9 @@ def _distill(config: DistillConfig) -> RunSummary:
         set_rng_state(state["rng"])
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
-        save_config(config, output / "distill_config.toml")
+        if resume_from is None or not (output / RUN_RECORD).exists():  # a resumed run keeps the record it was started with
+            save_config(config, output / "distill_config.toml")
+            write_json_atomic(output / RUN_RECORD, record)
         write_json_atomic(output / "loss.json", objective)  # every parameter as it ran, presets expanded
         trim_metrics(output / "metrics.jsonl", step)
         for note in notes:

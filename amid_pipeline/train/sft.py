@@ -19,6 +19,7 @@ best validation loss. One process (no torchrun).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 import time
@@ -34,7 +35,8 @@ from amid_pipeline.config import save_config
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_model, set_rng_state
 from amid_pipeline.train.config import SFTConfig
-from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.shards.storage import write_json_atomic
+from amid_pipeline.train.checks import RUN_RECORD, TrainingError, check_resumed_run, model_fingerprint, run_record
 from amid_pipeline.train.metrics import MetricsLog, trim_metrics
 from amid_pipeline.train.order import is_heldout
 
@@ -114,6 +116,16 @@ def dev_loss(model: nn.Module, examples: list[Example], batch_size: int, device,
     return {"ce": ce, "perplexity": math.exp(min(ce, 50.0)), "positions": count}
 
 
+def examples_fingerprint(examples: list[Example]) -> str:
+    """sha256 over the tokenised examples (ids, tokens, supervised mask): the data as trained on, whatever
+    file, template or tokenizer produced it."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example.sample_id.encode() + b"\0" + example.input_ids.astype(np.int64).tobytes()
+                      + example.target_mask.astype(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
 def sft(config: SFTConfig) -> SFTSummary:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +159,10 @@ def sft(config: SFTConfig) -> SFTSummary:
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
         raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    record = run_record(config, {"model": model_fingerprint(source), "dataset": examples_fingerprint(train),
+                                 "dev_dataset": examples_fingerprint(dev or [])})
+    if resume_from is not None:
+        check_resumed_run(output, record)
     model = AutoModelForCausalLM.from_pretrained(resume_from or source, dtype=torch.float32).to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -160,7 +176,9 @@ def sft(config: SFTConfig) -> SFTSummary:
         state = saved["sft"]
         set_rng_state(saved["rng"])
     output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "sft_config.toml")
+    if resume_from is None or not (output / RUN_RECORD).exists():  # a resumed run keeps the record it was started with
+        save_config(config, output / "sft_config.toml")
+        write_json_atomic(output / RUN_RECORD, record)
     trim_metrics(output / "metrics.jsonl", state["step"])
     warning = emulated_bfloat16_warning(config.dtype, device.type)
     if warning:

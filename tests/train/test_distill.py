@@ -226,7 +226,8 @@ def test_two_processes_ddp_and_fsdp_agree_and_fsdp_resumes_from_sharded_checkpoi
         torch.testing.assert_close(resumed[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
     summary = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "one-process", resume=True,
-                                  max_steps=2, batch_size=2, seed=3, schedule="constant"))
+                                  max_steps=2, batch_size=2, seed=3, schedule="constant", lr=5e-5, heldout_fraction=0.05,
+                                  eval_batches=1, eval_every=2, save_every=2))  # torchrun's settings, one process
     assert summary.steps == 2
     for name, value in weights(tmp_path / "one-process" / "model").items():
         torch.testing.assert_close(value, at_step_two[name], rtol=0, atol=0, msg=name)
@@ -376,8 +377,14 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_shards, tiny_models, tm
 def test_resume_with_another_objective_is_refused(tiny_shards, tiny_models, tmp_path):
     """A run's loss.json pins its objective: resuming it under other loss settings (e.g. changed defaults) stops."""
     distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=3))
-    with pytest.raises(TrainingError, match="records another objective"):
+    with pytest.raises(TrainingError, match="loss: 'forward_kl' there, 'amid' now"):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="amid", max_steps=6, resume=True))
+    recorded = tmp_path / "run" / "loss.json"
+    original = recorded.read_text()
+    recorded.write_text(json.dumps({**json.loads(original), "params": {"temperature": 2.0}}))  # a run made under other defaults
+    with pytest.raises(TrainingError, match="records another objective"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=6, resume=True))
+    recorded.write_text(original)
     resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=6,
                                   resume=True))
     assert resumed.steps == 6

@@ -169,6 +169,10 @@ def check_output_location(config: CaptureConfig) -> None:
         output = Path(config.output).resolve()
         if output.is_file():
             raise SettingsMismatch(f"--output {config.output} is a file; name a directory (new or holding a capture)")
+        if (output / DATA_DIR).is_symlink():  # listing, deleting and writing there would act on the link's target
+            raise SettingsMismatch(f"--output {config.output}: its {DATA_DIR}/ is a symbolic link (to "
+                                   f"{os.readlink(output / DATA_DIR)}); a capture writes and --overwrite deletes only "
+                                   f"inside its own folder: make {DATA_DIR}/ a folder, or choose another --output")
         for option, value in (("--dataset", config.dataset), ("--teacher", config.teacher)):
             if not is_url(value) and Path(value).exists() and Path(value).resolve().is_relative_to(output):
                 raise SettingsMismatch(f"--output {config.output} contains the input {option} {value}; "

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amid_pipeline.shards.schema import (
+    DATA_DIR,
+    DATA_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -38,8 +40,11 @@ from amid_pipeline.shards.schema import (
 )
 from amid_pipeline.shards.storage import Store, open_store
 
+MAX_DRAWS = 65535  # a position's counts are uint16 and add up to its draws
+MAX_VOCABULARY = 1 << 31  # ids are at most int32
 REQUIRED_HEADER_KEYS = ("teacher", "tokenizer", "model_vocab_size", "k", "value_encoding", "backend")
 WORKER_MANIFEST = re.compile(r"^manifest\.w(\d{5})-of-(\d{5})\.json$")
+OWN_DATA_FILE = re.compile(rf"{DATA_DIR}/[A-Za-z0-9_][A-Za-z0-9_.-]*\{DATA_SUFFIX}")  # what a capture manifest may list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,14 @@ class Header:
                 needs = "exact_top equal to k" if self.layout == "compact" else "exact_top adding up to k"
                 raise FormatError(f"a sampled header ({self.layout} layout) needs sampling.draws >= 1 and {needs} "
                                   f"({self.k}), got draws {draws!r} and exact_top {exact_top!r}")
+        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length >= 2):
+            raise FormatError(f"max_length must be an integer >= 2 (or absent), got {self.max_length!r}")
+        if not 1 <= int(self.model_vocab_size) <= MAX_VOCABULARY:
+            raise FormatError(f"model_vocab_size must lie in [1, {MAX_VOCABULARY}], got {self.model_vocab_size}")
+        if int(self.k) - (self.draws or 0) > int(self.model_vocab_size):  # the ranked ids of a position are distinct
+            raise FormatError(f"k ({self.k}, without draws) exceeds model_vocab_size ({self.model_vocab_size})")
+        if self.target_kind == "sampled" and self.draws > MAX_DRAWS:
+            raise FormatError(f"sampling.draws must be <= {MAX_DRAWS} (its counts are uint16), got {self.draws}")
         object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
 
@@ -275,6 +288,17 @@ class Manifest:
     def value_encoding(self) -> str:
         return self.header.value_encoding
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over what the rows are: the header, every file's name, size and sha256, and a view's
+        selection; the same shards give the same fingerprint wherever the folder lies."""
+        identity = {"header": self.header.to_json(), "files": [record.to_json() for record in self.files],
+                    "parts": [part.to_json() for part in self.parts]}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+        for name, rows in sorted((self.selection or {}).items()):
+            digest.update(name.encode() + rows.astype(np.int64).tobytes())
+        return digest.hexdigest()
+
     def part_header(self, record: FileRecord) -> Header:
         """The header ``record``'s file was written under (stored in its Parquet metadata)."""
         return self.parts[record.part or 0]
@@ -344,11 +368,15 @@ def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[
         except (KeyError, TypeError) as exc:
             raise FormatError(f"{store.where(source)}: malformed file record ({exc})") from exc
     names = [record.name for record in files]
+    view = payloads[0].get("view")
+    foreign = [name for name in names if not OWN_DATA_FILE.fullmatch(name)]
+    if view is None and foreign:  # only a view may name files elsewhere (documented, and checked by sha256)
+        raise FormatError(f"{store.where(sources[0])}: lists {foreign[0]!r}, not a file of its own {DATA_DIR}/ folder "
+                          f"(a capture manifest names only data/*.parquet; no URL, absolute or '..' path)")
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise FormatError(f"{store.url}: files listed twice across manifests: {duplicated}")
     stats = payloads[0].get("stats", {}) if len(payloads) == 1 else {}
-    view = payloads[0].get("view")
     parts: tuple[Header, ...] = (header,)
     selection = None
     if view is not None and view.get("parts"):

@@ -32,6 +32,7 @@ from amid_pipeline.shards.schema import (
     decode_topk_logprobs,
     expand_compact,
     first_impossible_value,
+    first_inconsistent_slot,
     kind_columns,
 )
 from amid_pipeline.shards.storage import Store, StorageError, retry
@@ -58,11 +59,12 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
     column of the shard's target kind, decoded.
     """
     store, name, k, encoding = manifest.store, record.name, manifest.k, manifest.value_encoding
+    header = manifest.part_header(record)
     compact = manifest.header.layout == "compact"
     every = kind_columns(manifest.header.target_kind, manifest.header.layout)
     decode, columns = columns is None, columns or every
     keep = None if manifest.selection is None else manifest.selection.get(name, np.zeros(0, np.int64))
-    parquet = store.parquet(name, record.sha256)
+    parquet = store.parquet(name, record.sha256, record.bytes)
     differing = header_differences(read_file_header(store, name, parquet), manifest, record)
     if differing:
         raise FormatError(f"{store.where(name)}: its own header differs from the manifest in {differing} "
@@ -77,23 +79,52 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
         group_start += group_rows
         if chosen is not None and not len(chosen):
             continue
+        check_row_group_size(parquet.metadata.row_group(group), header, f"{store.where(name)} (row group {group})")
         table = retry(lambda: parquet.read_row_group(group, columns=list(columns), use_threads=False),
                       f"{store.where(name)} (row group {group})")
         if chosen is not None:
             table = table.take(chosen)
         if decode:
             try:
-                yield from decode_batch(table, k, encoding, manifest.header.draws if compact else 0)
+                yield from decode_batch(table, k, encoding, header.draws or 0, header.exact_top, header.model_vocab_size)
             except ValueError as exc:
                 raise FormatError(f"{store.where(name)}: {exc}") from exc
         else:
             yield table
 
 
-def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws: int = 0) -> Iterator[TeacherRow]:
+MAX_DECODED_BYTES = 4 << 30  # one row group's decoded targets; a header or file asking for more is refused
+DECODED_BYTES_PER_SLOT = 10  # int32 id, float32 log-probability, uint16 count
+
+
+def check_row_group_size(group: pq.RowGroupMetaData, header: Header, where: str) -> None:
+    """Refuse, before reading it, a row group whose values (as its metadata counts them) exceed what the header
+    allows: longer sequences than its ``max_length``, or decoded targets over :data:`MAX_DECODED_BYTES`
+    (positions × the header's slots: an edited ``k`` or ``sampling.draws``, or a small file of huge lists)."""
+    values = {}
+    for j in range(group.num_columns):
+        column = group.column(j)
+        values[column.path_in_schema.split(".")[0]] = column.num_values
+    rows, positions = group.num_rows, values.get("positions", 0)
+    if header.max_length:
+        for name in ("input_ids", "positions"):
+            if values.get(name, 0) > rows * header.max_length:
+                raise FormatError(f"{where}: {values[name]} {name} for {rows} rows, more than the header's max_length "
+                                  f"{header.max_length} each (a damaged or crafted file)")
+    decoded = positions * header.slots * DECODED_BYTES_PER_SLOT
+    if decoded > MAX_DECODED_BYTES or group.total_byte_size > MAX_DECODED_BYTES:
+        raise FormatError(f"{where}: would take {max(decoded, group.total_byte_size) / 2**30:.1f} GiB to decode "
+                          f"({positions} positions x {header.slots} slots; limit {MAX_DECODED_BYTES / 2**30:.0f} GiB): "
+                          f"the header's k or sampling.draws, or the file, is not what a capture writes")
+
+
+def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws: int = 0, exact_top: int = 0,
+                 vocab_size: int | None = None) -> Iterator[TeacherRow]:
     """Rows of an Arrow table/batch with the v1 columns (and ``sampled_counts``, or the compact layout's draw
-    columns, when present), as :class:`TeacherRow` views. ``draws``: the draws per position of a compact sampled
-    table, whose rows decode to ``k + draws`` slots (see :func:`expand_compact`)."""
+    columns, when present), as :class:`TeacherRow` views. ``draws`` and ``exact_top``: those of a sampled
+    table (a compact one decodes to ``k + draws`` slots, see :func:`expand_compact`). Every row group is checked
+    for what training must not see (:func:`first_impossible_value`, :func:`first_inconsistent_slot`; ids at or
+    above ``vocab_size``, the teacher's head, when given)."""
     flat: dict[str, np.ndarray] = {}
     offsets: dict[str, np.ndarray] = {}
     compact, sampled = "draw_ids" in table.column_names, "sampled_counts" in table.column_names
@@ -127,6 +158,11 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws:
     if impossible:
         column, position = impossible
         raise named(PositionError(column, position, "is not a log-probability (NaN, positive, or a top-1 of -inf)"))
+    inconsistent = first_inconsistent_slot(slot_ids, slot_logprobs, slot_counts, draws, exact_top, vocab_size)
+    if inconsistent:
+        raise named(inconsistent)
+    if vocab_size is not None and len(flat["input_ids"]) and not 0 <= flat["input_ids"].min() <= flat["input_ids"].max() < vocab_size:
+        raise ValueError(f"input_ids outside [0, {vocab_size}) (the teacher's head)")
     for i, sample_id in enumerate(ids):
         a, b = pos[i], pos[i + 1]
         yield TeacherRow(
@@ -179,6 +215,9 @@ class ShardReader:
             yield from iter_file_rows(self.manifest, record, columns=columns)
         except FileNotFoundError as exc:
             raise FormatError(f"{where}: listed in the manifest but missing") from exc
+        except MemoryError as exc:
+            raise FormatError(f"{where}: out of memory decoding it (a damaged or crafted file?); "
+                              f"run `amid-pipeline verify`") from exc
         except (OSError, pa.ArrowException) as exc:
             if isinstance(exc, StorageError):
                 raise

@@ -270,6 +270,35 @@ def first_impossible_value(topk_logprobs: np.ndarray, k: int, target_logprob: np
     return (min(found)[1], min(found)[0]) if found else None
 
 
+def first_inconsistent_slot(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None, draws: int,
+                            exact_top: int, vocab_size: int | None) -> PositionError | None:
+    """The first stored position whose slots training must not see, else None (cheap: a few vectorised
+    passes over a row group). ``ids``, ``logprobs`` (decoded) and ``counts`` (sampled kind; else None) are
+    [P, slots]. Wrong: an id outside ``[0, vocab_size)``; in a sampled row, a count in the ``exact_top``
+    first slots, counts of the draws not adding up to ``draws``, a count of 0 on a drawn (finite) slot or
+    above 0 on an unused (−inf) one, and one id drawn twice (a position stores each drawn id once)."""
+    problems = []
+    if vocab_size is not None and ids.size:
+        problems.append(("topk_ids", ((ids < 0) | (ids >= vocab_size)).any(axis=1),
+                         f"holds an id outside [0, {vocab_size}) (the teacher's head)"))
+    if counts is not None and counts.size:
+        drawn = counts[:, exact_top:] > 0  # [P, N]
+        problems += [
+            ("sampled_counts", counts[:, :exact_top].any(axis=1), f"is not 0 in the first {exact_top} slots (the exact top)"),
+            ("sampled_counts", counts[:, exact_top:].sum(axis=1, dtype=np.int64) != draws, f"does not add up to the {draws} draws"),
+            ("sampled_counts", (drawn != np.isfinite(logprobs[:, exact_top:])).any(axis=1),
+             "is 0 on a drawn slot or above 0 on an unused (-inf) one"),
+        ]
+        unique_fill = -1 - np.arange(drawn.shape[1])  # unused slots never equal each other or an id
+        drawn_ids = np.sort(np.where(drawn, ids[:, exact_top:].astype(np.int64), unique_fill), axis=1)
+        problems.append(("topk_ids", (np.diff(drawn_ids, axis=1) == 0).any(axis=1), "holds one drawn id twice"))
+    found = [(int(np.argmax(mask)), field, problem) for field, mask, problem in problems if mask.any()]
+    if not found:
+        return None
+    position, field, problem = min(found)
+    return PositionError(field, position, problem)
+
+
 def check_version(found: str, where: str) -> None:
     """Accept any 1.x format version; refuse anything else, naming the file."""
     major = str(found).split(".")[0]

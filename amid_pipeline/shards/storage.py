@@ -240,13 +240,19 @@ class Store:
 
         return retry(digest, self.where(name))
 
-    def parquet(self, name: str, sha256: str | None = None) -> pq.ParquetFile:
-        """Open a Parquet file for reading: memory-mapped if local, else from the cache or streamed. Every page
-        that carries a CRC32 is checked against it as it is read (a mismatch raises ``OSError``)."""
+    def parquet(self, name: str, sha256: str | None = None, size: int | None = None) -> pq.ParquetFile:
+        """Open a Parquet file for reading: memory-mapped if local, else from the cache (a copy verified against
+        ``sha256``) or streamed. A file of another ``size`` than expected raises :class:`IntegrityError`
+        before it is read (a cached copy is checked by its digest instead). Every page that carries a CRC32 is
+        checked against it as it is read (a mismatch raises ``OSError``)."""
         fs, path = self.locate(name)
+        cached = not isinstance(fs, LocalFileSystem) and SETTINGS.cache_dir and sha256
+        if size is not None and not cached and (found := retry(lambda: fs.size(path), self.where(name))) != size:
+            raise IntegrityError(f"{self.where(name)}: {found} bytes, {size} expected (truncated or replaced since it "
+                                 f"was recorded); run `amid-pipeline verify`")
         if isinstance(fs, LocalFileSystem):
             return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
-        if SETTINGS.cache_dir and sha256:
+        if cached:
             return pq.ParquetFile(self.cached_copy(name, sha256), memory_map=True, page_checksum_verification=True)
         return retry(lambda: pq.ParquetFile(fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead"),
                                             page_checksum_verification=True), self.where(name))

@@ -201,6 +201,19 @@ def test_overwrite_removes_only_what_a_capture_wrote(tiny_models, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "my-table.parquet").read_text() == "mine too"
 
 
+def test_overwrite_never_follows_a_data_folder_linked_out_of_the_output(tiny_models, tmp_path):
+    """A shard folder whose data/ links elsewhere: --overwrite deleted the Parquet files in the link's target."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    capture(tiny_models, tmp_path, data, output=str(tmp_path / "theirs"))
+    kept = sorted((tmp_path / "theirs" / "data").iterdir())
+    (tmp_path / "received").mkdir()
+    (tmp_path / "received" / "data").symlink_to(tmp_path / "theirs" / "data")
+    shutil.copy(tmp_path / "theirs" / "manifest.json", tmp_path / "received" / "manifest.json")
+    with pytest.raises(SettingsMismatch, match="its data/ is a symbolic link"):
+        capture(tiny_models, tmp_path, data, output=str(tmp_path / "received"), k=4, overwrite=True)
+    assert sorted((tmp_path / "theirs" / "data").iterdir()) == kept and verify_directory(tmp_path / "theirs").ok
+
+
 def test_overwrite_refuses_a_folder_that_holds_no_capture_or_an_input(tiny_models, tmp_path):
     """`--overwrite` with --output = a folder holding the dataset, notes and a sub-folder deleted all of it."""
     folder = tmp_path / "project"

@@ -8,8 +8,8 @@ trained to its dev plateau, scored where the optimum is known.
     python benchmarks/ladder.py probe                       # 20 steps of the slowest arms, timed
 
 Options: --work runs/ladder, --jobs 2 (runs at once, cpu_count / jobs threads each), --lrs 3e-4 1e-3 3e-3.
-``final --lr X`` trains the arms at X instead of their dev choice (recorded as fixed); ``--smoke`` checks the
-script end to end on 60 rows.
+``final --lr X`` trains the arms at X instead of their dev choice (recorded as fixed; a swept arm still
+chooses its α on dev at X); ``--smoke`` checks the script end to end on 60 rows.
 
 Protocol (docs/benchmarks.md, "The known-optimum ladder", written before the runs):
 
@@ -399,13 +399,13 @@ def choose(arm: str, args, fixed: dict | None = None) -> dict:
     params = dict(fixed or {})
     lrs = sorted(args.lrs)
     if ARMS[arm].get("sweep") == "alpha":
-        base = choose("forward KL", args)["lr"]
+        base = args.lr or choose("forward KL", args)["lr"]
         dev_runs(arm, [({"alpha": a}, base) for a in ALPHAS], tried, args)
         found = best_of(tried, alpha_criterion)
         params = json.loads(found[0]) if found else {"alpha": ALPHAS[-1]}
-        lrs = [base / math.sqrt(10), base, base * math.sqrt(10)]
+        lrs = [base] if args.lr else [base / math.sqrt(10), base, base * math.sqrt(10)]
     key = json.dumps(params, sort_keys=True)
-    for _ in range(4):
+    for _ in range(0 if args.lr else 4):
         dev_runs(arm, [(params, lr) for lr in lrs], tried, args)
         found = best_of(tried, lr_criterion, key)
         if found is None:
@@ -420,7 +420,7 @@ def choose(arm: str, args, fixed: dict | None = None) -> dict:
     found = best_of(tried, lr_criterion, key)
     if found is None:
         raise SystemExit(f"{arm}: every dev run stopped: {tried}")
-    choice = {"params": params, "lr": found[1], "dev": [
+    choice = {"params": params, "lr": found[1], "fixed": bool(args.lr), "dev": [
         {"params": json.loads(p), "lr": lr, **(v if isinstance(v, dict) else {"stopped": v})} for (p, lr), v in tried.items()]}
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(choice, indent=1))
@@ -436,12 +436,14 @@ def chosen_amid(args) -> dict:
 
 
 def arm_choice(arm: str, args) -> dict:
-    """The arm's dev choice, or with ``--lr`` that lr, fixed (recorded as such, nothing chosen on dev)."""
+    """The arm's dev choice, or with ``--lr`` that lr, fixed (recorded as such): a swept arm still chooses
+    its α on dev at that lr, a dev-chosen arm still takes the chosen α and divergence."""
+    fixed = chosen_amid(args) if ARMS[arm].get("chosen") else None
     path = selection_path(arm, args)
-    if args.lr and not path.exists():
+    if args.lr and not path.exists() and ARMS[arm].get("sweep") != "alpha":
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({"params": {}, "lr": args.lr, "fixed": True, "dev": []}, indent=1))
-    return choose(arm, args, chosen_amid(args) if ARMS[arm].get("chosen") else None)
+        path.write_text(json.dumps({"params": fixed or {}, "lr": args.lr, "fixed": True, "dev": []}, indent=1))
+    return choose(arm, args, fixed)
 
 
 def prepare(args) -> None:

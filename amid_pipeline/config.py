@@ -77,6 +77,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: no such config file"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}); a TOML config is UTF-8"]) from exc
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):

@@ -17,11 +17,11 @@ def eval_model(
     model: Annotated[str, typer.Argument(help="Model folder (HF format): a teacher, a student, a distill RUN_DIR/model.")],
     shards: Annotated[Optional[str], typer.Option(help="Teacher shards of the held-out data (from cache-teacher; local path or URL): perplexity, KL to the teacher, agreement.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Held-out JSONL with prompt and response fields: perplexity of the responses (tokenised as cache-teacher would), and ROUGE-L with --generate (a list of strings = several references).")] = None,
-    generate: Annotated[int, typer.Option(help="Answer the first N prompts of --data and score them with ROUGE-L (rouge-score, stemmed, max over references, x100); 0 = skip.")] = 0,
-    sample_seeds: Annotated[int, typer.Option(help="Besides greedy, sample this many times at --temperature (one seed each) and report mean and sd (the AMiD/MiniLLM protocol uses 5); 0 = greedy only.")] = 0,
+    generate: Annotated[int, typer.Option(min=0, help="Answer the first N prompts of --data and score them with ROUGE-L (rouge-score, stemmed, max over references, x100); 0 = skip.")] = 0,
+    sample_seeds: Annotated[int, typer.Option(min=0, help="Besides greedy, sample this many times at --temperature (one seed each) and report mean and sd (the AMiD/MiniLLM protocol uses 5); 0 = greedy only.")] = 0,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the --sample-seeds runs (top-k 0, top-p 1).")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest generated response.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated together (left-padded).")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated response.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 16,
     chat_template: Annotated[str, typer.Option(help="Render prompts with the model's chat template: auto (when it has one), on, off.")] = "auto",
     prompt_field: Annotated[str, typer.Option(help="Prompt field of --data.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="Reference field of --data.")] = "response",
@@ -55,18 +55,18 @@ def eval_model(
             if warning:
                 typer.secho(warning, err=True, fg="yellow")
             metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches, progress="eval shards" if progress else None)
-        if data is not None:
-            metrics.update(perplexity_on_data(loaded, tokenizer, data, chat_template=chat_template,
-                                              prompt_field=prompt_field, response_field=response_field))
-        if generate:
-            try:
+        try:  # a bad file, row or field of --data: one line naming it
+            if data is not None:
+                metrics.update(perplexity_on_data(loaded, tokenizer, data, chat_template=chat_template,
+                                                  prompt_field=prompt_field, response_field=response_field))
+            if generate:
                 metrics.update(rouge_l_on_prompts(
                     loaded, tokenizer, data, limit=generate, max_new_tokens=max_new_tokens, sample_seeds=sample_seeds,
                     temperature=temperature, batch_size=batch_size, chat_template=chat_template,
                     prompt_field=prompt_field, response_field=response_field,
                     progress="generate" if progress else None))
-            except ValueError as exc:
-                raise UserError(str(exc)) from exc
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
         if as_json:
             typer.echo(json.dumps(metrics, indent=2))
         else:

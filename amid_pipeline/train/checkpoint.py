@@ -33,6 +33,7 @@ from amid_pipeline.train.checks import TrainingError
 LATEST = "latest.json"
 CHECKPOINT_NAME = re.compile(r"step-\d{6}")
 NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # a pickled np.random.get_state()
+FULL_DISK_BYTES = 64 << 20  # a failed write with less free than this was the disk filling up
 SHARDED = "distributed"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 
 
@@ -63,13 +64,21 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[st
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = staging_folder(directory, step)
-    if sharded:
-        model.config.save_pretrained(tmp)
-    else:
+    try:
+        if sharded:
+            model.config.save_pretrained(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError of its stream writer
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+        full = shutil.disk_usage(directory).free < FULL_DISK_BYTES
+        raise TrainingError(f"{directory}: writing checkpoint {name} failed"
+                            + (" (no space left on the device)" if full else f" ({exc})")
+                            + "; the checkpoints before it are intact: free space, then run the same command with --resume"
+                            ) from exc
     final = directory / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

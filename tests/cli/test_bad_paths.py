@@ -28,3 +28,28 @@ def test_bad_paths_fail_in_one_line(tiny_shards, tiny_models, tmp_path, args, me
     result = runner.invoke(app, [a.format(**fill) for a in args])
     assert result.exit_code == 1, result.output
     assert message.format(**fill) in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": 3, "response": "x"}'], "{data}, row 0: field 'prompt' holds int, not text"),
+    (["not json"], "{data}, line 1: not valid JSON"),
+    (['{"prompt": "a"}'], "field(s) ['response'] not found; available fields: ['prompt']"),
+])
+def test_eval_with_bad_data_fails_in_one_line(tiny_models, tmp_path, lines, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    result = runner.invoke(app, ["eval", str(tiny_models["student"]), "--data", str(data), "--generate", "1",
+                                 "--no-progress"])
+    assert result.exit_code == 1 and message.format(data=data) in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_negative_count_and_a_config_that_is_not_utf8_are_refused(tiny_models, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    result = runner.invoke(app, ["eval", str(tiny_models["student"]), "--data", str(data), "--generate", "-1"])
+    assert result.exit_code == 2 and "--generate" in result.output
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff\xfe lr = 1\n")
+    result = runner.invoke(app, ["distill", "--config", str(config)])
+    assert result.exit_code == 1 and f"{config}: not UTF-8 text" in result.output and "Traceback" not in result.output

@@ -343,6 +343,28 @@ def test_unknown_tracker_is_refused_by_name(tiny_shards, tiny_models, tmp_path):
         make_config(tiny_shards, tiny_models["student"], tmp_path / "run", report_to=["mlflow"])
 
 
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tiny_shards, tiny_models, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    import amid_pipeline.train.checkpoint as checkpoint
+
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=3, save_every=3))
+
+    def full(obj, path, *args, **kwargs):  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 << 30, 100 << 30, 0))
+    with pytest.raises(TrainingError, match=r"writing checkpoint step-000006 failed \(no space left on the device\); "
+                                            r"the checkpoints before it are intact"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=6, save_every=3,
+                            resume=True))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step-000003"]  # no half-written folder
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_shards, tiny_models, tmp_path, monkeypatch):
     distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=3, save_every=3))
     import amid_pipeline.train.checkpoint as checkpoint

@@ -6,6 +6,8 @@ example uploaded to the HF Hub as a dataset) and read without this tool.
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 from amid_pipeline.shards.manifest import Header, load_manifest
@@ -14,6 +16,14 @@ from amid_pipeline.shards.stats import collect_stats
 from amid_pipeline.shards.storage import open_store
 
 CARD_NAME = "README.md"
+LICENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")  # an SPDX / Hub licence identifier
+
+
+def inline(value) -> str:
+    """``value`` as one line of Markdown text that cannot open HTML, code, a table cell or a line of its own
+    (a header's strings come from whoever wrote the shards)."""
+    text = html.escape(" ".join(str(value).split()))
+    return text.replace("|", "\\|").replace("`", "'")
 
 
 def counts_where(header: Header) -> str:
@@ -28,8 +38,10 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     manifest = load_manifest(directory)
     header, stats = manifest.header, collect_stats(directory, max_rows=max_rows).summary()
     teacher, tokenizer, dataset = header.teacher, header.tokenizer, header.dataset
-    licence = dataset.get("license") or "other"
-    command = manifest.stats.get("command", "(not recorded)")
+    licence = inline(dataset.get("license") or "other")
+    licence_id = licence if LICENCE_ID.fullmatch(licence) else "other"  # the YAML header takes an identifier only
+    command = str(manifest.stats.get("command", "(not recorded)")).replace("`" * 3, "'" * 3)  # cannot close the block
+    teacher_name, source = inline(teacher.get("name_or_path")), inline(dataset.get("source"))
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
     mass = f"mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles}" if stats["topk_mass_mean"] is not None else "(no stored positions)"
     sampled = header.target_kind == "sampled"
@@ -43,7 +55,7 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
                f"{counts_where(header)}), {stats.get('distinct_ids_per_position_mean')} ids per position on average"
                if sampled else f"top-{header.k}")
     return f"""---
-license: {licence}
+license: {licence_id}
 tags:
 - knowledge-distillation
 - teacher-logits
@@ -55,7 +67,7 @@ configs:
     path: {DATA_DIR}/*.parquet
 ---
 
-# Teacher {what} log-probabilities: {teacher.get('name_or_path')} on {dataset.get('source')}
+# Teacher {what} log-probabilities: {teacher_name} on {source}
 
 Cached teacher targets for offline knowledge distillation, written by amid-pipeline (shard format
 {header.format_version}). One row per sequence: the token ids, the stored positions and their loss
@@ -65,11 +77,11 @@ rank of the actual next token.
 
 | | |
 |---|---|
-| teacher | `{teacher.get('name_or_path')}` (weights fingerprint `{str(teacher.get('weights_sha256'))[:16]}`, dtype {teacher.get('dtype')}) |
+| teacher | `{teacher_name}` (weights fingerprint `{inline(teacher.get('weights_sha256'))[:16]}`, dtype {inline(teacher.get('dtype'))}) |
 | tokenizer | fingerprint `{str(tokenizer.get('fingerprint'))[:16]}`, {tokenizer.get('vocab_size')} tokens; model head {header.model_vocab_size} |
 | targets | {targets}, value encoding `{header.value_encoding}`, {header.positions} positions, max length {header.max_length} |
-| capture backend | {header.backend.get('name')} {header.backend.get('version', '')} |
-| source data | `{dataset.get('source')}`, split `{dataset.get('split')}`, rows from {dataset.get('start')} (limit {dataset.get('limit')}), format {dataset.get('format')} |
+| capture backend | {inline(header.backend.get('name'))} {inline(header.backend.get('version', ''))} |
+| source data | `{source}`, split `{inline(dataset.get('split'))}`, rows from {inline(dataset.get('start'))} (limit {inline(dataset.get('limit'))}), format {inline(dataset.get('format'))} |
 | source licence | {licence} |
 
 ## Statistics

@@ -166,3 +166,19 @@ def test_running_out_of_memory_while_decoding_is_one_line_naming_the_file(shard_
     monkeypatch.setattr(reader, "decode_batch", exhausted)
     with pytest.raises(FormatError, match=r"part-\S+\.parquet: out of memory decoding it"):
         list(ShardReader(shard_dir))
+
+
+def test_the_dataset_card_escapes_what_a_header_embeds(tmp_path):
+    from amid_pipeline.shards.card import dataset_card
+
+    header = dataclasses.replace(synthetic_header(vocab=VOCAB), dataset={
+        "license": "mit\n---\nowner: me <script>alert(1)</script>", "source": "x | <img src=x onerror=alert(1)>\n# Heading"})
+    directory = write_shards(tmp_path / "shards", random_rows(4, k=8, vocab=VOCAB), header)
+    edit_manifest(directory, lambda manifest: manifest.update(
+        stats={"command": "amid-pipeline cache-teacher\n```\n<b>out of the block</b>"}))
+    card = dataset_card(directory)
+    front = card.split("---\n")[1]
+    assert "license: other\n" in front and "owner" not in front  # one identifier, no injected keys
+    assert "<script" not in card and "<img" not in card and "\n# Heading" not in card
+    assert card.count("```") == 2 * card.count("```bash") + 2 * card.count("```python")  # every code block still closes
+    assert "x \\| &lt;img" in card  # shown, escaped, inside its table cell

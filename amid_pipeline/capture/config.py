@@ -12,6 +12,7 @@ from amid_pipeline.shards.schema import SAMPLED_LAYOUTS, TARGET_KINDS, VALUE_ENC
 DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
 
 # Settings that may differ between the run that started a directory and the one resuming it.
+SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "layout", "sample_top", "proposal_temperature")  # meaningless for top-k
 RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress", "verbose")
 
 
@@ -80,5 +81,10 @@ class CaptureConfig(DatasetSettings):
         errors = []
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        unused = ("k",) if self.target_kind == "sampled" else SAMPLED_ONLY_SETTINGS
+        errors += [f"{name}: set to {getattr(self, name)!r}, but a {self.target_kind} capture does not use it "
+                   f"(--target-kind {'topk' if name == 'k' else 'sampled'} does)"
+                   for name in unused if getattr(self, name) != defaults[name]]
 
         return errors

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from amid_pipeline.capture.backends import Sampling, backend_name, make_backend, sequence_seed
-from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, CaptureConfig
+from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, SAMPLED_ONLY_SETTINGS, CaptureConfig
 from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
 from amid_pipeline.chat import template_sha256, uses_chat_template
 from amid_pipeline.models import model_limits, model_source, tokenizer_fingerprint, weights_fingerprint
@@ -83,7 +83,6 @@ class CaptureSummary:
         ]
 
 
-SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "layout", "sample_top", "proposal_temperature")  # meaningless for top-k
 
 
 def sampling_of(config: CaptureConfig) -> Sampling:

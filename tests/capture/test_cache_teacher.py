@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from amid_pipeline.capture.config import CaptureConfig
 from amid_pipeline.capture.run import SettingsMismatch, run_capture
 from amid_pipeline.chat import template_sha256
-from amid_pipeline.config import load_config
+from amid_pipeline.config import ConfigError, load_config
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.verify import verify_directory
@@ -37,7 +37,8 @@ def write_jsonl(path, rows):
 def capture(tiny_models, tmp_path, dataset, *, apart=False, **settings):
     """run_capture on the tiny teacher; ``apart``: in a fresh process (for runs that start a vLLM engine)."""
     overrides = {"teacher": str(tiny_models["teacher"]), "dataset": str(dataset), "output": str(tmp_path / "out"),
-                 "backend": "hf", "k": 8, "progress": False, "dtype": "float32", **settings}
+                 "backend": "hf", "progress": False, "dtype": "float32",
+                 **({} if settings.get("target_kind") == "sampled" else {"k": 8}), **settings}
     config = load_config(CaptureConfig, None, overrides)
     return in_fresh_process(run_capture, config) if apart else run_capture(config)
 
@@ -437,7 +438,7 @@ def test_unreadable_datasets_and_settings_are_explained_in_one_line(tiny_models,
 
 def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models, tmp_path):
     """A journal without the settings added later (target_kind) is a top-k run; the sampled kind's own
-    settings do not bind a top-k capture (another --draws resumes it), nor k a sampled one."""
+    settings are not recorded for a top-k capture, and given to one they are refused (not ignored)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} text"} for i in range(3)])
     capture(tiny_models, tmp_path, data)
     journal = next((tmp_path / "out").glob("progress.*.jsonl"))
@@ -446,7 +447,9 @@ def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models,
     assert "draws" not in settings["settings"] and "layout" not in settings["settings"] and "k" in settings["settings"]
     del settings["settings"]["target_kind"]
     journal.write_text("\n".join([json.dumps(settings), *rest]) + "\n")
-    again = capture(tiny_models, tmp_path, data, draws=7, layout="padded")
+    again = capture(tiny_models, tmp_path, data)
     assert "nothing to do" in again.backend
+    with pytest.raises(ConfigError, match="draws: set to 7, but a topk capture does not use it"):
+        capture(tiny_models, tmp_path, data, draws=7)
     with pytest.raises(SettingsMismatch, match="target_kind: 'topk' there, 'sampled' now"):
         capture(tiny_models, tmp_path, data, target_kind="sampled")

@@ -109,6 +109,19 @@ def journal_name(config: CaptureConfig) -> str:
     return f"progress.w{config.worker_index:05d}-of-{config.num_workers:05d}.jsonl"
 
 
+PATH_SETTINGS = ("dataset", "teacher")
+
+
+def same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Whether a journal's setting and this run's agree; a local dataset or teacher named by another path to
+    the same folder or file (absolute, relative, through a link) is the same."""
+    if saved == now:
+        return True
+    if key not in PATH_SETTINGS or not isinstance(saved, str) or not isinstance(now, str) or is_url(saved) or is_url(now):
+        return False
+    return Path(saved).exists() and Path(saved).resolve() == Path(now).resolve()
+
+
 def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]:
     """Check or clear the output directory; return this worker's journal entries (chunks done)."""
     settings = comparable_settings(config)
@@ -120,11 +133,13 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         saved.setdefault("target_kind", "topk")  # journals from before the sampled kind existed
         if saved["target_kind"] == "sampled":
             saved.setdefault("layout", "padded")  # and from before the compact layout
-        differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        differing = sorted(k for k in set(saved) | set(settings) if not same_setting(k, saved.get(k), settings.get(k)))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
-            raise SettingsMismatch(f"{output.url} was written with other settings ({detail}); "
-                                   f"use another --output or --overwrite")
+            finished = MANIFEST_NAME in output.list()
+            raise SettingsMismatch(f"{output.url} was written with other settings ({detail}); use another --output"
+                                   + (", or that finished capture as it is (--overwrite would discard it and capture "
+                                      "again)" if finished else " or --overwrite"))
         if differing:
             remove_capture(output)
             return []

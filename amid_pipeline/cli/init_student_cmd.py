@@ -59,13 +59,19 @@ def init_student(
 def _importance_choice(teacher: str, calibration: str, rows: int, layers: int | None,
                        keep_every: int) -> tuple[list[float], list[int]]:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amid_pipeline.models import block_influence, model_source, most_influential_layers
+    from amid_pipeline.models import block_influence, model_source, most_influential_layers, tokenizer_fingerprint
     from amid_pipeline.shards.reader import ShardReader
 
+    reader = ShardReader(calibration)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(teacher, "teacher"))
+    theirs, mine = reader.header.tokenizer.get("fingerprint"), tokenizer_fingerprint(tokenizer)["fingerprint"]
+    if theirs != mine:  # their input_ids would be other tokens to this teacher
+        raise UserError(f"--calibration {calibration} was tokenised by another tokenizer (fingerprint {str(theirs)[:12]}) "
+                        f"than {teacher}'s ({mine[:12]}); give shards captured with this teacher's tokenizer")
     sequences = []
-    for row in ShardReader(calibration):
+    for row in reader:
         sequences.append(row.input_ids.tolist())
         if len(sequences) >= rows:
             break

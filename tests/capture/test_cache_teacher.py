@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -189,6 +190,16 @@ def test_changed_settings_are_refused_by_name_and_overwrite_replaces(tiny_models
         capture(tiny_models, tmp_path, data, k=4)
     capture(tiny_models, tmp_path, data, k=4, overwrite=True)
     assert ShardReader(tmp_path / "out").manifest.k == 4
+
+
+def test_the_same_dataset_and_teacher_by_another_path_resume(tiny_models, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    capture(tiny_models, tmp_path, data)
+    monkeypatch.chdir(tmp_path)
+    again = capture({"teacher": Path(os.path.relpath(tiny_models["teacher"]))}, tmp_path, Path("d.jsonl"))
+    assert "nothing to do" in again.backend
+    with pytest.raises(SettingsMismatch, match="or that finished capture as it is"):
+        capture(tiny_models, tmp_path, data, k=4)
 
 
 def test_overwrite_removes_only_what_a_capture_wrote(tiny_models, tmp_path):

@@ -100,6 +100,13 @@ def test_init_student_by_importance_keeps_the_layers_that_change_the_hidden_stat
     too_many = runner.invoke(app, ["init-student", str(deep), str(tmp_path / "t"), "--by", "importance", "--layers", "6",
                                    "--calibration", str(tiny_shards)])
     assert too_many.exit_code == 1 and "--layers must lie in [1, 5]" in too_many.output
+    other = tiny.build_model(tmp_path / "other-tokens", AutoTokenizer.from_pretrained(tiny_models["teacher"]), layers=5, seed=3)
+    retokenised = AutoTokenizer.from_pretrained(other)
+    retokenised.add_tokens(["<another-token>"])  # ids that mean other tokens to this teacher
+    retokenised.save_pretrained(other)
+    foreign = runner.invoke(app, ["init-student", str(other), str(tmp_path / "u"), "--by", "importance", "--layers", "2",
+                                  "--calibration", str(tiny_shards)])
+    assert foreign.exit_code == 1 and "was tokenised by another tokenizer" in foreign.output, foreign.output
 
 
 def test_eval_reports_perplexity_and_rouge_on_a_dataset(tiny_models, tiny_shards, tmp_path):

@@ -77,7 +77,24 @@ def model_source(name: str | os.PathLike, role: str) -> str:
         raise FileNotFoundError(f"{role} {name}: no such model folder")
     if Path(text).is_dir() and not (Path(text) / "config.json").exists():
         raise FileNotFoundError(f"{role} {name}: not an HF model folder (no config.json)")
+    if not Path(text).is_dir():
+        check_hub_model(text, role)
     return text
+
+
+def check_hub_model(repo_id: str, role: str) -> None:
+    """Refuse at once, in one line, a hub id that is neither in the local cache nor on the hub (one request,
+    no retries: transformers would retry for a minute, then print a long traceback)."""
+    import huggingface_hub
+
+    if huggingface_hub.try_to_load_from_cache(repo_id, "config.json") is not None:
+        return
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
+    except Exception as exc:  # offline mode, no network, no such repository, no access: all the same to the user
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise FileNotFoundError(f"{role} {repo_id}: no such model folder here, and not found on the Hugging Face hub "
+                                f"({reason})") from exc
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

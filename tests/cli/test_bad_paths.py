@@ -20,6 +20,9 @@ runner = CliRunner()
     (["init-student", "{tmp}/nope", "{tmp}/s"], "teacher {tmp}/nope: no such model folder"),
     # relative "folder/name" whose folder exists here: a mistyped local path, not a hub id (no network)
     (["distill", "--shards", "{shards}", "--student", "{rel}/nope", "--output", "{tmp}/run"], "student {rel}/nope: no such model folder"),
+    # "folder/name" whose folder does not exist here either: a hub id, looked up once (no minute of retries)
+    (["distill", "--shards", "{shards}", "--student", "no-such-folder/nope", "--output", "{tmp}/run"],
+     "student no-such-folder/nope: no such model folder here, and not found on the Hugging Face hub"),
 ])
 def test_bad_paths_fail_in_one_line(tiny_shards, tiny_models, tmp_path, args, message, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)

@@ -4,12 +4,16 @@ trained to its dev plateau, scored where the optimum is known.
     python benchmarks/ladder.py build                       # T*, its samples, targets, healed student S
     python benchmarks/ladder.py select [--arms ...]         # each arm's lr (and α) on dev rows, seed 0
     python benchmarks/ladder.py final [--arms ...] [--seeds 0 1 2 3 4]
-    python benchmarks/ladder.py report                      # WORK/results.md, results.json, curves.png
+    python benchmarks/ladder.py report                      # WORK/studies/STUDY/results.md, .json, curves.png
     python benchmarks/ladder.py probe                       # 20 steps of the slowest arms, timed
 
 Options: --work runs/ladder, --jobs 2 (runs at once, cpu_count / jobs threads each), --lrs 3e-4 1e-3 3e-3.
+``--study NAME`` keeps one set of choices and its report (WORK/studies/NAME: selection/ARM.json,
+results.md, results.json, curves.png; default ``dev-lr``); the runs themselves are shared by every study.
 ``final --lr X`` trains the arms at X instead of their dev choice (recorded as fixed; a swept arm still
-chooses its α on dev at X); ``--smoke`` checks the script end to end on 60 rows.
+chooses its α on dev at X); ``--alpha-lr X`` has a swept arm choose its α at X and then its lr from
+``--lrs`` (widened as usual) instead of around forward KL's lr; ``--smoke`` checks the script end to end
+on 60 rows.
 
 Protocol (docs/benchmarks.md, "The known-optimum ladder", written before the runs):
 
@@ -370,8 +374,12 @@ def in_runs(calls, args) -> list:
     return in_parallel(calls, args.jobs)
 
 
+def study_dir(args) -> Path:
+    return args.work / "studies" / args.study
+
+
 def selection_path(arm: str, args) -> Path:
-    return args.work / "selection" / f"{''.join(c if c.isalnum() else '_' for c in arm)}.json"
+    return study_dir(args) / "selection" / f"{''.join(c if c.isalnum() else '_' for c in arm)}.json"
 
 
 def dev_runs(arm: str, candidates: list[tuple[dict, float]], tried: dict, args) -> None:
@@ -391,7 +399,7 @@ def best_of(tried: dict, criterion, params: str | None = None) -> tuple[str, flo
 def choose(arm: str, args, fixed: dict | None = None) -> dict:
     """The arm's (params, lr) on dev: the lr by :func:`lr_criterion` from a grid half a decade apart, widened
     while the choice sits at an end; swept arms first choose α by :func:`alpha_criterion` at forward KL's
-    chosen lr, then the lr for that α."""
+    chosen lr (or at ``--alpha-lr``, then the lr from ``--lrs``), then the lr for that α."""
     path = selection_path(arm, args)
     if path.exists():
         return json.loads(path.read_text())
@@ -399,11 +407,12 @@ def choose(arm: str, args, fixed: dict | None = None) -> dict:
     params = dict(fixed or {})
     lrs = sorted(args.lrs)
     if ARMS[arm].get("sweep") == "alpha":
-        base = args.lr or choose("forward KL", args)["lr"]
+        base = args.lr or args.alpha_lr or choose("forward KL", args)["lr"]
         dev_runs(arm, [({"alpha": a}, base) for a in ALPHAS], tried, args)
         found = best_of(tried, alpha_criterion)
         params = json.loads(found[0]) if found else {"alpha": ALPHAS[-1]}
-        lrs = [base] if args.lr else [base / math.sqrt(10), base, base * math.sqrt(10)]
+        lrs = ([base] if args.lr else sorted(args.lrs) if args.alpha_lr
+               else [base / math.sqrt(10), base, base * math.sqrt(10)])
     key = json.dumps(params, sort_keys=True)
     for _ in range(0 if args.lr else 4):
         dev_runs(arm, [(params, lr) for lr in lrs], tried, args)
@@ -422,7 +431,7 @@ def choose(arm: str, args, fixed: dict | None = None) -> dict:
         raise SystemExit(f"{arm}: every dev run stopped: {tried}")
     choice = {"params": params, "lr": found[1], "fixed": bool(args.lr), "dev": [
         {"params": json.loads(p), "lr": lr, **(v if isinstance(v, dict) else {"stopped": v})} for (p, lr), v in tried.items()]}
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(choice, indent=1))
     return choice
 
@@ -441,7 +450,7 @@ def arm_choice(arm: str, args) -> dict:
     fixed = chosen_amid(args) if ARMS[arm].get("chosen") else None
     path = selection_path(arm, args)
     if args.lr and not path.exists() and ARMS[arm].get("sweep") != "alpha":
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"params": fixed or {}, "lr": args.lr, "fixed": True, "dev": []}, indent=1))
     return choose(arm, args, fixed)
 
@@ -522,8 +531,9 @@ def report(args) -> None:
                 cells.append(f"{paired(va, vb)}; {bootstrap(pa, pb)}")
             lines.append(f"| {a} − {b} | {len(seeds)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (args.work / "results.md").write_text(text)
-    (args.work / "results.json").write_text(json.dumps({"build": args.build, "teacher": teacher, "student": student,
+    study_dir(args).mkdir(parents=True, exist_ok=True)
+    (study_dir(args) / "results.md").write_text(text)
+    (study_dir(args) / "results.json").write_text(json.dumps({"build": args.build, "teacher": teacher, "student": student,
                                                         "arms": finals}, indent=1))
     print(text)
     plot_dev_curves(args, finals)
@@ -548,7 +558,7 @@ def plot_dev_curves(args, finals: dict) -> None:
         axis.set_xlabel("step")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(args.work / "curves.png", dpi=100)
+    fig.savefig(study_dir(args) / "curves.png", dpi=100)
 
 
 def probe(args) -> None:
@@ -581,7 +591,10 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run (probing only)")
     parser.add_argument("--lr", type=float, default=None, help="final: train the arms at this lr instead of "
-                        "choosing it on dev (recorded as fixed in selection/ARM.json)")
+                        "choosing it on dev (recorded as fixed in the study's selection/ARM.json)")
+    parser.add_argument("--alpha-lr", type=float, default=None, help="swept arms: choose α on dev at this lr, "
+                        "then their lr from --lrs, instead of around forward KL's chosen lr")
+    parser.add_argument("--study", default="dev-lr", help="WORK/studies/STUDY holds this study's choices and report")
     parser.add_argument("--smoke", action="store_true", help="build from 60 rows and a few steps: checks the script")
     args = parser.parse_args()
     args.work = ROOT / args.work

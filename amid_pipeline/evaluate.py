@@ -25,6 +25,7 @@ from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
+from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.metrics import evaluate
 from amid_pipeline.train.step import DistillModule
 
@@ -49,7 +50,7 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
     module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
-    metrics = evaluate(module, batches, torch.device(device), nullcontext())
+    metrics = evaluate(module, batches, Processes(1, 0, torch.device(device)), nullcontext())
     metrics.pop("kd")  # the same forward KL as kl_to_teacher here
     return metrics
 

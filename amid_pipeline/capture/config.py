@@ -13,7 +13,8 @@ DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "tokens")
 
 # Settings that may differ between the run that started a directory and the one resuming it.
 SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "layout", "sample_top", "proposal_temperature")  # meaningless for top-k
-RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress", "verbose")
+RESUME_FREE_SETTINGS = ("overwrite", "worker_index", "batch_tokens", "progress", "verbose", "gpu_memory_utilization",
+                        "cuda_graphs")  # how the engine runs, not what it writes
 
 
 @dataclasses.dataclass
@@ -64,6 +65,8 @@ class CaptureConfig(DatasetSettings):
     device: str = setting("auto", "hf backend device: cpu, cuda or auto.", choices=("auto", "cpu", "cuda"))
     batch_tokens: int = setting(8192, "Tokens per teacher batch (hf: padded batch size; vLLM: max_num_batched_tokens).", minimum=16)
     tensor_parallel_size: int = setting(1, "vLLM tensor parallelism (GPUs per teacher replica).", minimum=1)
+    gpu_memory_utilization: float = setting(0.8, "vLLM on GPU: the fraction of each GPU's memory the engine may take (weights, activations, KV cache). Prompt log-probabilities need memory that vLLM's start-up sizing does not count (vLLM issue 5907), so this leaves more room than vLLM's own 0.9; lower it on an out-of-memory error, then --resume.", minimum=0.05, maximum=0.99)
+    cuda_graphs: bool = setting(True, "vLLM on GPU: capture CUDA graphs (faster decoding for --generate; start-up takes longer and some memory). Off = vLLM's enforce_eager. Never used on a CPU.")
     rows_per_file: int = setting(2048, "Source rows per Parquet file (the unit of resume).", minimum=1)
     num_workers: int = setting(1, "Number of independent worker processes writing this directory.", minimum=1)
     worker_index: int = setting(0, "This worker's index in [0, num_workers).", minimum=0)

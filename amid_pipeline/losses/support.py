@@ -52,6 +52,13 @@ from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, SUPPORT_MODES
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, logsumexps, support_logits
 
+def map_tensors(value, fn):
+    """A copy of the dataclass ``value`` with ``fn`` applied to each of its tensor fields (None stays None):
+    moving a batch to a device, or pinning it for an asynchronous copy."""
+    return dataclasses.replace(value, **{f.name: fn(v) for f in dataclasses.fields(value)
+                                         if isinstance(v := getattr(value, f.name), torch.Tensor)})
+
+
 LOG_ROUNDING_REST = math.log(-math.expm1(-1 / 128))  # log ρ: the most mass q64 rounding can hide (see teacher_tail)
 
 
@@ -64,9 +71,8 @@ class TeacherTargets:
     mask: torch.Tensor  # [N] bool
     sample_weights: torch.Tensor | None = None  # sampled shards: [N, k] float p̂ (Σ = 1; 0 = unused slot)
 
-    def to(self, device) -> TeacherTargets:
-        return TeacherTargets(*(None if (value := getattr(self, f.name)) is None else value.to(device)
-                                for f in dataclasses.fields(self)))
+    def to(self, device, non_blocking: bool = False) -> TeacherTargets:
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def check(self) -> None:
         n, k = self.topk_ids.shape if self.topk_ids.dim() == 2 else (None, None)

@@ -38,16 +38,22 @@ SHARDED = "distributed"  # the torch.distributed.checkpoint folder of an FSDP ch
 
 
 def rng_state() -> dict[str, Any]:
+    """Python's, numpy's, torch's CPU and this process's own GPU generator (not every visible GPU's: that
+    would open a context on each from every rank, and fail to resume with fewer GPUs visible)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # written before this was per process: every visible GPU's; take this one's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def staging_folder(directory: Path, step: int) -> Path:
@@ -107,11 +113,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer state of checkpoint ``path``, unpickled with ``weights_only``: tensors, containers, numbers,
-    strings and numpy's RNG state only, so a crafted file cannot run code; anything else is refused."""
+    strings and numpy's RNG state only, so a crafted file cannot run code; anything else is refused. Loaded
+    into CPU memory (``map_location``): every rank reads the file, and the optimizer moves its state to its
+    own parameters' device (unmapped, every rank would put rank 0's whole Adam state on GPU 0)."""
     file = path / "trainer_state.pt"
     torch.serialization.add_safe_globals(NUMPY_RNG_GLOBALS)
     try:
-        return torch.load(file, weights_only=True)
+        return torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         reason = str(exc).split("WeightsUnpickler error: ")[-1].split(".")[0]
         raise TrainingError(f"{file}: refused, it holds more than a trainer state ({reason}); "

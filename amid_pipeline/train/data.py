@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from amid_pipeline.losses import TeacherTargets
+from amid_pipeline.losses.support import map_tensors
 from amid_pipeline.shards.manifest import Manifest, load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError, TeacherRow
@@ -95,9 +96,8 @@ class StudentInputs:
     row: torch.Tensor  # [N] long: the batch row of each stored position
     column: torch.Tensor  # [N] long: its column in the padded row
 
-    def to(self, device) -> StudentInputs:
-        return StudentInputs(*(None if (value := getattr(self, f.name)) is None else value.to(device)
-                               for f in dataclasses.fields(self)))
+    def to(self, device, non_blocking: bool = False) -> StudentInputs:
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,16 @@ class Batch:
     files: list[str]
     tokens: int  # sequence tokens fed to the student (padding excluded)
 
-    def to(self, device) -> Batch:
-        return dataclasses.replace(self, inputs=self.inputs.to(device), teacher=self.teacher.to(device))
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """On ``device``; ``non_blocking`` copies asynchronously from pinned memory (see :meth:`pin_memory`)."""
+        return dataclasses.replace(self, inputs=self.inputs.to(device, non_blocking),
+                                   teacher=self.teacher.to(device, non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """In page-locked host memory (the DataLoader calls this with ``pin_memory=True``), so that the copy
+        to a GPU can overlap the previous step."""
+        return dataclasses.replace(self, inputs=map_tensors(self.inputs, torch.Tensor.pin_memory),
+                                   teacher=map_tensors(self.teacher, torch.Tensor.pin_memory))
 
 
 @dataclasses.dataclass

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from amid_pipeline.train.checks import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +33,40 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """``values`` summed (or their ``"min"`` / ``"max"``) over the processes, as float64. The tensor is
+        made on this process's device: NCCL, the GPU process group, takes CUDA tensors only."""
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return tensor.tolist()
+
+    def stop_together(self, problem: BaseException | None) -> None:
+        """Every process stops, or none does (collective): ``problem`` is raised where it happened, and a
+        :class:`TrainingError` naming the processes that stopped everywhere else. Without it, one rank's
+        bad shard or non-finite loss would leave the others waiting in the next collective until the
+        NCCL watchdog ends them minutes later with an unrelated error."""
+        if self.world > 1:
+            stopped = [0.0] * self.world
+            stopped[self.rank] = float(problem is not None)
+            ranks = [rank for rank, flag in enumerate(self.all_reduce(stopped)) if flag]
+            if ranks and problem is None:
+                problem = TrainingError(f"process {', '.join(map(str, ranks))} of {self.world} stopped (its error is "
+                                        f"in its own output); this one ({self.rank}) stops with it")
+        if problem is not None:
+            raise problem
+
+    def together(self, work: Callable[[], T]) -> T:
+        """``work()``, agreed on by every process: if it raises anywhere, every process stops
+        (:meth:`stop_together`)."""
+        try:
+            result = work()
+        except Exception as exc:
+            self.stop_together(exc)
+        self.stop_together(None)
+        return result
 
 
 def start_processes() -> Processes:

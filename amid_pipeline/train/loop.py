@@ -15,6 +15,7 @@ without a new best) / checkpoint, (5) the final model (the last, or the best one
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -171,7 +172,8 @@ def _distill(config: DistillConfig) -> RunSummary:
 
     def train_batches(epoch: int, skip: int):
         data = ShardBatches(files, settings, seed=config.seed, epoch=epoch, rank=rank, world=world, skip_batches=skip)
-        return data, iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_data_workers))
+        return data, iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_data_workers,
+                                                      pin_memory=device.type == "cuda"))
 
     def heldout_batches():
         data = ShardBatches(eval_files, eval_settings, seed=config.seed, rank=rank, world=world,
@@ -197,7 +199,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     def evaluate_heldout() -> dict[str, float]:
         """Held-out metrics at this step, logged; with --best-metric the model is kept when it is the best."""
         model.eval()
-        metrics = evaluate(wrapped, heldout_batches(), device, autocast)
+        metrics = evaluate(wrapped, heldout_batches(), processes, autocast)
         if metrics_file:
             metrics_file.write({"step": step, "eval": metrics})
         if best is not None and best.update(step, metrics):
@@ -220,13 +222,14 @@ def _distill(config: DistillConfig) -> RunSummary:
         while step < total_steps and not (best and best.stopped):
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = step_kd = 0.0
+            losses, kds, sources = [], [], []
             for micro in range(config.grad_accum):
                 if consumed >= batches_per_epoch:  # every process ends its epoch after the same count
                     epoch, consumed = epoch + 1, 0
                     data, batches = train_batches(epoch, 0)
                     batches_per_epoch = epoch_batches(epoch)
-                batch = next(batches).to(device)
+                # a shard that fails to read on one rank stops every rank, before the collective forward
+                batch = processes.together(lambda: next(batches).to(device, non_blocking=True))
                 consumed += 1
                 last_micro = micro == config.grad_accum - 1
                 with wrapped.no_sync() if world > 1 and not fsdp and not last_micro else nullcontext():
@@ -234,16 +237,22 @@ def _distill(config: DistillConfig) -> RunSummary:
                         targets = (batch.teacher if online_teacher is None
                                    else online_teacher_targets(online_teacher, batch.inputs, batch.teacher, head_size))
                         out = wrapped(batch.inputs, targets, progress=(step, total_steps))
-                    if not torch.isfinite(out.loss):
-                        raise TrainingError(
-                            f"non-finite loss at step {step + 1} (samples {batch.sample_ids[:8]}, files "
-                            f"{batch.files}); the last checkpoint in {checkpoints} is intact")
                     (out.loss / config.grad_accum).backward()
-                step_loss += float(out.loss.detach()) / config.grad_accum
-                step_kd += float(out.kd.detach()) / config.grad_accum
+                losses.append(out.loss.detach().float())
+                kds.append(out.kd.detach().float())
+                sources.append((batch.sample_ids[:8], batch.files))
                 tokens += batch.tokens * world
                 run_tokens += batch.tokens * world
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf")))
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the norm over every rank's shard
+                grad_norm = grad_norm.full_tensor()
+            values = torch.cat([torch.stack(losses), torch.stack(kds), grad_norm.float()[None]]).tolist()  # one host sync a step
+            bad = next((i for i, value in enumerate(values[: len(losses)]) if not math.isfinite(value)), None)
+            processes.stop_together(None if bad is None else TrainingError(  # before the step: the weights stay finite
+                f"non-finite loss at step {step + 1} (samples {sources[bad][0]}, files {sources[bad][1]}); "
+                f"the last checkpoint in {checkpoints} is intact"))
+            step_loss, step_kd = (sum(part) / config.grad_accum for part in (values[: len(losses)], values[len(losses):-1]))
+            grad_norm = values[-1]
             optimizer.step()
             scheduler.step()
             step += 1

@@ -12,42 +12,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.data import Batch
+from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.step import calibration_keys
 
 SUMS = ("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", *calibration_keys(), "positions")
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Iterable[Batch], device, autocast) -> dict[str, float]:
+def evaluate(module: nn.Module, batches: Iterable[Batch], processes: Processes, autocast) -> dict[str, float]:
     """Held-out metrics (see :func:`amid_pipeline.train.step.heldout_sums`) averaged over supervised
     positions, plus perplexity = exp(mean CE) and the expected calibration error of the top-1 prediction
     of the actual token, ``ece`` = Σ_b |Σ_{t in b} (correct_t − confidence_t)| / positions.
 
     Under several processes every rank runs the same number of batches (the smallest share: forward
-    passes are collective under FSDP and DDP) and the sums are added across ranks.
+    passes are collective under FSDP and DDP), the sums are added across ranks, and a rank whose held-out
+    rows fail to read stops every rank.
     """
-    batches = list(batches)
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
-        count = torch.tensor(len(batches))
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        batches = batches[: int(count)]
+    batches = processes.together(lambda: list(batches))
+    count = int(processes.all_reduce([len(batches)], "min")[0])
     totals = dict.fromkeys(SUMS, 0.0)
-    for batch in batches:
-        batch = batch.to(device)
+    for batch in batches[:count]:
+        batch = batch.to(processes.device, non_blocking=True)
         with autocast:
             sums = module(batch.inputs, batch.teacher, metrics=True)
         for key, value in sums.items():
             totals[key] += value
-    if distributed:
-        summed = torch.tensor(list(totals.values()), dtype=torch.float64)
-        dist.all_reduce(summed)
-        totals = dict(zip(totals, summed.tolist()))
+    totals = dict(zip(totals, processes.all_reduce(list(totals.values()))))
     count = totals.pop("positions")
     metrics = {key: value / max(count, 1.0) for key, value in totals.items()}
     metrics["ece"] = sum(abs(metrics.pop(key)) for key in calibration_keys())

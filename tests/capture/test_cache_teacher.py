@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -464,3 +465,33 @@ def test_a_capture_journaled_before_a_setting_existed_still_resumes(tiny_models,
         capture(tiny_models, tmp_path, data, draws=7)
     with pytest.raises(SettingsMismatch, match="target_kind: 'topk' there, 'sampled' now"):
         capture(tiny_models, tmp_path, data, target_kind="sampled")
+
+
+@pytest.mark.parametrize("cpu_build", [False, True])
+def test_vllm_engine_gets_the_gpu_memory_fraction_and_cuda_graphs_on_gpu_only(tiny_models, monkeypatch, cpu_build):
+    """On GPU the engine starts with --gpu-memory-utilization (prompt log-probabilities need room vLLM's
+    sizing does not count) and CUDA graphs unless --no-cuda-graphs; the CPU build gets neither. The
+    engine is replaced by a recorder that stops right after being called."""
+    import importlib.metadata
+
+    import vllm
+
+    from amid_pipeline.capture import backends
+
+    seen = {}
+
+    def engine(**arguments):
+        seen.update(arguments)
+        raise KeyboardInterrupt  # stop before the engine would start
+
+    monkeypatch.setattr(vllm, "LLM", engine)
+    monkeypatch.setattr(backends, "_is_cpu_build", lambda: cpu_build)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0")
+    config = load_config(CaptureConfig, None, {"teacher": str(tiny_models["teacher"]), "dataset": "x.jsonl",
+                                                "output": "out", "backend": "vllm", "dtype": "float32", "max_length": 64,
+                                                "gpu_memory_utilization": 0.6, "cuda_graphs": False})
+    for graphs in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            backends.make_backend(dataclasses.replace(config, cuda_graphs=graphs))
+        assert seen["enforce_eager"] is (cpu_build or not graphs)
+        assert seen.get("gpu_memory_utilization") == (None if cpu_build else 0.6)

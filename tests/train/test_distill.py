@@ -210,6 +210,10 @@ def test_two_processes_ddp_and_fsdp_agree_and_fsdp_resumes_from_sharded_checkpoi
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    norms = [[line["grad_norm"] for line in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in line] for run in ("ddp", "fsdp")]
+    assert len(norms[0]) == 4
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-4, atol=0)  # FSDP logs the whole gradient's norm, not a shard's
 
     stopped = tmp_path / "stopped"
     torchrun(tiny_shards, tiny_models, stopped, "--parallel", "fsdp", *constant, "--max-steps", "2")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
-from amid_pipeline.models import model_source
+from amid_pipeline.models import model_source, resolve_device
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.distributed import Processes
@@ -30,18 +30,19 @@ from amid_pipeline.train.metrics import evaluate
 from amid_pipeline.train.step import DistillModule
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "auto"):
+    """(model, tokenizer) of the HF folder ``path``, in float32 on ``device`` (auto: the GPU when there is one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_source(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(resolve_device(device)).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
 def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_length: int = 1024,
-                       max_batches: int | None = None, device: str = "cpu", progress: str | None = None) -> dict[str, float]:
-    """Metrics over every row of ``shards`` (or its first ``max_batches`` batches); ``progress``: the
-    label of a progress bar over the batches (None: none)."""
+                       max_batches: int | None = None, progress: str | None = None) -> dict[str, float]:
+    """Metrics over every row of ``shards`` (or its first ``max_batches`` batches), on the model's device;
+    ``progress``: the label of a progress bar over the batches (None: none)."""
     header = load_manifest(shards).header
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
                             student_vocab=model.get_output_embeddings().weight.shape[0],
@@ -50,7 +51,7 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
     module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
-    metrics = evaluate(module, batches, Processes(1, 0, torch.device(device)), nullcontext())
+    metrics = evaluate(module, batches, Processes(1, 0, model.device), nullcontext())
     metrics.pop("kd")  # the same forward KL as kl_to_teacher here
     return metrics
 

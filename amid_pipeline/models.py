@@ -21,6 +21,13 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 READY_MARKER = "amid_pipeline_ready.json"
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``device``, with ``auto`` = the GPU when there is one, else the CPU: where models are loaded to run."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def bfloat16_is_emulated(device_type: str) -> bool:
     """Whether bfloat16 arithmetic on ``device_type`` is emulated: on an x86 CPU without AMX or AVX512-BF16
     (e.g. an AVX2-only AMD EPYC), PyTorch converts to float32 and back around every operation. Measured on
@@ -222,7 +229,7 @@ def block_influence(model, sequences: list, batch_size: int = 8, progress: str |
     from tqdm.auto import tqdm
 
     layers = getattr(model, model.base_model_prefix).layers
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=model.device)
     count = 0
     mask_holder: dict[str, torch.Tensor] = {}
 
@@ -231,7 +238,7 @@ def block_influence(model, sequences: list, batch_size: int = 8, progress: str |
             entering = args[0] if args else kwargs["hidden_states"]
             leaving = output[0] if isinstance(output, tuple) else output
             cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
-            sums[index] += float((cosine * mask_holder["mask"]).sum())
+            sums[index] += (cosine * mask_holder["mask"]).sum().double()
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -244,9 +251,9 @@ def block_influence(model, sequences: list, batch_size: int = 8, progress: str |
             for row, seq in enumerate(batch):
                 ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
                 mask[row, : len(seq)] = 1
-            mask_holder["mask"] = mask
+            mask_holder["mask"] = mask = mask.to(model.device)
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask.long())
+                model(input_ids=ids.to(model.device), attention_mask=mask.long())
             count += int(mask.sum())
     finally:
         for handle in handles:

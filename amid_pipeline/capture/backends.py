@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from amid_pipeline.chat import cut_at_stop
-from amid_pipeline.models import emulated_bfloat16_warning, engine_dtype
+from amid_pipeline.models import emulated_bfloat16_warning, engine_dtype, resolve_device
 
 CHUNK_ELEMENTS = 1 << 24  # [positions x vocabulary] logits held at once in fp32 (64 MiB), e.g. 110 x 151,936
 
@@ -156,7 +156,7 @@ class HFBackend:
     def __init__(self, teacher: str, *, k: int, dtype: str = "auto", device: str = "auto", batch_tokens: int = 8192):
         from transformers import AutoModelForCausalLM
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         # loaded straight onto the device (device_map), not into host memory first; one device per teacher
         self.model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype(dtype), device_map=self.device).eval()
         self.k = k
@@ -429,7 +429,7 @@ def backend_name(config) -> str:
 def make_backend(config) -> HFBackend | VLLMBackend:
     """The backend :func:`backend_name` picks, started."""
     name = backend_name(config)
-    device = config.device if name == "hf" and config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.device if name == "hf" else "auto")
     dtype = engine_dtype(config.dtype, config.teacher, device)
     if warning := emulated_bfloat16_warning(dtype, device):
         print(warning, file=sys.stderr)

@@ -61,7 +61,8 @@ def _importance_choice(teacher: str, calibration: str, rows: int, layers: int | 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amid_pipeline.models import block_influence, model_source, most_influential_layers, tokenizer_fingerprint
+    from amid_pipeline.models import (block_influence, model_source, most_influential_layers, resolve_device,
+                                      tokenizer_fingerprint)
     from amid_pipeline.shards.reader import ShardReader
 
     reader = ShardReader(calibration)
@@ -77,7 +78,8 @@ def _importance_choice(teacher: str, calibration: str, rows: int, layers: int | 
             break
     if not sequences:
         raise UserError(f"{calibration}: no rows to calibrate on")
-    model = AutoModelForCausalLM.from_pretrained(model_source(teacher, "teacher"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_source(teacher, "teacher"), dtype=torch.float32)
+    model = model.to(resolve_device()).eval()
     total = len(getattr(model, model.base_model_prefix).layers)
     keep = layers if layers is not None else math.ceil(total / keep_every)
     if not 1 <= keep <= total:

@@ -7,7 +7,10 @@
   ``outside_of`` ids [N, S] it also returns rest[n] = logsumexp over the ids not in row n's S (−inf
   where S covers the vocabulary), from the same blocks: log q_rest = rest − lse with no cancellation.
 
-Both run their matmuls in the inputs' dtype (bf16 on GPU) and accumulate the logits in float32.
+Both run their matmuls in the hidden states' dtype (bf16 under autocast on GPU; the weight is cast to it)
+and accumulate the logits in float32 — in backward too, where autocast is off (backward runs outside the
+forward's autocast region, so the compute dtype is stated, not inherited: the blocks recomputed there
+equal the forward's).
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK = 256  # positions per block: [256, k, H] gathered rows or one [256, V] logits block
-DENSE_CHUNK = 32  # rows per block of given logits: [32, V] stays in cache (256 rows ran 3x slower on CPU)
+DENSE_CHUNK = 32  # rows per block of given logits on a CPU: [32, V] stays in cache (256 rows ran 3x slower)
+GPU_BLOCK_ELEMENTS = 2**26  # on a GPU, blocks of ~64 M logits (256 MB float32): few, large kernels
+
+
+def dense_chunk(logits: torch.Tensor) -> int:
+    """Rows per block of dense logits [N, V]: cache-sized on a CPU, ~2^26 entries on an accelerator."""
+    return DENSE_CHUNK if logits.device.type == "cpu" else max(DENSE_CHUNK, GPU_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
 
 
 def _chunks(n: int, chunk: int):
@@ -43,7 +52,7 @@ class _SupportLogits(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, chunk):
         out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
         for a, b in _chunks(hidden.shape[0], chunk):
-            rows = weight[ids[a:b]]  # [c, k, H]
+            rows = weight[ids[a:b]].to(hidden.dtype)  # [c, k, H]
             out[a:b] = torch.einsum("ch,ckh->ck", hidden[a:b], rows).float()
             if bias is not None:
                 out[a:b] += bias[ids[a:b]].float()
@@ -59,7 +68,7 @@ class _SupportLogits(torch.autograd.Function):
             g = grad_out[a:b]  # [c, k]
             chunk_ids = ids[a:b]
             if grad_hidden is not None:
-                grad_hidden[a:b] = torch.einsum("ck,ckh->ch", g.to(weight.dtype), weight[chunk_ids]).to(hidden.dtype)
+                grad_hidden[a:b] = torch.einsum("ck,ckh->ch", g.to(hidden.dtype), weight[chunk_ids].to(hidden.dtype))
             if grad_weight is not None:
                 contrib = g[:, :, None] * hidden[a:b, None, :].float()  # [c, k, H]
                 grad_weight.index_add_(0, chunk_ids.reshape(-1), contrib.reshape(-1, hidden.shape[1]))
@@ -80,7 +89,7 @@ def support_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor
 
 def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The one [chunk, V] float32 block of full logits held at a time."""
-    logits = (hidden @ weight.T).float()
+    logits = (hidden @ weight.to(hidden.dtype).T).float()
     return logits + bias.float() if bias is not None else logits
 
 
@@ -131,11 +140,12 @@ class _LogSumExps(torch.autograd.Function):
         return grad, None, None
 
 
-def logsumexps(logits: torch.Tensor, ids: torch.Tensor, chunk: int = DENSE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def logsumexps(logits: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp over the vocabulary [N], logsumexp over the ids not in each row's ``ids`` [N]) of dense
     logits [N, V], in float32 (float64 stays float64); the second is −inf where ``ids`` cover the row.
-    log q_rest = rest − lse, exact where 1 − Σ_S q would cancel."""
-    return _LogSumExps.apply(logits, ids.long(), chunk)
+    log q_rest = rest − lse, exact where 1 − Σ_S q would cancel. ``chunk``: rows per block (default
+    :func:`dense_chunk`)."""
+    return _LogSumExps.apply(logits, ids.long(), chunk or dense_chunk(logits))
 
 
 class _FullLogSumExp(torch.autograd.Function):
@@ -163,7 +173,7 @@ class _FullLogSumExp(torch.autograd.Function):
             ids, block_rest, block_grad_rest = rest_part
             probs = _block_gradient(logits, ids, lse[a:b], block_rest, grad_out[a:b], block_grad_rest)
             if grad_hidden is not None:
-                grad_hidden[a:b] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[a:b] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += probs.T @ hidden[a:b].float()
             if grad_bias is not None:

@@ -326,7 +326,8 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
     elif packed:  # block-diagonal causal mask: attention stays inside each packed sequence
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        attention_mask = (same & causal & (segment[:, :, None] >= 0))[:, None]
+        padding = (segment < 0)[:, :, None]  # a padding query sees itself only: no all-False row (NaN in some SDPA kernels)
+        attention_mask = ((same & causal & ~padding) | (torch.eye(width, dtype=torch.bool) & padding))[:, None]
     else:
         attention_mask = (segment >= 0).long()
     inputs = StudentInputs(input_ids, attention_mask, position_ids, torch.from_numpy(np.concatenate(rows)).long(),

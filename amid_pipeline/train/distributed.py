@@ -81,17 +81,38 @@ def start_processes() -> Processes:
     return Processes(world, rank, device)
 
 
-def wrap(module: nn.Module, model: nn.Module, processes: Processes, parallel: str) -> tuple[nn.Module, bool]:
+def fsdp_api():
+    """(``fully_shard``, ``MixedPrecisionPolicy``): public in ``torch.distributed.fsdp`` from torch 2.6, in
+    ``torch.distributed._composable.fsdp`` before (2.4 and 2.5)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def place(model: nn.Module, processes: Processes, parallel: str) -> nn.Module:
+    """The student on this process's device, except under FSDP with several processes: there it stays in
+    host memory, and :func:`wrap` moves each layer's own shard to the device as it shards it (moving the
+    whole student first would fail for a student that fits on a GPU only when sharded)."""
+    return model if processes.world > 1 and parallel == "fsdp" else model.to(processes.device)
+
+
+def wrap(module: nn.Module, model: nn.Module, processes: Processes, parallel: str,
+         bfloat16: bool = False) -> tuple[nn.Module, bool]:
     """(the module the step calls, whether it is sharded): as is in one process; under several, DDP, or
-    FSDP with every decoder layer sharded, then the rest (the loss runs inside the sharded forward)."""
+    FSDP with every decoder layer sharded, then the rest (the loss runs inside the sharded forward). With
+    ``bfloat16`` FSDP gathers the weights in bf16 and reduces the gradients in fp32 (without a policy both
+    move fp32: twice the bytes)."""
     if processes.world == 1:
         return module, False
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard, MixedPrecisionPolicy = fsdp_api()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bfloat16 else None
+        options = {"mp_policy": policy} if policy else {}
         for layer in getattr(model, model.base_model_prefix).layers:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, **options)
+        fully_shard(module, **options)
         return module, True
     return nn.parallel.DistributedDataParallel(module), False
 

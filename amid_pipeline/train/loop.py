@@ -37,7 +37,7 @@ from amid_pipeline.train.checks import (RUN_RECORD, TrainingError, check_eval_sh
                                         model_fingerprint, objective_and_data_notes, packed_attention_mode, run_record)
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, cached_manifest, count_batches, list_files
-from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, save_sharded,
+from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, place, save_sharded,
                                              start_processes, wrap)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
 from amid_pipeline.train.step import DistillModule, online_teacher_targets
@@ -93,7 +93,7 @@ def _distill(config: DistillConfig) -> RunSummary:
         check_resumed_run(output, record)
     sharded_resume = resume_from is not None and (resume_from / SHARDED).is_dir()  # an FSDP checkpoint
     weights_from = config.student if resume_from is None or sharded_resume else resume_from
-    model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32).to(device)
+    model = place(AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32), processes, config.parallel)
     head_size = model.get_output_embeddings().weight.shape[0]
     notes = check_student(header, tokenizer, head_size, config.student) + objective_and_data_notes(config, files)
     notes += [warning] if (warning := emulated_bfloat16_warning(config.dtype, device.type)) else []
@@ -138,7 +138,7 @@ def _distill(config: DistillConfig) -> RunSummary:
 
     # --- 3. parallel wrapping, optimiser, schedule, resume ---------------------------------------------
     module = DistillModule(model, loss_fn, sparse)
-    wrapped, fsdp = wrap(module, model, processes, config.parallel)
+    wrapped, fsdp = wrap(module, model, processes, config.parallel, use_bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s, total_steps))
     step, epoch, consumed, tokens = 0, 0, 0, 0

@@ -32,7 +32,7 @@ from torch import nn
 
 from amid_pipeline.capture.examples import Example, dataset_examples
 from amid_pipeline.config import save_config
-from amid_pipeline.models import emulated_bfloat16_warning, model_source
+from amid_pipeline.models import emulated_bfloat16_warning, model_source, resolve_device
 from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_model, set_rng_state
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.shards.storage import write_json_atomic
@@ -132,7 +132,7 @@ def sft(config: SFTConfig) -> SFTSummary:
 
     started = time.perf_counter()
     output = Path(config.output)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(resolve_device())
     use_bf16 = config.uses_bfloat16(device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     torch.manual_seed(config.seed)

@@ -113,6 +113,29 @@ def test_student_head_path_equals_dense_logits(support, kd_ratio, chunk):
     assert loss.needs_full_vocabulary == (support == "tail" or kd_ratio < 1)
 
 
+@pytest.mark.parametrize("support,kd_ratio", [("renormalized", 1.0), ("tail", 1.0), ("renormalized", 0.6)])
+def test_student_head_backward_outside_bf16_autocast(support, kd_ratio):
+    """The trainer runs the forward under bf16 autocast (the default on a GPU) and backward outside it:
+    the head's blocks recomputed in backward must not depend on autocast (a bf16 @ fp32 matmul raised
+    there). Gradients equal the float64 dense ones to bf16 precision."""
+    generator = torch.Generator().manual_seed(6)
+    n, h, v = 13, 16, 50
+    inputs = torch.randn(n, h, generator=generator)
+    projection = torch.randn(h, h, generator=generator).div(4).requires_grad_(True)
+    weight = torch.randn(v, h, generator=generator, requires_grad=True)
+    _, teacher = awkward_batch(n=n, v=v, seed=5)
+    loss = KDLoss("amid", support=support, kd_ratio=kd_ratio)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = inputs @ projection  # bf16, as a decoder's last hidden state under autocast
+        out = loss(StudentHead(hidden, weight, chunk=5), teacher)
+    grads = torch.autograd.grad(out.loss, (projection, weight))  # outside autocast, as in the trainer
+    dense = loss((inputs.double() @ projection.double()) @ weight.double().T, teacher)
+    for a, b in zip(grads, torch.autograd.grad(dense.loss, (projection, weight))):
+        assert a.dtype == torch.float32
+        assert float((a.double() - b.double()).norm() / b.double().norm()) < 0.02  # bf16 hidden states: ~1e-2
+
+
 def test_ce_mix_matches_cross_entropy():
     logits, teacher = awkward_batch(seed=6)
     out = KDLoss("forward_kl", kd_ratio=0.0)(logits, teacher)

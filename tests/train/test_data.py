@@ -49,6 +49,20 @@ def test_skip_resumes_mid_epoch(tiny_shards):
     assert resumed == full[3:]
 
 
+def test_packed_mask_gives_every_padding_query_a_key(tiny_shards):
+    """A query whose mask row is all False is a softmax over nothing: NaN in some SDPA kernels (GPU). A
+    padding query of a packed batch sees itself only."""
+    settings = DataSettings(batch_size=2, packing=True, max_length=400, packed_attention="mask")
+    batches = list(ShardBatches(list_files([str(tiny_shards)]), settings, seed=0, shuffle=False))
+    padded = [b for b in batches if b.tokens < b.inputs.input_ids.numel()]
+    assert padded, "no batch with padding: the test shows nothing"
+    for batch in padded:
+        mask = batch.inputs.attention_mask[:, 0]
+        assert mask.any(dim=-1).all()
+        real = batch.inputs.attention_mask[:, 0].sum(-1) > 1  # padding queries see one key: themselves
+        assert int((~real).sum()) >= batch.inputs.input_ids.numel() - batch.tokens
+
+
 @pytest.mark.parametrize("packed_attention", ["mask", "position_ids"])
 def test_packed_rows_attend_only_within_each_sequence(tiny_shards, tiny_models, packed_attention):
     """Hidden states of a packed row equal those of each sequence run alone, with the block-diagonal mask

@@ -120,3 +120,52 @@ def test_trainer_state_loads_into_cpu_memory(tiny_shards, tiny_models, tmp_path,
     state = checkpoint.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-000002")
     assert calls[0]["map_location"] == "cpu" and calls[0]["weights_only"] is True
     assert state["step"] == 2
+
+
+def test_fsdp_api_comes_from_the_older_path_before_torch_2_6(monkeypatch):
+    """torch 2.4 and 2.5 (which pyproject allows) keep fully_shard in torch.distributed._composable.fsdp."""
+    import torch.distributed._composable.fsdp as composable
+    import torch.distributed.fsdp as public
+
+    from amid_pipeline.train.distributed import fsdp_api
+
+    monkeypatch.delattr(public, "fully_shard")
+    monkeypatch.delattr(public, "MixedPrecisionPolicy")
+    assert fsdp_api() == (composable.fully_shard, composable.MixedPrecisionPolicy)
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_fsdp_keeps_the_student_in_host_memory_until_sharded_and_gathers_bf16(tiny_models, monkeypatch, bfloat16):
+    """Under FSDP the whole student is not moved to the device first (fully_shard moves each shard there:
+    a student that fits only sharded would fail otherwise); under DDP or alone it is. With bf16 the
+    shards are gathered in bf16 and gradients reduced in fp32 (a mixed-precision policy)."""
+    from transformers import AutoModelForCausalLM
+
+    from amid_pipeline.train import distributed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+    meta = torch.device("meta")  # stands in for a GPU
+    assert distributed.place(model, Processes(2, 0, meta), "fsdp").device.type == "cpu"
+    sharded = []
+    fully_shard, policy_type = distributed.fsdp_api()
+    monkeypatch.setattr(distributed, "fsdp_api", lambda: (lambda module, **options: sharded.append((module, options)),
+                                                          policy_type))
+    _, is_sharded = distributed.wrap(model, model, Processes(2, 0, meta), "fsdp", bfloat16=bfloat16)
+    assert is_sharded and len(sharded) == model.config.num_hidden_layers + 1
+    for _, options in sharded:
+        policy = options.get("mp_policy")
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32) if bfloat16 else policy is None
+    assert distributed.place(model, Processes(1, 0, meta), "fsdp").device == meta
+    assert distributed.place(model, Processes(2, 0, meta), "ddp").device == meta
+
+
+def test_models_load_onto_the_accelerator_when_there_is_one(tiny_models, monkeypatch):
+    """eval, the quickstart's evaluation and init-student --by importance loaded models on the CPU even on
+    a GPU machine; "auto" is the GPU when there is one."""
+    from amid_pipeline import evaluate, models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.resolve_device() == "cuda" and models.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(evaluate, "resolve_device", lambda device="auto": "meta")  # a GPU's stand-in
+    model, _ = evaluate.load_model(tiny_models["student"])
+    assert model.device.type == "meta"

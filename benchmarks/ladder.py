@@ -101,20 +101,9 @@ SWEPT = ("AMiD KL, α on dev", "AMiD AB(0.2, 0.7), α on dev")
 
 # --- build: models, T*, its samples, the targets, the healed student ----------------------------------------
 
-def llama(out: Path, tokenizer, shape: dict, seed: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (out / "config.json").exists():
-        return
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["heads"], head_dim=shape["hidden"] // shape["heads"],
-                         max_position_embeddings=2 * MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def llama(tiny, out: Path, tokenizer, shape: dict, seed: int) -> None:
+    if not (out / "config.json").exists():
+        tiny.build_llama(out, tokenizer, **shape, seed=seed, max_positions=2 * MAX_LENGTH)
 
 
 def response_start(row) -> int:
@@ -177,8 +166,8 @@ def build(args) -> dict:
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
     tokenizer = tiny.build_tokenizer(w / "tokenizer", vocab_size=VOCAB)
-    llama(w / "teacher-init", tokenizer, TEACHER, seed=0)
-    llama(w / "student-init", tokenizer, STUDENT, seed=1)
+    llama(tiny, w / "teacher-init", tokenizer, TEACHER, seed=0)
+    llama(tiny, w / "student-init", tokenizer, STUDENT, seed=1)
     times = {}
 
     def timed(name, step, *arguments):

@@ -52,31 +52,42 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     return fast
 
 
-def build_model(out_dir: Path, tokenizer, *, layers: int, seed: int, head_padding: int = 0):
+def build_llama(out_dir: Path, tokenizer, *, layers: int, hidden: int, heads: int, intermediate: int, seed: int,
+                head_padding: int = 0, head_scale: float = 1.0, max_positions: int = 512):
+    """A random Llama of that shape on ``tokenizer`` (head padded by ``head_padding`` ids, its weights
+    multiplied by ``head_scale``), saved with the tokenizer as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer) + head_padding,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a sharper random teacher: peaked distributions, like a trained one
-        model.lm_head.weight.mul_(8.0)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_model(out_dir: Path, tokenizer, *, layers: int, seed: int, head_padding: int = 0):
+    """The tests' tiny Llama: hidden 64, 2 heads, a sharper head (× 8: peaked distributions, like a
+    trained teacher's)."""
+    return build_llama(out_dir, tokenizer, layers=layers, hidden=64, heads=2, intermediate=128, seed=seed,
+                       head_padding=head_padding, head_scale=8.0)
 
 
 def build_tiny_models(out_dir: str | Path) -> dict[str, Path]:

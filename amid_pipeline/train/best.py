@@ -6,17 +6,25 @@ value makes that step the best and resets the count of evaluations without one, 
 bounds (HF Trainer's ``load_best_model_at_end`` with early-stopping patience). Its state travels in
 every checkpoint, so a resumed run compares against the same best and stops at the same step;
 ``RUN_DIR/best.json`` states the choice for the reader.
+
+The model folder records which step it holds (:data:`KEPT`). A run killed after keeping a new best but
+before its next checkpoint replays those steps on resume; on a CPU the replay is exact and keeps the same
+step again, but on a GPU (nondeterministic kernels) the replayed evaluation may no longer win, and the folder
+would hold weights of a step the resumed run did not choose: ``best.json`` then says so by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from amid_pipeline.shards.storage import write_json_atomic
 from amid_pipeline.train.config import HIGHER_IS_BETTER
+
+KEPT = "amid_pipeline_best.json"  # in RUN_DIR/model: the evaluated step whose weights the folder holds
 
 
 @dataclasses.dataclass
@@ -43,6 +51,10 @@ class BestModel:
         self.stopped = bool(self.patience) and self.bad_evaluations >= self.patience
         return better
 
+    def kept(self) -> dict[str, dict]:
+        """The record saved inside the model folder with the weights of the new best step."""
+        return {KEPT: {"metric": self.metric, "step": self.step, "value": self.value}}
+
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -53,12 +65,21 @@ class BestModel:
         for key, value in (state or {}).items():
             setattr(self, key, value)
 
-    def write(self, path: Path, last_step: int, rows: str) -> None:
-        """``best.json``: the chosen step, its value, and why the run ended where it did."""
+    def write(self, path: Path, last_step: int, rows: str, model: Path) -> str | None:
+        """``best.json``: the chosen step, its value, and why the run ended where it did; a warning
+        (returned, and in the file) when ``model`` holds another step's weights (see the module docstring)."""
         direction = "highest" if HIGHER_IS_BETTER[self.metric] else "lowest"
         ended = (f"stopped at step {last_step}: {self.bad_evaluations} evaluations without a new best (patience "
                  f"{self.patience})" if self.stopped else f"ran to its last step, {last_step}")
-        write_json_atomic(path, {
-            "metric": self.metric, "step": self.step, "value": self.value, "evaluations": self.evaluations,
-            "stopped_early": self.stopped, "last_step": last_step,
-            "why": f"{direction} {self.metric} on {rows} over {self.evaluations} evaluations; {ended}"})
+        record = {"metric": self.metric, "step": self.step, "value": self.value, "evaluations": self.evaluations,
+                  "stopped_early": self.stopped, "last_step": last_step,
+                  "why": f"{direction} {self.metric} on {rows} over {self.evaluations} evaluations; {ended}"}
+        held = json.loads((model / KEPT).read_text()) if (model / KEPT).exists() else None
+        warning = None
+        if held is not None and held["step"] != self.step:
+            warning = (f"warning: {model} holds the weights of step {held['step']} ({self.metric} {held['value']}), kept "
+                       f"before the run was killed; on resume that step's replay did not win again (nondeterministic "
+                       f"kernels) and the best of this run, step {self.step}, was overwritten then")
+            record.update(model_step=held["step"], model_value=held["value"], warning=warning)
+        write_json_atomic(path, record)
+        return warning

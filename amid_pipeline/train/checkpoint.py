@@ -126,13 +126,17 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
                             f"a run folder from elsewhere may not run code: start another --output") from exc
 
 
-def save_model(model, tokenizer, final: Path, state_dict: dict[str, Any] | None = None) -> None:
+def save_model(model, tokenizer, final: Path, state_dict: dict[str, Any] | None = None,
+               records: dict[str, dict] | None = None) -> None:
     """``save_pretrained`` (of ``state_dict`` when given: gathered full weights under FSDP) into a
-    temporary folder beside ``final``, then swapped in: a kill leaves the old or the new model."""
+    temporary folder beside ``final``, with ``records`` (file name -> JSON) beside the weights, then
+    swapped in: a kill leaves the old or the new model."""
     tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    for name, record in (records or {}).items():
+        (tmp / name).write_text(json.dumps(record, indent=1))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

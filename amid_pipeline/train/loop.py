@@ -205,7 +205,7 @@ def _distill(config: DistillConfig) -> RunSummary:
         if best is not None and best.update(step, metrics):
             weights = full_weights(module, fsdp)  # collective under FSDP
             if processes.main:
-                save_model(model, tokenizer, output / "model", weights)
+                save_model(model, tokenizer, output / "model", weights, records=best.kept())
             processes.barrier()
         return metrics
 
@@ -279,8 +279,8 @@ def _distill(config: DistillConfig) -> RunSummary:
         weights = full_weights(module, fsdp)  # collective under FSDP
         if processes.main:
             save_model(model, tokenizer, output / "model", weights)
-    elif processes.main:
-        best.write(output / "best.json", step, heldout)
+    elif processes.main and (warning := best.write(output / "best.json", step, heldout, output / "model")):
+        print(warning)
     processes.barrier()
     return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
                       final_loss=last_loss, eval=last_eval, heldout=heldout,

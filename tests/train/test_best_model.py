@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from amid_pipeline.train.best import BestModel
+from amid_pipeline.train import loop
+from amid_pipeline.train.best import KEPT, BestModel
 from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.loop import distill
 from tests.helpers import stop_distill_at_step
@@ -43,6 +44,7 @@ def test_model_is_the_best_evaluated_step(tiny_shards, tiny_models, tmp_path, me
     assert chosen["metric"] == metric and not chosen["stopped_early"] and summary.steps == 8
     assert 0 < best_step < 8, curve  # the settings make the choice matter (neither the start nor the end)
     assert_same_weights(run / "model", run / "checkpoints" / f"step-{best_step:06d}")
+    assert json.loads((run / "model" / KEPT).read_text())["step"] == best_step and "warning" not in chosen
 
 
 def test_a_plateau_stops_the_run_and_a_resume_does_nothing_more(tiny_shards, tiny_models, tmp_path):
@@ -75,6 +77,27 @@ def test_killed_run_resumes_to_the_same_best_model(tiny_shards, tiny_models, tmp
     with pytest.raises(TrainingError, match="best_metric: 'kl_to_teacher' there, 'ce' now"):
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", resume=True,
                             **{**settings, "best_metric": "ce"}))
+
+
+def test_a_resume_whose_replay_keeps_another_step_says_which_step_the_model_holds(tiny_shards, tiny_models, tmp_path,
+                                                                                monkeypatch):
+    """Killed after keeping a new best (step 3) but before the next checkpoint (step 4): the resume replays
+    from step 2. On a GPU the replayed evaluations can differ (here: made worse by hand), so step 3 no
+    longer wins, the best stays the one the checkpoint knew, and RUN_DIR/model holds a step the resumed run
+    did not choose; best.json names both."""
+    settings = {**SETTINGS, "save_every": 2, "best_metric": "kl_to_teacher", "max_steps": 6}
+    release = stop_distill_at_step(monkeypatch, 4)  # before step 4's evaluation and checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", **settings))
+    release()
+    held = json.loads((tmp_path / "run" / "model" / KEPT).read_text())
+    assert held["step"] == 3  # the best so far, kept after the last checkpoint (step 2)
+    evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *args: {**(m := evaluate(*args)), "kl_to_teacher": m["kl_to_teacher"] + 10})
+    resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", resume=True, **settings))
+    chosen = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert resumed.best.step == chosen["step"] < 3 and chosen["model_step"] == 3 and chosen["model_value"] == held["value"]
+    assert "holds the weights of step 3" in chosen["warning"]
 
 
 def test_patience_needs_a_metric_and_a_non_finite_value_is_never_best(tiny_shards, tiny_models, tmp_path):

@@ -81,7 +81,7 @@ class DistillConfig(OptimizationSettings):
     parallel: str = setting("ddp", "Several processes (torchrun): ddp (a full student per process) or fsdp (student sharded across processes).", choices=("ddp", "fsdp"))
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")
-    report_to: list = setting(["tensorboard"], "Trackers that get the train and eval scalars beside RUN_DIR/metrics.jsonl: any of tensorboard (RUN_DIR/tensorboard), wandb (RUN_DIR/wandb; WANDB_MODE=offline works without network), trackio (local SQLite under TRACKIO_DIR); none = metrics.jsonl only. One that is not installed is skipped with a warning.")
+    report_to: list = setting(["auto"], "Trackers that get the train and eval scalars beside RUN_DIR/metrics.jsonl: any of tensorboard (RUN_DIR/tensorboard), wandb (RUN_DIR/wandb; WANDB_MODE=offline works without network), trackio (local SQLite under TRACKIO_DIR); none = metrics.jsonl only; auto = tensorboard when it is installed, else none, silently. One named but not installed is skipped with a warning.")
 
     def check(self) -> list[str]:
         from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
@@ -89,8 +89,8 @@ class DistillConfig(OptimizationSettings):
         from amid_pipeline.train.metrics import TRACKERS
 
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
-        errors += [f"report_to: {name!r} is not one of {', '.join(TRACKERS)}, none" for name in self.report_to
-                   if name not in TRACKERS and name != "none"]
+        errors += [f"report_to: {name!r} is not one of {', '.join(TRACKERS)}, none, auto" for name in self.report_to
+                   if name not in TRACKERS and name not in ("none", "auto")]
         if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
             errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
         if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):

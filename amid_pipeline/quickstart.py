@@ -11,6 +11,7 @@ shards (and the finished distill run). The stage settings come from stages/quick
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from amid_pipeline.capture.config import CaptureConfig
@@ -28,6 +29,20 @@ COLUMNS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rou
 RUNS = (("student after", "distill", {}), ("student after, CE only", "distill-ce", {"loss": "forward_kl", "kd_ratio": 0.0}))
 
 
+class Phases:
+    """Each phase's seconds, with a line as it ends: its time and the total so far."""
+
+    def __init__(self):
+        self.started = self.phase_started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.phase_started
+        self.phase_started = now
+        print(f"quickstart: {phase} done in {self.seconds[phase]:.0f} s ({now - self.started:.0f} s in all)", flush=True)
+
+
 @dataclasses.dataclass
 class QuickstartResult:
     output: Path
@@ -37,41 +52,34 @@ class QuickstartResult:
 
 def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: int, rouge_prompts: int,
                    backend: str = "auto", progress: bool = True) -> QuickstartResult:
-    import time
-
     data = ROOT / "data" / "jargon"
     stages = ROOT / "stages"
     if not (data / "train.jsonl").exists() or not stages.is_dir():
         raise FileNotFoundError(f"the quickstart needs a source checkout (data/jargon and stages/ under {ROOT})")
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
+    phases = Phases()
     teacher = smollm2_teacher()
     student_init = output / "student-init"
     if not (student_init / "config.json").exists():
         init_student(teacher, student_init, keep_every=3)
-    seconds["teacher and student folders"] = time.perf_counter() - clock
+    phases.done("teacher and student folders")
 
     shards = {}
     for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
-        clock = time.perf_counter()
         shards[split] = output / f"shards-{split}"
         run_capture(load_config(CaptureConfig, stages / "quickstart_cache_teacher.toml", {
             "teacher": str(teacher), "dataset": str(data / f"{split}.jsonl"), "output": str(shards[split]),
             "limit": rows, "backend": backend, "progress": progress}))
-        seconds[f"cache-teacher ({split}, {rows} rows)"] = time.perf_counter() - clock
+        phases.done(f"cache-teacher ({split}, {rows} rows)")
 
     students = {"student before": student_init}
     for name, run_name, objective in RUNS:
-        clock = time.perf_counter()
         run = output / run_name
         distill(load_config(DistillConfig, stages / "quickstart_distill.toml", {
             "shards": [str(shards["train"])], "student": str(student_init), "output": str(run), "max_steps": steps,
             "resume": True, "progress": progress, **objective}))
-        seconds[f"{run_name} ({steps} steps)"] = time.perf_counter() - clock
+        phases.done(f"{run_name} ({steps} steps)")
         students[name] = run / "model"
 
-    clock = time.perf_counter()
     table = {}
     for name, path in (("teacher", teacher), *students.items()):
         model, tokenizer = load_model(path)
@@ -80,5 +88,5 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
         if rouge_prompts:
             metrics.update(rouge_l_on_prompts(model, tokenizer, data / "heldout.jsonl", limit=rouge_prompts, progress=label))
         table[name] = metrics
-    seconds["evaluation"] = time.perf_counter() - clock
-    return QuickstartResult(output=output, table=table, seconds=seconds)
+    phases.done("evaluation")
+    return QuickstartResult(output=output, table=table, seconds=phases.seconds)

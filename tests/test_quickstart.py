@@ -17,6 +17,8 @@ def test_shortened_quickstart_end_to_end_and_reuse(tmp_path):
     first = in_fresh_process(run_quickstart, tmp_path / "qs", train_rows=24, heldout_rows=8, steps=3, rouge_prompts=2,
                              progress=False)
     assert set(first.table) == {"teacher", "student before", "student after", "student after, CE only"}
+    assert [phase.split(" (")[0] for phase in first.seconds] == ["teacher and student folders", "cache-teacher",
+                                                                "cache-teacher", "distill", "distill-ce", "evaluation"]
     teacher = first.table["teacher"]
     assert teacher["top1_agreement"] > 0.9 and teacher["kl_to_teacher"] < 0.05  # its own shards
     assert first.table["student before"]["perplexity"] > teacher["perplexity"]

@@ -34,6 +34,8 @@ def quickstart(
         typer.echo("|---|" + "---|" * len(columns))
         for name, metrics in result.table.items():
             typer.echo(f"| {name} | " + " | ".join(f"{metrics[c]:.4g}" for c in columns) + " |")
-        typer.echo("\n" + ", ".join(f"{phase}: {s:.0f} s" for phase, s in result.seconds.items()))
+        total = sum(result.seconds.values())
+        typer.echo("\n" + ", ".join(f"{phase}: {s:.0f} s" for phase, s in result.seconds.items())
+                   + f"; in all {total // 60:.0f} min {total % 60:.0f} s")
 
     run_guarded(run)

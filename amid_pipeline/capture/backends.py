@@ -242,13 +242,15 @@ class HFBackend:
                 b = min(a + chunk, positions)
                 parts.append(self._targets(logits_of(i, a, b), ids[i, a + 1 : b + 1], sampling,
                                            None if uniforms is None else uniforms[a:b].to(self.device)))
-            results.append(Scores(*(np.concatenate(column) if column[0] is not None else None
-                                    for column in zip(*parts))))
+            ids_, logprobs, target, rank, counts = (None if column[0] is None else torch.cat(column).cpu().numpy()
+                                                    for column in zip(*parts))  # one copy to the host per column
+            results.append(Scores(ids_, logprobs, target, rank, None if counts is None else counts.astype(np.uint16)))
         return results
 
     def _targets(self, logits: torch.Tensor, targets: torch.Tensor, sampling: Sampling | None,
                  uniforms: torch.Tensor | None) -> tuple:
-        """(ids, log p, target log p, target rank, counts or None) of one chunk: ``logits`` [C, V] fp32."""
+        """(ids, log p, target log p, target rank, counts or None) of one chunk: ``logits`` [C, V] fp32; on the
+        logits' device (the caller copies a sequence's chunks to the host at once)."""
         log_normalizer = logits.logsumexp(dim=-1, keepdim=True)  # [C, 1]
         target_logit = logits.gather(1, targets[:, None])
         rank = (logits > target_logit).sum(dim=-1) + 1
@@ -258,9 +260,8 @@ class HFBackend:
         else:
             top, top_logprobs, counts = draw_distinct(logits, log_normalizer, uniforms, sampling.temperature,
                                                       sampling.exact_top)
-            counts = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
-        return (top.int().cpu().numpy(), top_logprobs.float().cpu().numpy(),
-                (target_logit - log_normalizer)[:, 0].cpu().numpy(), rank.int().cpu().numpy(), counts)
+            counts = counts.to(torch.int32)
+        return top.int(), top_logprobs.float(), (target_logit - log_normalizer)[:, 0], rank.int(), counts
 
 
 # Prompt-logprob capture needs no generation cache; multiprocess mode can abort at exit on CPU; the

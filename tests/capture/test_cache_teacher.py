@@ -484,6 +484,9 @@ def test_vllm_engine_gets_the_gpu_memory_fraction_and_cuda_graphs_on_gpu_only(ti
         seen.update(arguments)
         raise KeyboardInterrupt  # stop before the engine would start
 
+    for name in ("VLLM_LOGGING_LEVEL", *backends.CPU_ENGINE_DEFAULTS):  # what the backend sets is undone afterwards
+        monkeypatch.setenv(name, "")  # (left set, VLLM_LOGGING_LEVEL=ERROR silenced later tests' engines)
+        monkeypatch.delenv(name)
     monkeypatch.setattr(vllm, "LLM", engine)
     monkeypatch.setattr(backends, "_is_cpu_build", lambda: cpu_build)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0")

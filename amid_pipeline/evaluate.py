@@ -52,7 +52,7 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
     module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
     metrics = evaluate(module, batches, Processes(1, 0, model.device), nullcontext())
-    metrics.pop("kd")  # the same forward KL as kl_to_teacher here
+    metrics.pop("kd")  # forward KL on the tail support: kl_with_rest again
     return metrics
 
 

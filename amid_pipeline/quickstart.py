@@ -23,7 +23,8 @@ from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.loop import distill
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ("perplexity", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
+COLUMNS = ("perplexity", "kl_with_rest", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
+LOWER_IS_BETTER = ("perplexity", "kl_with_rest", "kl_to_teacher")
 # (row, run folder, settings over stages/quickstart_distill.toml): the distilled student, and beside it the
 # same steps, data and lr on the ground-truth tokens alone
 RUNS = (("student after", "distill", {}), ("student after, CE only", "distill-ce", {"loss": "forward_kl", "kd_ratio": 0.0}))
@@ -48,6 +49,14 @@ class QuickstartResult:
     output: Path
     table: dict[str, dict[str, float]]  # model -> metrics
     seconds: dict[str, float]
+
+    def comparison(self) -> str:
+        """One line: the columns where the distilled student is ahead of the CE-only one, and behind."""
+        kd, ce = self.table["student after"], self.table["student after, CE only"]
+        ahead = [c for c in COLUMNS if c in kd and (kd[c] < ce[c] if c in LOWER_IS_BETTER else kd[c] > ce[c])]
+        behind = [c for c in COLUMNS if c in kd and c not in ahead]
+        return (f"distilled vs CE only (same steps, data and lr): ahead on {', '.join(ahead) or 'nothing'}"
+                + (f"; behind on {', '.join(behind)}" if behind else ""))
 
 
 def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: int, rouge_prompts: int,

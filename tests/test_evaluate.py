@@ -16,11 +16,12 @@ from amid_pipeline.shards.reader import ShardReader
 
 def reference_metrics(model_dir, shards) -> dict[str, float]:
     """Mean over every supervised position of every row: CE of the actual next token, top-1 agreement with
-    the teacher, the student's mass on the teacher's ids, KL(p̃‖q̃) on those ids renormalised; and the
+    the teacher, the student's mass on the teacher's ids, KL(p̃‖q̃) on those ids renormalised, the KL of
+    both distributions coarse-grained to (those ids, one bucket for the rest); and the
     expected calibration error of the student's top-1 prediction of the actual token over 15 equal-width
     confidence bins, Σ_b (|b|/n)·|accuracy(b) − mean confidence(b)|."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    sums = {"ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0, "kl_to_teacher": 0.0}
+    sums = {"ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0, "kl_to_teacher": 0.0, "kl_with_rest": 0.0}
     positions, confidences, correct = 0, [], []
     for row in ShardReader(load_manifest(shards)):
         ids = torch.from_numpy(row.input_ids.astype("int64"))
@@ -36,6 +37,10 @@ def reference_metrics(model_dir, shards) -> dict[str, float]:
             sums["top1_agreement"] += float(log_q[t].argmax() == top[0])
             sums["support_mass"] += float(q_top.exp().sum())
             sums["kl_to_teacher"] += float((p * (p.log() - torch.log_softmax(q_top, -1))).sum())
+            p_ids = torch.from_numpy(log_p).double().exp()  # the stored probabilities, not renormalised
+            p_rest, q_rest = max(0.0, 1 - float(p_ids.sum())), 1 - float(q_top.exp().sum())
+            sums["kl_with_rest"] += float((p_ids * (p_ids.log() - q_top)).sum()) + (
+                p_rest * (math.log(p_rest) - math.log(q_rest)) if p_rest > 0 else 0.0)
             confidences.append(float(log_q[t].exp().max()))
             correct.append(float(log_q[t].argmax() == ids[t + 1]))
             positions += 1
@@ -52,9 +57,10 @@ def test_eval_on_shards_equals_a_plain_forward_over_every_row(tiny_models, tiny_
     metrics = json.loads(result.stdout)
     expected = reference_metrics(tiny_models["student"], tiny_shards)
     assert metrics["positions"] == expected["positions"] > 0  # every row, every supervised position
-    for key in ("ce", "support_mass", "kl_to_teacher", "ece"):
+    for key in ("ce", "support_mass", "kl_to_teacher", "kl_with_rest", "ece"):
         assert math.isclose(metrics[key], expected[key], rel_tol=1e-4), (key, metrics[key], expected[key])
     assert expected["ece"] > 0.01  # a random student is not calibrated
+    assert abs(expected["kl_with_rest"] - expected["kl_to_teacher"]) > 0.01  # the two measures differ here
     assert math.isclose(metrics["perplexity"], math.exp(expected["ce"]), rel_tol=1e-4)
     assert abs(metrics["top1_agreement"] - expected["top1_agreement"]) <= 1 / expected["positions"]  # one near-tie
 

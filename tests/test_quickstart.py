@@ -30,3 +30,16 @@ def test_shortened_quickstart_end_to_end_and_reuse(tmp_path):
                               progress=False)
     assert [f.stat().st_mtime_ns for f in shard_files] == written and shard_files  # teacher shards reused as they were
     assert second.table["student after"]["perplexity"] == pytest.approx(first.table["student after"]["perplexity"])
+
+
+def test_the_comparison_line_names_where_distillation_is_ahead_and_behind():
+    """Lower is better for perplexity and both KLs, higher for agreement, mass and ROUGE-L."""
+    from amid_pipeline.quickstart import QuickstartResult
+
+    kd = {"perplexity": 5686, "kl_with_rest": 3.88, "kl_to_teacher": 3.44, "top1_agreement": 0.158,
+          "support_mass": 0.273, "rouge_l": 7.5}
+    ce = {"perplexity": 4432, "kl_with_rest": 4.27, "kl_to_teacher": 3.05, "top1_agreement": 0.096,
+          "support_mass": 0.124, "rouge_l": 9.4}
+    line = QuickstartResult(None, {"student after": kd, "student after, CE only": ce}, {}).comparison()
+    assert line.endswith("ahead on kl_with_rest, top1_agreement, support_mass; behind on perplexity, kl_to_teacher, "
+                         "rouge_l")

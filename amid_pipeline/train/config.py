@@ -11,7 +11,7 @@ from amid_pipeline.config import setting
 from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_NAMES, SUPPORT_MODES
 
 # Held-out metrics that distill can keep its best model by (train/metrics.py's names), and their direction.
-HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "ce": False, "perplexity": False, "ece": False,
+HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "kl_with_rest": False, "ce": False, "perplexity": False, "ece": False,
                     "top1_agreement": True, "support_mass": True}
 BEST_METRIC_CHOICES = ("last", *HIGHER_IS_BETTER)
 
@@ -77,7 +77,7 @@ class DistillConfig(OptimizationSettings):
     eval_shards: list = setting([], "Shard directories evaluated instead of a held-out fraction of --shards (all their rows).")
     heldout_fraction: float = setting(0.05, "Fraction of sample ids held out for evaluation (stable hash of the id).", minimum=0.0, maximum=0.5)
     eval_batches: int = setting(16, "Held-out batches per evaluation.", minimum=1)
-    best_metric: str = setting("last", "What RUN_DIR/model holds: last (the weights after the last step) or the evaluated weights (step 0 included) with the best value of this held-out metric (kd, kl_to_teacher, ce and perplexity of the reference tokens, and ece: lowest; top1_agreement and support_mass: highest), as HF Trainer's load_best_model_at_end; RUN_DIR/best.json says which step and why. The choice is made on the evaluation rows: make them a dev split (the held-out fraction, or --eval-shards of dev rows), not the rows you report.", choices=BEST_METRIC_CHOICES)
+    best_metric: str = setting("last", "What RUN_DIR/model holds: last (the weights after the last step) or the evaluated weights (step 0 included) with the best value of this held-out metric (kd, kl_to_teacher, kl_with_rest, ce and perplexity of the reference tokens, and ece: lowest; top1_agreement and support_mass: highest), as HF Trainer's load_best_model_at_end; RUN_DIR/best.json says which step and why. The choice is made on the evaluation rows: make them a dev split (the held-out fraction, or --eval-shards of dev rows), not the rows you report.", choices=BEST_METRIC_CHOICES)
     parallel: str = setting("ddp", "Several processes (torchrun): ddp (a full student per process) or fsdp (student sharded across processes).", choices=("ddp", "fsdp"))
     num_data_workers: int = setting(0, "DataLoader worker processes per training process.", minimum=0)
     skip_bad_files: bool = setting(False, "Skip unreadable shard files (reported at the end) instead of stopping.")

@@ -20,7 +20,7 @@ from amid_pipeline.train.data import Batch
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.step import calibration_keys
 
-SUMS = ("kd", "kl_to_teacher", "ce", "top1_agreement", "support_mass", *calibration_keys(), "positions")
+SUMS = ("kd", "kl_to_teacher", "kl_with_rest", "ce", "top1_agreement", "support_mass", *calibration_keys(), "positions")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
+from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.train.data import StudentInputs
 
 METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once for the metrics
@@ -83,14 +84,16 @@ def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch
 
 def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss) -> dict[str, float]:
     """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
-    renormalised stored ids (``kl_to_teacher``, comparable across losses), CE on the actual tokens, top-1
+    renormalised stored ids (``kl_to_teacher``, comparable across losses, blind to the student's mass off
+    those ids), the KL with the rest of the vocabulary as one bucket (``kl_with_rest``, :func:`kl_with_rest`:
+    comparable across losses, and it counts that mass), CE on the actual tokens, top-1
     agreement with the teacher (its first stored id: the argmax for top-k, the most probable drawn id for
     sampled shards), student mass on the stored ids; and their count. A loss on the ``sampled`` support
     evaluated on top-k shards is measured on ``tail`` there. For the expected calibration error
     of the student's top-1 prediction of the actual token, per confidence bin b (``calibration_gap_b``):
     Σ_{t in b} (1[argmax q_t = y_t] − max q_t), so that ECE = Σ_b |gap_b| / positions (equal-width bins)."""
     mask = teacher.mask.float()
-    sums = {"kd": 0.0, "kl_to_teacher": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
+    sums = {"kd": 0.0, "kl_to_teacher": 0.0, "kl_with_rest": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
             **dict.fromkeys(calibration_keys(), 0.0), "positions": float(mask.sum())}
     if sums["positions"] == 0:
         return sums
@@ -117,7 +120,23 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         log_p = teacher.topk_logprobs[a:b].float()
         kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))
         sums["kl_to_teacher"] += float((kl * m).sum())
+        sums["kl_with_rest"] += float((kl_with_rest(log_p, log_q_support, log_q, teacher.topk_ids[a:b].long()) * m).sum())
     return sums
+
+
+def kl_with_rest(log_p: torch.Tensor, log_q_support: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) [N] between the teacher and the student coarse-grained to the stored ids S and one bucket for
+    the rest of the vocabulary: Σ_{i∈S} p_i log(p_i/q_i) + p_rest log(p_rest/q_rest), with p_rest = 1 − Σ_S p
+    (0 where rounding of the stored values leaves none) and q_rest the student's exact mass off S. A lower
+    bound of the full KL(p‖q) (coarse-graining loses information) that, unlike KL(p̃‖q̃) on the renormalised
+    ids, counts the student mass that is not where the teacher's is. log_p, log_q_support [N, k] (−inf in a
+    sampled shard's unused slots), log_q [N, V] the student's log-softmax, ids [N, k]."""
+    on_support = torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q_support), torch.zeros_like(log_p)).sum(-1)
+    log_p_rest = _log1mexp(log_p.logsumexp(-1))
+    log_q_rest = log_q.scatter(1, ids, float("-inf")).logsumexp(-1)
+    p_rest = log_p_rest.exp()
+    rest = torch.where(p_rest > 0, p_rest * (log_p_rest - log_q_rest), torch.zeros_like(p_rest))
+    return on_support + rest
 
 
 def calibration_keys() -> list[str]:

@@ -502,6 +502,7 @@ def report(args) -> None:
                    ("AMiD renormalized", "forward KL"), ("forward KL", "CE"), ("forward KL renormalized", "forward KL"),
                    ("AMiD dev-chosen, sampled", "forward KL, sampled"),
                    ("forward KL", "forward KL, online"), ("forward KL, sampled", "forward KL, online"),
+                   ("forward KL, sampled", "forward KL"),  # equal bytes per position: sampled against top-K
                    ("forward KL renormalized", "forward KL, online"),
                    ("AMiD KL, α on dev", "AMiD dev-chosen, online"), ("AMiD dev-chosen, sampled", "AMiD dev-chosen, online")]
     lines += ["", "| A − B (paired seeds) | seeds | ΔP1 (t 95 %; bootstrap over prompts) | ΔP2 | Δentropy rate | ΔS1 |",

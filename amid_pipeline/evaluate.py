@@ -3,6 +3,8 @@
 - :func:`evaluate_on_shards`: for every stored supervised position of a shard directory, the model's
   cross-entropy on the actual next token (perplexity on the responses), KL(p̃‖q̃) to the teacher on its
   renormalised top-k support, top-1 agreement with the teacher and the model's mass on that support.
+- :func:`teacher_on_its_shards`: the same metrics for the teacher itself, read from its top-k shards
+  instead of running it.
 - :func:`rouge_l_on_prompts`: responses to held-out prompts (rendered with the model's chat template,
   batched, greedy and optionally sampled over several seeds), scored with ROUGE-L as the AMiD, MiniLLM
   and DistiLLM papers compute it (``rouge-score``, stemmed, max over references, × 100).
@@ -24,6 +26,7 @@ from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source, resolve_device
 from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.metrics import evaluate
@@ -54,6 +57,27 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     metrics = evaluate(module, batches, Processes(1, 0, model.device), nullcontext())
     metrics.pop("kd")  # forward KL on the tail support: kl_with_rest again
     return metrics
+
+
+def teacher_on_its_shards(shards: str | Path) -> dict[str, float]:
+    """:func:`evaluate_on_shards`'s metrics for the teacher that wrote the top-k ``shards``, without running
+    it: over the supervised positions t, perplexity exp(−mean_t log p(y_t)) from the stored log-probability
+    of the actual token, and ``support_mass`` mean_t Σ_{i∈S_t} p_i; both KLs are 0 and top-1 agreement is 1
+    by definition (its own top-k). Equal to evaluating the teacher in the capture's dtype up to the storage
+    encoding's rounding (uint16: |error| ≤ 1/128 per stored log-probability)."""
+    reader = ShardReader(str(shards))
+    if reader.header.target_kind != "topk":
+        raise ValueError(f"{shards}: the teacher's metrics need top-k shards (these hold {reader.header.target_kind} targets)")
+    nll = mass = positions = 0.0
+    for row in reader:
+        supervised = row.loss_mask.astype(bool)
+        nll -= float(row.target_logprob[supervised].astype(np.float64).sum())
+        mass += float(np.exp(row.topk_logprobs[supervised].astype(np.float64)).sum())
+        positions += int(supervised.sum())
+    if not positions:
+        raise ValueError(f"{shards}: no supervised positions")
+    return {"perplexity": float(np.exp(nll / positions)), "kl_with_rest": 0.0, "kl_to_teacher": 0.0,
+            "top1_agreement": 1.0, "support_mass": mass / positions, "positions": positions}
 
 
 def perplexity_on_data(model, tokenizer, data: str | Path, *, limit: int | None = None, chat_template: str = "auto",

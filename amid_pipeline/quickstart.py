@@ -1,11 +1,13 @@
 """The quickstart recipe: the whole job end to end on an embedded default.
 
-Real offline teacher (SmolLM2-135M-Instruct, converted once and cached), a student made of every third
-teacher layer, the shipped Jargon File instruction pairs (train and held-out splits): cache-teacher on
-both splits, distill with the library's default objective (AMiD) and, beside it, train the same student
-on the ground-truth tokens alone (CE, same steps, data and lr), then evaluate the teacher, the student
-before and both students after on the held-out split. Everything goes under one output folder; a second run reuses the teacher
-shards (and the finished distill run). The stage settings come from stages/quickstart_*.toml.
+Real offline teacher (SmolLM2-135M-Instruct, 30 layers, converted once and cached), a student made of
+every sixth teacher layer (5), the shipped Jargon File instruction pairs (train and held-out splits):
+cache-teacher on both splits, distill with the library's default objective (AMiD) and, beside it, train
+the same student on the ground-truth tokens alone (CE, same steps, data and lr), then compare the teacher
+(read from its held-out shards), the student before and both students after on the held-out split.
+Everything goes under one output folder; a second run reuses the teacher shards (and the finished runs).
+The stage settings come from stages/quickstart_*.toml; the sizes fit a 2-core CPU without native bfloat16
+(docs/benchmarks.md, "Quickstart sizes").
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 from amid_pipeline.capture.config import CaptureConfig
 from amid_pipeline.capture.run import run_capture
 from amid_pipeline.config import load_config
-from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts
+from amid_pipeline.evaluate import evaluate_on_shards, load_model, rouge_l_on_prompts, teacher_on_its_shards
 from amid_pipeline.models import init_student, smollm2_teacher
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.loop import distill
 
 ROOT = Path(__file__).resolve().parents[1]
+KEEP_EVERY = 6  # the student: every sixth teacher layer (5 of 30)
 COLUMNS = ("perplexity", "kl_with_rest", "kl_to_teacher", "top1_agreement", "support_mass", "rouge_l")
 LOWER_IS_BETTER = ("perplexity", "kl_with_rest", "kl_to_teacher")
 # (row, run folder, settings over stages/quickstart_distill.toml): the distilled student, and beside it the
@@ -50,11 +53,15 @@ class QuickstartResult:
     table: dict[str, dict[str, float]]  # model -> metrics
     seconds: dict[str, float]
 
+    def behind(self) -> list[str]:
+        """The columns where the distilled student is not ahead of the CE-only one."""
+        kd, ce = self.table["student after"], self.table["student after, CE only"]
+        return [c for c in COLUMNS if c in kd and not (kd[c] < ce[c] if c in LOWER_IS_BETTER else kd[c] > ce[c])]
+
     def comparison(self) -> str:
         """One line: the columns where the distilled student is ahead of the CE-only one, and behind."""
-        kd, ce = self.table["student after"], self.table["student after, CE only"]
-        ahead = [c for c in COLUMNS if c in kd and (kd[c] < ce[c] if c in LOWER_IS_BETTER else kd[c] > ce[c])]
-        behind = [c for c in COLUMNS if c in kd and c not in ahead]
+        behind = self.behind()
+        ahead = [c for c in COLUMNS if c in self.table["student after"] and c not in behind]
         return (f"distilled vs CE only (same steps, data and lr): ahead on {', '.join(ahead) or 'nothing'}"
                 + (f"; behind on {', '.join(behind)}" if behind else ""))
 
@@ -69,7 +76,7 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
     teacher = smollm2_teacher()
     student_init = output / "student-init"
     if not (student_init / "config.json").exists():
-        init_student(teacher, student_init, keep_every=3)
+        init_student(teacher, student_init, keep_every=KEEP_EVERY)
     phases.done("teacher and student folders")
 
     shards = {}
@@ -91,9 +98,12 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
 
     table = {}
     for name, path in (("teacher", teacher), *students.items()):
-        model, tokenizer = load_model(path)
         label = f"evaluate {name}" if progress else None
-        metrics = evaluate_on_shards(model, shards["heldout"], progress=label)
+        # the teacher's row is read from its shards; it runs only to answer prompts for ROUGE-L
+        metrics = teacher_on_its_shards(shards["heldout"]) if name == "teacher" else None
+        if metrics is None or rouge_prompts:
+            model, tokenizer = load_model(path)
+            metrics = metrics or evaluate_on_shards(model, shards["heldout"], progress=label)
         if rouge_prompts:
             metrics.update(rouge_l_on_prompts(model, tokenizer, data / "heldout.jsonl", limit=rouge_prompts, progress=label))
         table[name] = metrics

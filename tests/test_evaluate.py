@@ -108,3 +108,27 @@ def test_heldout_sums_of_sampled_targets_ignore_their_unused_slots():
         expected = heldout_sums(hidden, head, alone, KDLoss("forward_kl", support="sampled"))
     for key, value in expected.items():
         assert math.isclose(found[key], value, rel_tol=1e-5, abs_tol=1e-6), key
+
+
+def test_the_teacher_read_from_its_shards_equals_running_it(tiny_models, tmp_path):
+    """The quickstart's teacher row: perplexity and mass read from the stored values equal a forward pass of
+    the teacher over the same supervised positions (to the storage encoding's rounding; the shards also hold
+    the prompts' positions, unsupervised); KL 0 and agreement 1 by definition."""
+    from amid_pipeline.capture.config import CaptureConfig
+    from amid_pipeline.capture.run import run_capture
+    from amid_pipeline.config import load_config
+    from amid_pipeline.evaluate import evaluate_on_shards, load_model, teacher_on_its_shards
+    from tests.helpers import ROOT
+
+    shards = tmp_path / "shards"
+    run_capture(load_config(CaptureConfig, None, {
+        "teacher": str(tiny_models["teacher"]), "dataset": str(ROOT / "data" / "jargon" / "heldout.jsonl"),
+        "output": str(shards), "limit": 12, "backend": "hf", "k": 16, "max_length": 96, "positions": "all",
+        "progress": False}))
+    read = teacher_on_its_shards(shards)
+    run = evaluate_on_shards(load_model(tiny_models["teacher"])[0], shards)
+    assert ShardReader(str(shards)).manifest.totals["positions"] > read["positions"]  # prompts stored, not scored
+    assert read["positions"] == run["positions"] > 0
+    assert math.isclose(read["perplexity"], run["perplexity"], rel_tol=2e-3), (read, run)
+    assert math.isclose(read["support_mass"], run["support_mass"], rel_tol=2e-3), (read, run)
+    assert run["kl_with_rest"] < 1e-3 and run["top1_agreement"] > 0.99 and read["top1_agreement"] == 1.0

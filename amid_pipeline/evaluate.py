@@ -30,7 +30,7 @@ from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.metrics import evaluate
-from amid_pipeline.train.step import DistillModule
+from amid_pipeline.train.step import DistillModule, HeadLogits
 
 
 def load_model(path: str | Path, device: str = "auto"):
@@ -53,7 +53,8 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
-    module = DistillModule(model, KDLoss("forward_kl"), sparse=True)
+    fused = HeadLogits.of(model).fused_refusal(model.get_output_embeddings()) is None
+    module = DistillModule(model, KDLoss("forward_kl"), sparse=fused)
     metrics = evaluate(module, batches, Processes(1, 0, model.device), nullcontext())
     metrics.pop("kd")  # forward KL on the tail support: kl_with_rest again
     return metrics

@@ -1,8 +1,9 @@
 """The whole pipeline on one accelerator, in one command, from nothing but torch, transformers and this
 repository: a synthetic teacher and student built from configs (random weights, no download), hf capture,
-``distill`` with the default objective (bf16 autocast on a GPU), a kill between checkpoints and its resume
-(compared with the run that was not killed), the sparse head (``--support renormalized``) under bf16 autocast (on a CPU too), held-out evaluation and
-generation. Each stage prints its time (the device synchronised) and its peak memory (CUDA's allocator on
+``distill`` with the default objective through the fused head (bf16 autocast on a GPU), a kill between
+checkpoints and its resume (compared with the run that was not killed), the same run on full logits (its
+time and memory beside the fused head's), the fused head under bf16 autocast (on a CPU too), held-out
+evaluation and generation. Each stage prints its time (the device synchronised) and its peak memory (CUDA's allocator on
 a GPU, the process's resident peak so far on a CPU); any failure stops the script with a non-zero exit.
 
     python benchmarks/gpu_smoke.py                       # --size gpu on a GPU, cpu otherwise
@@ -40,7 +41,7 @@ SIZES = {
 }
 
 
-FOLDERS = ("tokenizer", "teacher", "student", "shards", "distill", "killed", "sparse")  # what a run writes in WORK
+FOLDERS = ("tokenizer", "teacher", "student", "shards", "distill", "killed", "full", "sparse")  # what a run writes in WORK
 
 
 class Stages:
@@ -181,8 +182,9 @@ def main() -> None:
     stages.run("capture (hf)", capture, args.work, size, "bfloat16" if device == "cuda" else "float32")
     stages.run("distill (default objective)", train, args.work, size, "distill")
     stages.run("kill and resume", killed_and_resumed, args.work, size)
-    stages.run("distill (sparse head, bf16)", train, args.work, size, "sparse", sparse_head="on", support="renormalized",
-               dtype="bfloat16",
+    stages.run("distill (full logits)", train, args.work, size, "full", sparse_head="off", max_steps=size["steps"],
+               save_every=0)
+    stages.run("distill (fused head, bf16)", train, args.work, size, "sparse", sparse_head="on", dtype="bfloat16",
                max_steps=size["steps"], save_every=0)
     stages.run("eval and generation", evaluate_and_generate, args.work)
     print(f"smoke: all {len(stages.results)} stages passed ({args.work / 'smoke.jsonl'})")

@@ -19,8 +19,10 @@ def test_gpu_smoke_script_passes_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     stages = {line["stage"]: line for line in map(json.loads, (tmp_path / "smoke.jsonl").read_text().splitlines())}
     assert list(stages) == ["models", "capture (hf)", "distill (default objective)", "kill and resume",
-                            "distill (sparse head, bf16)", "eval and generation"]
+                            "distill (full logits)", "distill (fused head, bf16)", "eval and generation"]
     assert stages["kill and resume"]["max_weight_difference"] == 0.0  # bit-identical resume on a CPU
-    assert stages["distill (sparse head, bf16)"]["sparse_head"] is True
+    assert stages["distill (default objective)"]["sparse_head"] is True  # the fused head, by default
+    assert stages["distill (full logits)"]["sparse_head"] is False
+    assert stages["distill (fused head, bf16)"]["sparse_head"] is True
     assert stages["eval and generation"]["responses"] == 8
-    assert "all 6 stages passed" in done.stdout
+    assert "all 7 stages passed" in done.stdout

@@ -25,7 +25,7 @@ def run(config: DistillConfig) -> None:
         raise UserError(str(exc)) from exc
     rows = [("output", summary.output / "model"), ("steps", summary.steps), ("tokens", summary.tokens),
             ("wall time (s)", round(summary.seconds, 1)), ("final train loss", round(summary.final_loss, 5)),
-            ("held-out split", summary.heldout), ("logits", "sparse head" if summary.sparse_head else "full vocabulary")]
+            ("held-out split", summary.heldout), ("logits", "fused head" if summary.sparse_head else "full vocabulary")]
     rows += [(f"eval {key}", round(value, 5)) for key, value in summary.eval.items()]
     if summary.best is not None:
         rows += [("model", f"step {summary.best.step}: best {summary.best.metric} {summary.best.value:.5g} (best.json)"),

@@ -7,10 +7,15 @@
   ``outside_of`` ids [N, S] it also returns rest[n] = logsumexp over the ids not in row n's S (−inf
   where S covers the vocabulary), from the same blocks: log q_rest = rest − lse with no cancellation.
 
-Both run their matmuls in the hidden states' dtype (bf16 under autocast on GPU; the weight is cast to it)
-and accumulate the logits in float32 — in backward too, where autocast is off (backward runs outside the
-forward's autocast region, so the compute dtype is stated, not inherited: the blocks recomputed there
-equal the forward's).
+Both run their matmuls in the hidden states' dtype (bf16 under autocast on GPU; the weight is cast to it),
+so the logits come out rounded to that dtype exactly as the full-logits path's ``head(hidden)`` does; every
+reduction after it (logsumexp, softmax, the gradients' sums) is float32. In backward too, where autocast is
+off (backward runs outside the forward's autocast region, so the compute dtype is stated, not inherited:
+the blocks recomputed there equal the forward's).
+
+With both, a loss on any support, with or without a CE term, never holds the [N, V] logits: at most one
+[chunk, V] float32 block, forward and backward. The price is one more [N, H] × [H, V] matmul than the full
+logits (each block is computed in forward and again in backward).
 """
 
 from __future__ import annotations

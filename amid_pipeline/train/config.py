@@ -8,7 +8,7 @@ from typing import Optional
 
 from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
-from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_NAMES, SUPPORT_MODES
+from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES
 
 # Held-out metrics that distill can keep its best model by (train/metrics.py's names), and their direction.
 HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "kl_with_rest": False, "ce": False, "perplexity": False, "ece": False,
@@ -69,7 +69,7 @@ class DistillConfig(OptimizationSettings):
     support: str = setting("tail", "Support the loss sees: tail (default: the stored top-k plus one bucket for the rest, both sides normalised over the full vocabulary; trained the best students on a dev split, README 'Evidence'), renormalized (teacher and student renormalised over the stored top-k; the student's mass leaks outside them), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3), sampled (shards of the sampled kind only: the teacher side is the empirical distribution of the draws; unbiased for forward_kl, a plug-in estimate for the other losses); tail, teacher_renormalized and sampled need full-vocabulary logits.", choices=SUPPORT_MODES)
     online_teacher: Optional[str] = setting(None, "A teacher model folder run on every training batch: its full-vocabulary distribution replaces the shards' stored targets (the reference that top-k and sampled targets approximate: full-vocabulary KD, as online distillation does it; a teacher forward per micro-batch and [positions x vocabulary] logits on both sides, so sparse_head is off). The shards still give the rows, their tokens and the held-out evaluation; the teacher must use the shards' tokenizer and have no more outputs than the student's head.")
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
-    sparse_head: str = setting("auto", "Compute student logits only at the stored ids (auto: whenever the loss allows).", choices=("auto", "on", "off"))
+    sparse_head: str = setting("auto", "The fused head: the student's logits at the stored ids, its full normaliser and the rest bucket from chunked blocks, never the [positions x vocabulary] matrix, for every loss, support and kd_ratio. auto: whenever the student's head is a plain linear layer (tied or not, bias allowed; a logit scale is folded in; soft-capping takes full logits); on: refuse a student whose head is not; off: full logits (the reference).", choices=("auto", "on", "off"))
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
     packing: bool = setting(False, "Pack several sequences into one row, attention kept inside each (positions restart at 0 in each; see packed_attention).")
     packed_attention: str = setting("auto", "How packed rows keep attention inside each sequence: position_ids (no mask: the model finds the sequences from the restarting positions, as transformers' packed-sequence support and flash-attention varlen do; no [T x T] mask), mask (a block-diagonal [B, 1, T, T] mask; any model), auto (position_ids when a two-sequence check at start-up shows the student supports it, else mask).", choices=("auto", "position_ids", "mask"))
@@ -91,8 +91,6 @@ class DistillConfig(OptimizationSettings):
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
         errors += [f"report_to: {name!r} is not one of {', '.join(TRACKERS)}, none, auto" for name in self.report_to
                    if name not in TRACKERS and name not in ("none", "auto")]
-        if self.sparse_head == "on" and (self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1):
-            errors.append("sparse_head: 'on' needs support = 'renormalized' and kd_ratio = 1 (the other settings need full-vocabulary logits)")
         if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):
             errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
                           "than 'sampled' (they hold every id; no draws)")

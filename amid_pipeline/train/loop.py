@@ -6,7 +6,7 @@
 
 (1) processes and devices, (2) shards, student, objective and the pre-flight checks, (3) parallel
 wrapping, optimiser, schedule and resume, (4) the step loop: micro-batches -> student hidden states at
-the stored positions -> KD loss (sparse head when allowed) -> clip -> step -> log / evaluate (with
+the stored positions -> KD loss (fused head wherever the student's head allows) -> clip -> step -> log / evaluate (with
 ``--best-metric``: keep the best evaluated model in RUN_DIR/model, stop after ``--patience`` evaluations
 without a new best) / checkpoint, (5) the final model (the last, or the best one kept), saved with
 ``save_pretrained`` beside its tokenizer.
@@ -40,7 +40,7 @@ from amid_pipeline.train.data import DataSettings, ShardBatches, cached_manifest
 from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, place, save_sharded,
                                              start_processes, wrap)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
-from amid_pipeline.train.step import DistillModule, online_teacher_targets
+from amid_pipeline.train.step import DistillModule, HeadLogits, online_teacher_targets
 
 
 @dataclasses.dataclass
@@ -61,6 +61,20 @@ def distill(config: DistillConfig) -> RunSummary:
     """Train the student on the shards (see the module docstring); one writer per output directory."""
     with exclusive(config.output) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
         return _distill(config)
+
+
+def fused_head_choice(config: DistillConfig, model, online: bool, notes: list[str]) -> bool:
+    """Whether the loss gets the fused head (``sparse_head``: auto = wherever the student's head allows it,
+    for every loss, support and CE weight; on = refuse a student whose head does not; off = full logits).
+    An online teacher's full-vocabulary targets always take full logits."""
+    if online or config.sparse_head == "off":
+        return False
+    reason = HeadLogits.of(model).fused_refusal(model.get_output_embeddings())
+    if reason and config.sparse_head == "on":
+        raise TrainingError(f"sparse_head: 'on', but {reason}: the fused head cannot compute its logits (use auto or off)")
+    if reason:
+        notes.append(f"full logits: {reason}, which the fused head does not compute")
+    return reason is None
 
 
 def _distill(config: DistillConfig) -> RunSummary:
@@ -111,8 +125,7 @@ def _distill(config: DistillConfig) -> RunSummary:
         check_online_teacher(header, AutoTokenizer.from_pretrained(model_source(config.online_teacher, "online teacher")),
                              online_teacher.get_output_embeddings().weight.shape[0], config.online_teacher, head_size)
     packed_attention = packed_attention_mode(config, model, notes)
-    sparse = online_teacher is None and (
-        config.sparse_head == "on" or (config.sparse_head == "auto" and not loss_fn.needs_full_vocabulary))
+    sparse = fused_head_choice(config, model, online_teacher is not None, notes)
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
                             heldout_fraction=config.heldout_fraction,
@@ -167,7 +180,7 @@ def _distill(config: DistillConfig) -> RunSummary:
             print(note if note.startswith("warning:") else f"note: {note}")
         print(f"distill: {len(files)} shard files, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
               f"{world} process(es), loss {config.loss} ({config.support}), "
-              f"{'sparse head' if sparse else 'full logits'}, held out: {heldout}"
+              f"{'fused head' if sparse else 'full logits'}, held out: {heldout}"
               + (f", targets: {config.online_teacher}'s full vocabulary, online" if online_teacher else ""))
 
     def train_batches(epoch: int, skip: int):

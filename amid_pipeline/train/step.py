@@ -1,10 +1,15 @@
 """The module that DDP and FSDP wrap: the student and the KD loss in one forward, and the held-out sums.
 
-The LM head is applied only at the ``N`` stored positions ([N, H] hidden states), and only at the stored
-ids when ``sparse`` (the loss sees a :class:`StudentHead` instead of [N, V] logits).
+The LM head is applied only at the ``N`` stored positions ([N, H] hidden states). With the fused head
+(``sparse``) the loss sees a :class:`StudentHead` and the [N, V] logits are never built: the stored ids'
+logits, the full normaliser and the rest bucket come from chunked blocks (``losses/sparse_head.py``), for
+every support mode and CE term. :class:`HeadLogits` is what the student's own forward does to its head's
+output (scaling, soft-capping), applied on both paths.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -17,14 +22,51 @@ METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once f
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadLogits:
+    """What a model's forward does to its LM head's output z, read from its config: z · ``scale`` (Cohere's
+    ``logit_scale``; Granite's ``logits_scaling`` s divides, scale = 1/s), then ``softcap`` c · tanh(z / c)
+    where set (Gemma 2-4's ``final_logit_softcapping``). Identity for Llama, Qwen, SmolLM and most others."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> HeadLogits:
+        configs = [model.config] + [c for c in (getattr(model.config, "text_config", None),) if c is not None]
+        value = lambda name: next((v for c in configs if (v := getattr(c, name, None)) is not None), None)  # noqa: E731
+        scale = float(value("logit_scale") or 1.0) / float(value("logits_scaling") or 1.0)
+        softcap = value("final_logit_softcapping")
+        return cls(scale, float(softcap) if softcap else None)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * self.scale if self.scale != 1.0 else logits
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def fused_refusal(self, head: nn.Module) -> str | None:
+        """Why the fused head cannot compute this model's logits (None: it can): it needs a plain linear head
+        (tied or not, bias allowed) whose output at most a scale changes (folded into the hidden states,
+        which needs no bias); soft-capping is not linear and is refused by name."""
+        if not isinstance(head, nn.Linear):
+            return f"the LM head is a {type(head).__name__}, not a linear layer"
+        if self.softcap:
+            return f"the head soft-caps its logits (final_logit_softcapping = {self.softcap:g})"
+        if self.scale != 1.0 and head.bias is not None:
+            return f"the head scales its logits by {self.scale:g} after a bias"
+        return None
+
+
 class DistillModule(nn.Module):
     """``forward(inputs, teacher)`` returns the loss's :class:`LossOutput`; with ``metrics=True`` the
     held-out metric sums of :func:`heldout_sums` instead (one forward, so that DDP and FSDP see every
-    use of every parameter)."""
+    use of every parameter). ``sparse``: the fused head (only where :meth:`HeadLogits.fused_refusal` is None)."""
 
     def __init__(self, model: nn.Module, loss_fn: KDLoss, sparse: bool) -> None:
         super().__init__()
         self.model, self.loss_fn, self.sparse = model, loss_fn, sparse
+        self.head_logits = HeadLogits.of(model)
+        if sparse and (reason := self.head_logits.fused_refusal(model.get_output_embeddings())):
+            raise ValueError(f"the fused head cannot compute this student's logits: {reason}")
 
     def forward(self, inputs: StudentInputs, teacher: TeacherTargets, progress=None, metrics: bool = False):
         base = getattr(self.model, self.model.base_model_prefix)
@@ -32,8 +74,8 @@ class DistillModule(nn.Module):
                       use_cache=False).last_hidden_state[inputs.row, inputs.column]  # no KV cache in training
         head = self.model.get_output_embeddings()
         if metrics:
-            return heldout_sums(hidden, head, teacher, self.loss_fn)
-        return self.loss_fn(student_output(hidden, head, self.sparse), teacher, progress=progress)
+            return heldout_sums(hidden, head, teacher, self.loss_fn, self.sparse, self.head_logits)
+        return self.loss_fn(student_output(hidden, head, self.sparse, self.head_logits), teacher, progress=progress)
 
 
 @torch.no_grad()
@@ -68,21 +110,26 @@ def online_teacher_targets(teacher_model: nn.Module, inputs: StudentInputs, stor
     base = getattr(teacher_model, teacher_model.base_model_prefix)
     hidden = base(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                   use_cache=False).last_hidden_state[inputs.row, inputs.column]
-    log_p = torch.log_softmax(teacher_model.get_output_embeddings()(hidden).float(), dim=-1)
+    logits = HeadLogits.of(teacher_model).apply(teacher_model.get_output_embeddings()(hidden))
+    log_p = torch.log_softmax(logits.float(), dim=-1)
     log_p = torch.nn.functional.pad(log_p, (0, vocabulary - log_p.shape[1]), value=float("-inf"))
     ids = torch.arange(vocabulary, device=log_p.device).expand_as(log_p)
     target_ids = stored.target_ids.long()
     return TeacherTargets(ids, log_p, target_ids, log_p.gather(1, target_ids[:, None])[:, 0], stored.mask)
 
 
-def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool) -> torch.Tensor | StudentHead:
-    """The loss's view of the student at the stored positions: the head itself, or its logits [N, V]."""
+def student_output(hidden: torch.Tensor, head: nn.Module, sparse: bool, head_logits: HeadLogits = HeadLogits()
+                   ) -> torch.Tensor | StudentHead:
+    """The loss's view of the student at the stored positions: the fused head (its scale folded into the
+    hidden states: (s·h)·W = s·(h·W) without a bias), or the logits [N, V]."""
     if sparse:
-        return StudentHead(hidden, head.weight, getattr(head, "bias", None))
-    return head(hidden)
+        scaled = hidden * head_logits.scale if head_logits.scale != 1.0 else hidden
+        return StudentHead(scaled, head.weight, head.bias)
+    return head_logits.apply(head(hidden))
 
 
-def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss) -> dict[str, float]:
+def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets, loss_fn: KDLoss, sparse: bool = False,
+                 head_logits: HeadLogits = HeadLogits()) -> dict[str, float]:
     """Sums over supervised positions of: the run's KD loss (``kd``), KL(p̃‖q̃) to the teacher on its
     renormalised stored ids (``kl_to_teacher``, comparable across losses, blind to the student's mass off
     those ids), the KL with the rest of the vocabulary as one bucket (``kl_with_rest``, :func:`kl_with_rest`:
@@ -91,7 +138,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
     sampled shards), student mass on the stored ids; and their count. A loss on the ``sampled`` support
     evaluated on top-k shards is measured on ``tail`` there. For the expected calibration error
     of the student's top-1 prediction of the actual token, per confidence bin b (``calibration_gap_b``):
-    Σ_{t in b} (1[argmax q_t = y_t] − max q_t), so that ECE = Σ_b |gap_b| / positions (equal-width bins)."""
+    Σ_{t in b} (1[argmax q_t = y_t] − max q_t), so that ECE = Σ_b |gap_b| / positions (equal-width bins).
+    The KD loss goes through the fused head where ``sparse``; the metrics hold [1024, V] logits at a time."""
     mask = teacher.mask.float()
     sums = {"kd": 0.0, "kl_to_teacher": 0.0, "kl_with_rest": 0.0, "ce": 0.0, "top1_agreement": 0.0, "support_mass": 0.0,
             **dict.fromkeys(calibration_keys(), 0.0), "positions": float(mask.sum())}
@@ -99,10 +147,10 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         return sums
     if loss_fn.support == "sampled" and teacher.sample_weights is None:  # top-k held-out shards: the same loss on 'tail'
         loss_fn = KDLoss(loss_fn.name, support="tail", kd_ratio=loss_fn.kd_ratio, **loss_fn.params)
-    sums["kd"] = float(loss_fn(student_output(hidden, head, not loss_fn.needs_full_vocabulary), teacher).kd) * sums["positions"]
+    sums["kd"] = float(loss_fn(student_output(hidden, head, sparse, head_logits), teacher).kd) * sums["positions"]
     for a in range(0, hidden.shape[0], METRIC_CHUNK):
         b = a + METRIC_CHUNK
-        logits = head(hidden[a:b]).float()
+        logits = head_logits.apply(head(hidden[a:b])).float()
         log_q = torch.log_softmax(logits, dim=-1)
         m = mask[a:b]
         sums["ce"] += float(-(log_q.gather(1, teacher.target_ids[a:b, None])[:, 0] * m).sum())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, masked_mean
+from amid_pipeline.losses.catalog import LOSS_FUNCTIONS, SUPPORT_MODES
 from amid_pipeline.losses.registry import LOSSES
 
 ALL = [(name, {}) for name in LOSSES if name != "amid"] + [
@@ -91,49 +92,82 @@ def test_masked_mean_guards_empty_masks():
     assert float(masked_mean(torch.tensor([1.0, 2.0]), torch.tensor([False, False]))) == 0.0
 
 
-@pytest.mark.parametrize("support,kd_ratio", [("renormalized", 1.0), ("tail", 1.0), ("renormalized", 0.6)])
-@pytest.mark.parametrize("chunk", [3, 5, 1024])
-def test_student_head_path_equals_dense_logits(support, kd_ratio, chunk):
-    """Hidden states + LM head (chunked, never [N, V]) give the dense path's values and gradients."""
-    generator = torch.Generator().manual_seed(4)
-    n, h, v = 13, 16, 50
-    hidden = torch.randn(n, h, generator=generator, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(v, h, generator=generator, dtype=torch.float64, requires_grad=True)
-    _, teacher = awkward_batch(n=n, v=v, seed=5)
-    teacher.topk_logprobs = teacher.topk_logprobs.double()
-    teacher.target_logprob = teacher.target_logprob.double()
-    loss = KDLoss("amid", support=support, kd_ratio=kd_ratio)
-    dense = loss(hidden @ weight.T, teacher)
-    sparse = loss(StudentHead(hidden, weight, chunk=chunk), teacher)
-    torch.testing.assert_close(sparse.loss.double(), dense.loss, rtol=1e-5, atol=1e-6)
-    dense_grads = torch.autograd.grad(dense.loss, (hidden, weight))
-    sparse_grads = torch.autograd.grad(sparse.loss, (hidden, weight))
-    for a, b in zip(sparse_grads, dense_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert loss.needs_full_vocabulary == (support == "tail" or kd_ratio < 1)
+FUSED_CASES = [(name, support, kd_ratio) for name in LOSS_FUNCTIONS for support in SUPPORT_MODES for kd_ratio in (1.0, 0.6)]
 
 
-@pytest.mark.parametrize("support,kd_ratio", [("renormalized", 1.0), ("tail", 1.0), ("renormalized", 0.6)])
-def test_student_head_backward_outside_bf16_autocast(support, kd_ratio):
-    """The trainer runs the forward under bf16 autocast (the default on a GPU) and backward outside it:
-    the head's blocks recomputed in backward must not depend on autocast (a bf16 @ fp32 matmul raised
-    there). Gradients equal the float64 dense ones to bf16 precision."""
-    generator = torch.Generator().manual_seed(6)
-    n, h, v = 13, 16, 50
-    inputs = torch.randn(n, h, generator=generator)
-    projection = torch.randn(h, h, generator=generator).div(4).requires_grad_(True)
-    weight = torch.randn(v, h, generator=generator, requires_grad=True)
-    _, teacher = awkward_batch(n=n, v=v, seed=5)
-    loss = KDLoss("amid", support=support, kd_ratio=kd_ratio)
+def fused_case(name, support, kd_ratio, n=13, h=16, v=50, dtype=torch.float64, bias=False, seed=4):
+    """(loss, teacher, hidden [n, h], weight [v, h], bias [v] or None) for one loss × support × kd_ratio;
+    skipped where the library refuses the combination (a loss infinite at p = 0 < q on a support that gives
+    the teacher no rest)."""
+    try:
+        loss = KDLoss(name, support=support, kd_ratio=kd_ratio)
+    except ValueError as refused:
+        pytest.skip(str(refused))
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=generator, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, generator=generator, dtype=dtype, requires_grad=True)
+    head_bias = torch.randn(v, generator=generator, dtype=dtype, requires_grad=True) if bias else None
+    _, teacher = awkward_batch(n=n, v=v, seed=seed + 1)
+    if support == "sampled":  # the drawn ids' empirical weights p̂, two unused slots per row
+        weights = torch.rand(teacher.topk_ids.shape, generator=generator, dtype=torch.float64)
+        weights[:, -2:] = 0
+        teacher.sample_weights = weights / weights.sum(-1, keepdim=True)
+    teacher.topk_logprobs = teacher.topk_logprobs.to(dtype)
+    teacher.target_logprob = teacher.target_logprob.to(dtype)
+    return loss, teacher, hidden, weight, head_bias
 
+
+def dense_logits(hidden, weight, bias):
+    return hidden @ weight.T + (bias if bias is not None else 0)
+
+
+@pytest.mark.parametrize("name,support,kd_ratio", FUSED_CASES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fused_head_equals_full_logits_for_every_loss_support_and_kd_ratio(name, support, kd_ratio, bias):
+    """Hidden states + LM head (chunked over positions, never [N, V]) give the full-logits path's values and
+    gradients for every loss, support mode and CE weight: in float64 (the blocks are float32 by design, so
+    to float32 rounding), and in float32 against the float64 full logits (to float32 rounding)."""
+    loss, teacher, hidden, weight, head_bias = fused_case(name, support, kd_ratio, bias=bias)
+    inputs = (hidden, weight) + ((head_bias,) if bias else ())
+    dense = loss(dense_logits(hidden, weight, head_bias), teacher)
+    dense_grads = torch.autograd.grad(dense.loss, inputs)
+    for dtype, chunk in ((torch.float64, 3), (torch.float64, 1024), (torch.float32, 5)):
+        cast = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
+        fused = loss(StudentHead(cast[0], cast[1], cast[2] if bias else None, chunk=chunk), teacher)
+        torch.testing.assert_close(fused.loss.double(), dense.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.per_position.double(), dense.per_position, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(fused.loss, cast), dense_grads):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+    assert loss.needs_full_vocabulary == (support != "renormalized" or kd_ratio < 1)
+
+
+@pytest.mark.parametrize("name,support,kd_ratio", FUSED_CASES)
+def test_fused_head_under_bf16_autocast(name, support, kd_ratio):
+    """The trainer runs the forward under bf16 autocast (the default on a GPU) and backward outside it: the
+    head's blocks recomputed in backward must not depend on autocast (a bf16 @ fp32 matmul raised there).
+    Under autocast both paths round the logits to bf16 (the matmul's output dtype); the fused path's value
+    and gradients equal the full-logits path's (``F.linear`` under the same autocast) to that rounding, and
+    both stay within it of float64 full logits of the same bf16 operands."""
+    loss, teacher, hidden, weight, _ = fused_case(name, support, kd_ratio, dtype=torch.float32, seed=6)
+    hidden = hidden.detach().bfloat16().requires_grad_(True)  # a decoder's last hidden state under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = inputs @ projection  # bf16, as a decoder's last hidden state under autocast
-        out = loss(StudentHead(hidden, weight, chunk=5), teacher)
-    grads = torch.autograd.grad(out.loss, (projection, weight))  # outside autocast, as in the trainer
-    dense = loss((inputs.double() @ projection.double()) @ weight.double().T, teacher)
-    for a, b in zip(grads, torch.autograd.grad(dense.loss, (projection, weight))):
-        assert a.dtype == torch.float32
-        assert float((a.double() - b.double()).norm() / b.double().norm()) < 0.02  # bf16 hidden states: ~1e-2
+        fused = loss(StudentHead(hidden, weight, chunk=5), teacher)
+        full = loss(torch.nn.functional.linear(hidden, weight), teacher)
+    fused_grads = torch.autograd.grad(fused.loss, (hidden, weight))  # outside autocast, as in the trainer
+    full_grads = torch.autograd.grad(full.loss, (hidden, weight))
+    assert fused_grads[0].dtype == torch.bfloat16 and fused_grads[1].dtype == torch.float32
+    reference = TeacherTargets(teacher.topk_ids, teacher.topk_logprobs.double(), teacher.target_ids,
+                               teacher.target_logprob.double(), teacher.mask, teacher.sample_weights)
+    operands = (hidden.detach().double().requires_grad_(True), weight.detach().bfloat16().double().requires_grad_(True))
+    exact = loss(operands[0] @ operands[1].T, reference)
+    exact_grads = torch.autograd.grad(exact.loss, operands)
+    for value, grads in ((fused.loss, fused_grads), (full.loss, full_grads)):
+        torch.testing.assert_close(value.double(), exact.loss, rtol=2e-3, atol=1e-4)
+        for a, b in zip(grads, exact_grads):
+            assert float((a.double() - b).norm() / b.norm()) < 2e-2
+    torch.testing.assert_close(fused.loss, full.loss.float(), rtol=2e-3, atol=1e-4)
+    for a, b in zip(fused_grads, full_grads):
+        assert float((a.double() - b.double()).norm() / b.double().norm()) < 2e-2
 
 
 def test_ce_mix_matches_cross_entropy():

@@ -177,8 +177,8 @@ def test_non_finite_loss_stops_with_step_and_samples(tiny_shards, tiny_models, t
 
     original = step.student_output
 
-    def poisoned(hidden, head, sparse):  # a diverged student: its hidden states became NaN
-        return original(hidden * float("nan"), head, sparse)
+    def poisoned(hidden, *head_and_settings):  # a diverged student: its hidden states became NaN
+        return original(hidden * float("nan"), *head_and_settings)
 
     monkeypatch.setattr(step, "student_output", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(samples \['row-"):

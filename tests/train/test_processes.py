@@ -55,7 +55,7 @@ def distill_on_rank(rank: int, port: int, settings: dict, fault: str, out: str) 
         data.Batch.to = unreadable
     if rank == 1 and fault == "nan":
         original = step.student_output
-        step.student_output = lambda hidden, head, sparse: original(hidden * float("nan"), head, sparse)
+        step.student_output = lambda hidden, *rest: original(hidden * float("nan"), *rest)
     try:
         distill(load_config(DistillConfig, None, settings))
         ended = "finished"

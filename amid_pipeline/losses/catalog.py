@@ -8,6 +8,7 @@ from __future__ import annotations
 
 SUPPORT_MODES = ("renormalized", "tail", "teacher_renormalized", "sampled")
 FULL_NORMALIZER_MODES = ("tail", "teacher_renormalized", "sampled")  # need the student's full-vocabulary logsumexp
+BATCH_STATISTIC_LOSSES = ("atkd",)  # a position's value depends on the batch (ATKD's median split): no fused head
 LOSS_FUNCTIONS = ("akl", "amid", "atkd", "forward_kl", "jsd", "reverse_kl", "skl", "srkl", "taid", "tvd")
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes

@@ -5,10 +5,13 @@
     out.loss.backward()          # scalar, averaged over supervised positions
     out.per_position             # [N], for monitoring
 
-Total objective: (1 − kd_ratio)·CE(ground truth) + kd_ratio·KD (kd_ratio = 1 by default). CE needs
-the student's full normaliser (built one [chunk × V] block at a time for a :class:`StudentHead`); KD in
-the renormalised mode does not, so with kd_ratio = 1 and ``support='renormalized'`` a
-:class:`StudentHead` never builds a [N × V] block at all.
+Total objective: (1 − kd_ratio)·CE(ground truth) + kd_ratio·KD (kd_ratio = 1 by default). CE and the
+supports other than ``renormalized`` need the student's full normaliser: given a :class:`StudentHead`,
+the objective then runs through :func:`~amid_pipeline.losses.sparse_head.fused_head_loss` (one
+[chunk × V] block at a time, its gradient formed at once; losses whose value at a position depends on
+the batch, :data:`~amid_pipeline.losses.catalog.BATCH_STATISTIC_LOSSES`, recompute the blocks in backward
+instead). With kd_ratio = 1 and ``support='renormalized'`` a :class:`StudentHead` builds no [chunk × V]
+block at all.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ import torch
 from torch import nn
 
 from amid_pipeline.losses import functional as F
-from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, LOSS_FUNCTIONS, LOSS_NAMES, PRESETS, SUPPORT_MODES
+from amid_pipeline.losses.catalog import (BATCH_STATISTIC_LOSSES, FULL_NORMALIZER_MODES, LOSS_FUNCTIONS, LOSS_NAMES,
+                                          PRESETS, SUPPORT_MODES)
 from amid_pipeline.losses.divergences import DIVERGENCES
+from amid_pipeline.losses.sparse_head import fused_head_loss
 from amid_pipeline.losses.support import (
     StudentHead,
     TeacherTargets,
+    distributions_on_support,
     masked_mean,
     support_distributions,
+    support_ids,
     target_column,
 )
 
@@ -224,19 +231,12 @@ class KDLoss(nn.Module):
 
     def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
                 progress: tuple[int, int] | None = None) -> LossOutput:
+        if isinstance(student, StudentHead) and self.needs_full_vocabulary and self.name not in BATCH_STATISTIC_LOSSES:
+            return self._through_fused_head(student, teacher, progress)
         with_target = self.name == "atkd"
         log_p, log_q, lse = support_distributions(student, teacher, self.support, with_target=with_target)
         mask = teacher.mask.bool()
-        kwargs = {k: v for k, v in self.params.items() if k not in TAID_SETTINGS}
-        if self.name == "atkd":
-            kd_values = self.function(log_p, log_q, target_column(teacher), mask, **kwargs)
-        elif self.name == "forward_kl" and self.support == "sampled":  # the unbiased estimator, exact log p
-            kd_values = F.sampled_forward_kl(log_p[:, :-1], teacher.topk_logprobs, log_q[:, :-1])
-        elif self.name == "taid":
-            step, total = progress if progress is not None else (0, 1)
-            kd_values = self.function(log_p, log_q, t=self.schedule.value(step, total))
-        else:
-            kd_values = self.function(log_p, log_q, **kwargs)
+        kd_values = self._kd_values(log_p, log_q, teacher, progress)
         kd = masked_mean(kd_values, mask)
         per_position = self.kd_ratio * kd_values
         ce = None
@@ -249,6 +249,42 @@ class KDLoss(nn.Module):
         loss = self.kd_ratio * kd + ((1 - self.kd_ratio) * ce if ce is not None else 0.0)
         return LossOutput(loss=loss, per_position=per_position * mask, kd=kd, ce=ce)
 
+
+    def _kd_values(self, log_p: torch.Tensor, log_q: torch.Tensor, teacher: TeacherTargets,
+                   progress: tuple[int, int] | None) -> torch.Tensor:
+        """The KD loss per position [N] on the support's (log p, log q)."""
+        kwargs = {k: v for k, v in self.params.items() if k not in TAID_SETTINGS}
+        if self.name == "atkd":
+            return self.function(log_p, log_q, target_column(teacher), teacher.mask.bool(), **kwargs)
+        if self.name == "forward_kl" and self.support == "sampled":  # the unbiased estimator, exact log p
+            return F.sampled_forward_kl(log_p[:, :-1], teacher.topk_logprobs, log_q[:, :-1])
+        if self.name == "taid":
+            step, total = progress if progress is not None else (0, 1)
+            return self.function(log_p, log_q, t=self.schedule.value(step, total))
+        return self.function(log_p, log_q, **kwargs)
+
+    def _through_fused_head(self, head: StudentHead, teacher: TeacherTargets,
+                            progress: tuple[int, int] | None) -> LossOutput:
+        """The same objective with the head's logits never built and never recomputed (``fused_head_loss``):
+        per block of positions, the support's distributions, KD and CE from the block's logits at the ids,
+        its normalisers and the actual token's logit."""
+        ids, log_p = support_ids(teacher, self.support)
+        mask = teacher.mask.bool()
+        vocabulary = head.weight.shape[0]
+
+        def objective(a, b, z, lse, rest, z_target):
+            part = teacher.rows(a, b)
+            kd_values = self._kd_values(*distributions_on_support(z, lse, rest, log_p[a:b], part, self.support, False,
+                                                                  vocabulary), part, progress)
+            ce_values = lse - z_target
+            total = kd_values if self.kd_ratio == 1.0 else self.kd_ratio * kd_values + (1 - self.kd_ratio) * ce_values
+            return total, kd_values, ce_values
+
+        weights = mask.float() / mask.sum().clamp(min=1)
+        loss, per_position, kd_values, ce_values = fused_head_loss(head.hidden, head.weight, head.bias, ids,
+                                                                   teacher.target_ids, weights, objective, head.chunk)
+        ce = masked_mean(ce_values, mask) if self.kd_ratio < 1.0 else None
+        return LossOutput(loss=loss, per_position=per_position * mask, kd=masked_mean(kd_values, mask), ce=ce)
 
     def end_step(self, step: int, total: int, kd_value: float) -> None:
         """Call once per optimiser step with that step's KD loss (drives TAID's adaptive schedule)."""

@@ -2,6 +2,12 @@
 
 - :func:`support_logits`: z[n, j] = h[n] · W[ids[n, j]] (+ bias) for the k stored ids only. Memory
   O(chunk · k · H) in forward and backward (the gathered rows are recomputed in backward, not saved).
+- :func:`fused_head_loss`: a per-position objective of (the support logits, the logsumexp, the logsumexp
+  outside the support, the actual token's logit), summed with given weights over positions: each
+  [chunk × V] block is computed once, the objective's gradient taken on the block's small per-position
+  inputs, and the head's gradients formed from the block at once (three matmuls, as full logits take);
+  backward only scales them. The tail support, the CE term and every loss whose value at a position
+  depends on that position alone train through it.
 - :func:`full_logsumexp`: lse[n] = logsumexp_v(h[n] · W[v] + bias[v]) over the whole vocabulary,
   holding at most one [chunk × V] float32 block; backward recomputes each block's softmax. Given
   ``outside_of`` ids [N, S] it also returns rest[n] = logsumexp over the ids not in row n's S (−inf
@@ -13,16 +19,17 @@ reduction after it (logsumexp, softmax, the gradients' sums) is float32. In back
 off (backward runs outside the forward's autocast region, so the compute dtype is stated, not inherited:
 the blocks recomputed there equal the forward's).
 
-With both, a loss on any support, with or without a CE term, never holds the [N, V] logits: at most one
-[chunk, V] float32 block, forward and backward. The price is one more [N, H] × [H, V] matmul than the full
-logits (each block is computed in forward and again in backward).
+None of them holds the [N, V] logits: at most one [chunk, V] float32 block (and its gradient) at a time.
+:func:`full_logsumexp` recomputes each block in backward (one more [N, H] × [H, V] matmul than full
+logits); :func:`fused_head_loss` does not, at the price of holding the head's gradients from forward to
+backward (a [V, H] float32 buffer, the size of the weight's own gradient).
 """
 
 from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 256  # positions per block: [256, k, H] gathered rows or one [256, V] logits block
+DEFAULT_CHUNK = 512  # positions per block: [512, k, H] gathered rows or one [512, V] logits block (256: 4 % slower on a CPU at V = 151,936)
 DENSE_CHUNK = 32  # rows per block of given logits on a CPU: [32, V] stays in cache (256 rows ran 3x slower)
 GPU_BLOCK_ELEMENTS = 2**26  # on a GPU, blocks of ~64 M logits (256 MB float32): few, large kernels
 
@@ -184,6 +191,96 @@ class _FullLogSumExp(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
         return (*_cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias), None, None)
+
+
+SCALED_REST_LIMIT = 60.0  # peak − rest (nats) up to which the rest's softmax is rescaled from exp(z − peak)
+
+
+def _fused_block(logits, ids, target_ids, position_weights, objective, a, b):
+    """One block of :func:`fused_head_loss`: (the weighted objective, its reported values, d(weighted) /
+    d logits [c, V] float32), from the block's logits [c, V] float32.
+
+    One exp: e_v = exp(z_v − peak) gives lse = peak + log Σ_v e_v and, with the ids' entries zeroed, rest =
+    peak + log Σ_{v∉S} e_v (a sum of non-negative terms: full relative precision however small). The
+    gradient g_lse·softmax_v + g_rest·exp(z_v − rest)·[v∉S] is e_v times a per-row factor where
+    peak − rest ≤ 60 (e_v is then a normal float32 wherever it matters); further below it is exp(z − rest)
+    itself, for those rows only. The ids' and the actual token's own gradients are added at their columns."""
+    z_support, z_target = logits.gather(1, ids), logits.gather(1, target_ids[:, None])[:, 0]
+    peak = logits.amax(dim=-1)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    exps = (logits - peak[:, None]).exp_()
+    lse = peak + torch.log(exps.sum(dim=-1))
+    support_exps = exps.gather(1, ids)
+    rest = peak + torch.log(exps.scatter_(1, ids, 0.0).sum(dim=-1))  # −inf where the ids cover the row
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (z_support, lse, rest, z_target)]
+        values, *extras = objective(a, b, *inputs)
+        weighted = (values * position_weights).sum()
+        grads = torch.autograd.grad(weighted, inputs, allow_unused=True)
+    grad_support, grad_lse, grad_rest, grad_target = (torch.zeros_like(x) if g is None else g.float()
+                                                      for g, x in zip(grads, inputs))
+    kept = torch.isfinite(rest) & (grad_rest != 0)
+    gap = torch.where(kept, peak - rest, torch.zeros_like(rest))
+    scaled = kept & (gap <= SCALED_REST_LIMIT)
+    softmax_scale = torch.exp(peak - lse)
+    factor = grad_lse * softmax_scale + torch.where(scaled, grad_rest * torch.exp(gap.clamp(max=SCALED_REST_LIMIT)),
+                                                    torch.zeros_like(gap))
+    gradient = exps.mul_(factor[:, None])  # zero at the ids
+    if (far := kept & ~scaled).any():  # a rest below peak − 60 nats: exp(z − rest) itself
+        rows = far.nonzero()[:, 0]
+        outside = torch.exp(logits[rows] - rest[rows, None]).scatter_(1, ids[rows], 0.0)
+        gradient[rows] += outside * grad_rest[rows, None]
+    gradient.scatter_add_(1, ids, grad_support + (grad_lse * softmax_scale)[:, None] * support_exps)
+    gradient.scatter_add_(1, target_ids[:, None], grad_target[:, None])
+    return weighted.detach().float(), [values.detach(), *(e.detach() for e in extras)], gradient
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Σ_n w_n·f(z_n[ids_n], lse_n, rest_n, z_n[y_n]) with the head's gradients formed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, target_ids, position_weights, objective, chunk):
+        grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        reported = []
+        for a, b in _chunks(hidden.shape[0], chunk):
+            logits = _logits_block(hidden[a:b], weight, bias)  # [c, V], under the caller's autocast
+            weighted, values, block = _fused_block(logits, ids[a:b], target_ids[a:b], position_weights[a:b], objective, a, b)
+            del logits
+            total += weighted
+            reported.append(values)
+            with torch.autocast(hidden.device.type, enabled=False):
+                if grad_hidden is not None:
+                    grad_hidden[a:b] = block.to(hidden.dtype) @ weight.to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(block.T, hidden[a:b].float())
+                if grad_bias is not None:
+                    grad_bias += block.sum(0)
+        gradients = _cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias)
+        ctx.present = tuple(g is not None for g in gradients)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in gradients))
+        outputs = [torch.cat(parts) for parts in zip(*reported)]
+        ctx.mark_non_differentiable(*outputs)
+        return (total, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        scaled = (g * grad_total.to(g.dtype) if present else None for g, present in zip(ctx.saved_tensors, ctx.present))
+        return (*scaled, None, None, None, None, None)
+
+
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                    target_ids: torch.Tensor, position_weights: torch.Tensor, objective, chunk: int = DEFAULT_CHUNK
+                    ) -> tuple[torch.Tensor, ...]:
+    """(Σ_n w_n·f_n, f [N], the objective's other outputs [N]...) where f_n = ``objective``(a, b, z_S, lse,
+    rest, z_y)[0] is evaluated on positions a:b at a time: z_S [c, S] the logits of hidden @ weight.T
+    (+ bias) at ``ids`` [N, S], lse and rest [c] their logsumexp over the vocabulary and over the ids not in
+    the row's S, z_y [c] the logit of ``target_ids`` [N]. f_n must depend on position n's inputs alone.
+    ``position_weights`` [N] (e.g. mask / supervised count). Gradients reach hidden, weight and bias;
+    the other outputs are reported values (no gradient)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    return _FusedHeadLoss.apply(hidden, weight, bias, ids.long(), target_ids.long(), position_weights, objective, chunk)
 
 
 def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

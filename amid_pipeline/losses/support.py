@@ -74,6 +74,10 @@ class TeacherTargets:
     def to(self, device, non_blocking: bool = False) -> TeacherTargets:
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
+    def rows(self, start: int, stop: int) -> TeacherTargets:
+        """Positions ``start:stop`` (a view)."""
+        return map_tensors(self, lambda t: t[start:stop])
+
     def check(self) -> None:
         n, k = self.topk_ids.shape if self.topk_ids.dim() == 2 else (None, None)
         if n is None or k == 0:
@@ -171,15 +175,32 @@ def teacher_tail(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherTargets, mode: str = "renormalized",
                           with_target: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log p [N, S'], log q [N, S'], student full logsumexp [N] or None) on the chosen support."""
+    ids, log_p = support_ids(teacher, mode, with_target)
+    z, lse, lse_outside = student_logits_at(student, ids, need_normalizer=mode in FULL_NORMALIZER_MODES)
+    return (*distributions_on_support(z, lse, lse_outside, log_p, teacher, mode, with_target, vocabulary_size(student)),
+            lse)
+
+
+def support_ids(teacher: TeacherTargets, mode: str, with_target: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked targets' (ids [N, S], teacher log-probabilities [N, S]) for ``mode`` (S = k, or k + 1 with
+    the target column)."""
     if mode not in SUPPORT_MODES:
         raise ValueError(f"support mode must be one of {SUPPORT_MODES}, got {mode!r}")
     teacher.check()
-    weights = teacher.sample_weights
-    if mode == "sampled" and weights is None:
+    if mode == "sampled" and teacher.sample_weights is None:
         raise ValueError("support 'sampled' needs shards of the sampled target kind (sample_weights)")
-    ids, log_p = _support_ids(teacher, with_target)
-    z, lse, lse_outside = student_logits_at(student, ids, need_normalizer=mode in FULL_NORMALIZER_MODES)
-    duplicate = torch.isneginf(log_p) & (torch.arange(ids.shape[1], device=ids.device) == ids.shape[1] - 1) if with_target else None
+    return _support_ids(teacher, with_target)
+
+
+def distributions_on_support(z: torch.Tensor, lse: torch.Tensor | None, lse_outside: torch.Tensor | None,
+                             log_p: torch.Tensor, teacher: TeacherTargets, mode: str, with_target: bool,
+                             vocabulary: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log q) on ``mode``'s support from the student's logits at the ids z [N, S], its full
+    logsumexp and the logsumexp outside the ids [N] (None where ``mode`` needs no normaliser) and the
+    teacher's log p [N, S] at the ids (:func:`support_ids`); ``vocabulary``: the student's head size."""
+    ids = teacher.topk_ids
+    weights = teacher.sample_weights
+    duplicate = torch.isneginf(log_p) & (torch.arange(z.shape[1], device=z.device) == z.shape[1] - 1) if with_target else None
     if duplicate is not None:
         z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
     if weights is not None:  # unused slots repeat a drawn id: no mass on either side
@@ -190,8 +211,7 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
     log_p = log_p.to(z.dtype) if z.dtype == torch.float64 else log_p
     if mode == "renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-        log_q = torch.log_softmax(z, dim=-1)
-        return log_p, log_q, lse
+        return log_p, torch.log_softmax(z, dim=-1)
     log_q = z - lse[:, None]
     if mode == "sampled":
         log_p = weights.to(log_p.dtype).log()
@@ -201,9 +221,9 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
     elif mode == "teacher_renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))
-    elif teacher.topk_ids.shape[1] < vocabulary_size(student):
+    elif ids.shape[1] < vocabulary:
         log_p, log_p_rest = teacher_tail(log_p)
     else:  # the ids cover the vocabulary: the rest bucket holds no id, so no mass on either side
         log_p_rest = torch.full_like(log_p[:, 0], float("-inf"))  # (1 − Σp is float32 rounding, ~1e-7, against q = 0)
     log_q_rest = lse_outside - lse
-    return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1), lse
+    return torch.cat([log_p, log_p_rest[:, None]], dim=1), torch.cat([log_q, log_q_rest[:, None]], dim=1)

@@ -27,6 +27,8 @@ backward (a [V, H] float32 buffer, the size of the weight's own gradient).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 DEFAULT_CHUNK = 512  # positions per block: [512, k, H] gathered rows or one [512, V] logits block (256: 4 % slower on a CPU at V = 151,936)
@@ -196,9 +198,9 @@ class _FullLogSumExp(torch.autograd.Function):
 SCALED_REST_LIMIT = 60.0  # peak − rest (nats) up to which the rest's softmax is rescaled from exp(z − peak)
 
 
-def _fused_block(logits, ids, target_ids, position_weights, objective, a, b):
+def _fused_block(logits, ids, target_ids, position_weights, objective, a, b, gradient: bool = True):
     """One block of :func:`fused_head_loss`: (the weighted objective, its reported values, d(weighted) /
-    d logits [c, V] float32), from the block's logits [c, V] float32.
+    d logits [c, V] float32 or None without ``gradient``), from the block's logits [c, V] float32.
 
     One exp: e_v = exp(z_v − peak) gives lse = peak + log Σ_v e_v and, with the ids' entries zeroed, rest =
     peak + log Σ_{v∉S} e_v (a sum of non-negative terms: full relative precision however small). The
@@ -212,10 +214,13 @@ def _fused_block(logits, ids, target_ids, position_weights, objective, a, b):
     lse = peak + torch.log(exps.sum(dim=-1))
     support_exps = exps.gather(1, ids)
     rest = peak + torch.log(exps.scatter_(1, ids, 0.0).sum(dim=-1))  # −inf where the ids cover the row
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (z_support, lse, rest, z_target)]
+    with torch.enable_grad() if gradient else contextlib.nullcontext():
+        inputs = [t.detach().requires_grad_(gradient) for t in (z_support, lse, rest, z_target)]
         values, *extras = objective(a, b, *inputs)
         weighted = (values * position_weights).sum()
+        reported = [values.detach(), *(e.detach() for e in extras)]
+        if not gradient:  # evaluation: the value alone, one matmul per block
+            return weighted.float(), reported, None
         grads = torch.autograd.grad(weighted, inputs, allow_unused=True)
     grad_support, grad_lse, grad_rest, grad_target = (torch.zeros_like(x) if g is None else g.float()
                                                       for g, x in zip(grads, inputs))
@@ -232,7 +237,37 @@ def _fused_block(logits, ids, target_ids, position_weights, objective, a, b):
         gradient[rows] += outside * grad_rest[rows, None]
     gradient.scatter_add_(1, ids, grad_support + (grad_lse * softmax_scale)[:, None] * support_exps)
     gradient.scatter_add_(1, target_ids[:, None], grad_target[:, None])
-    return weighted.detach().float(), [values.detach(), *(e.detach() for e in extras)], gradient
+    return weighted.detach().float(), reported, gradient
+
+
+def _fused_pass(hidden, weight, bias, ids, target_ids, position_weights, objective, chunk, wants):
+    """(Σ_n w_n·f_n, [f, other outputs] [N] each, the head's gradients (hidden, weight, bias), each None
+    unless ``wants`` says so), one [chunk, V] block at a time; without any gradient wanted, one matmul per
+    block and no autograd."""
+    grad_hidden = torch.zeros_like(hidden) if wants[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and wants[2] else None
+    wanted = any(wants)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    reported = []
+    for a, b in _chunks(hidden.shape[0], chunk):
+        logits = _logits_block(hidden[a:b], weight, bias)  # [c, V], under the caller's autocast
+        weighted, values, block = _fused_block(logits, ids[a:b], target_ids[a:b], position_weights[a:b], objective,
+                                               a, b, gradient=wanted)
+        del logits
+        total += weighted
+        reported.append(values)
+        if block is None:
+            continue
+        with torch.autocast(hidden.device.type, enabled=False):
+            if grad_hidden is not None:
+                grad_hidden[a:b] = block.to(hidden.dtype) @ weight.to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(block.T, hidden[a:b].float())
+            if grad_bias is not None:
+                grad_bias += block.sum(0)
+    outputs = [torch.cat(parts) for parts in zip(*reported)]
+    return total, outputs, _cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -240,26 +275,10 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, target_ids, position_weights, objective, chunk):
-        grad_hidden, grad_weight, grad_bias = _gradient_buffers(ctx, hidden, weight, bias)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        reported = []
-        for a, b in _chunks(hidden.shape[0], chunk):
-            logits = _logits_block(hidden[a:b], weight, bias)  # [c, V], under the caller's autocast
-            weighted, values, block = _fused_block(logits, ids[a:b], target_ids[a:b], position_weights[a:b], objective, a, b)
-            del logits
-            total += weighted
-            reported.append(values)
-            with torch.autocast(hidden.device.type, enabled=False):
-                if grad_hidden is not None:
-                    grad_hidden[a:b] = block.to(hidden.dtype) @ weight.to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight.addmm_(block.T, hidden[a:b].float())
-                if grad_bias is not None:
-                    grad_bias += block.sum(0)
-        gradients = _cast_gradients(grad_hidden, grad_weight, grad_bias, weight, bias)
+        total, outputs, gradients = _fused_pass(hidden, weight, bias, ids, target_ids, position_weights, objective,
+                                                chunk, ctx.needs_input_grad[:3])
         ctx.present = tuple(g is not None for g in gradients)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in gradients))
-        outputs = [torch.cat(parts) for parts in zip(*reported)]
         ctx.mark_non_differentiable(*outputs)
         return (total, *outputs)
 
@@ -280,7 +299,11 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     the other outputs are reported values (no gradient)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    return _FusedHeadLoss.apply(hidden, weight, bias, ids.long(), target_ids.long(), position_weights, objective, chunk)
+    inputs = (hidden, weight, bias, ids.long(), target_ids.long(), position_weights, objective, chunk)
+    if not torch.is_grad_enabled():  # evaluation: no gradients formed (ctx.needs_input_grad would still ask for them)
+        total, outputs, _ = _fused_pass(*inputs, wants=(False, False, False))
+        return (total, *outputs)
+    return _FusedHeadLoss.apply(*inputs)
 
 
 def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -338,3 +338,21 @@ def test_fused_head_keeps_the_rest_gradient_where_the_student_leaves_almost_no_m
     for a, b, c in zip(torch.autograd.grad(fused.loss, cast), expected, float32_grads):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
         assert float((a.double() - b).abs().max()) < 1e-3 * float(b.abs().max())
+
+
+def test_fused_head_under_no_grad_gives_the_value_and_forms_no_gradients(monkeypatch):
+    """Held-out evaluation runs the loss under no_grad: the same value, and no block's gradient is formed
+    (autograd's needs_input_grad still says True there, so the fused head must ask torch itself)."""
+    import amid_pipeline.losses.sparse_head as sparse_head
+
+    loss, teacher, hidden, weight, _ = fused_case("amid", "tail", 0.6, dtype=torch.float32)
+    with_grad = loss(StudentHead(hidden, weight, chunk=5), teacher)
+    asked = []
+    original = sparse_head._fused_block
+    monkeypatch.setattr(sparse_head, "_fused_block", lambda *args, gradient: asked.append(gradient) or original(
+        *args, gradient=gradient))
+    with torch.no_grad():
+        without = loss(StudentHead(hidden, weight, chunk=5), teacher)
+    assert asked == [False, False, False]  # 13 positions in blocks of 5
+    torch.testing.assert_close(without.loss, with_grad.loss.detach())
+    torch.testing.assert_close(without.per_position, with_grad.per_position.detach())

@@ -4,7 +4,8 @@
                                 [--losses amid forward_kl ...]
 
 (a) plain CE over full logits (h @ W.T, cross_entropy); (b) each KD loss on the same full logits;
-(c) each KD loss through StudentHead (logits only at the k stored ids, never [N × V]). Every case
+(c) each KD loss through the fused head (StudentHead: never [N × V]; the tail support and CE term in one
+[chunk × V] block at a time, the renormalised support at the k stored ids only). Every case
 runs in a fresh process; peak memory is the process's peak RSS above its inputs. Prints the median
 of 3 timed runs and the ratios to (a).
 """

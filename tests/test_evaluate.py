@@ -132,3 +132,33 @@ def test_the_teacher_read_from_its_shards_equals_running_it(tiny_models, tmp_pat
     assert math.isclose(read["perplexity"], run["perplexity"], rel_tol=2e-3), (read, run)
     assert math.isclose(read["support_mass"], run["support_mass"], rel_tol=2e-3), (read, run)
     assert run["kl_with_rest"] < 1e-3 and run["top1_agreement"] > 0.99 and read["top1_agreement"] == 1.0
+
+
+def test_held_out_batches_are_read_one_at_a_time(tiny_models, tiny_shards):
+    """`eval --shards` over a whole directory: each batch is read just before its forward, never all first."""
+    from contextlib import nullcontext
+
+    from amid_pipeline.evaluate import load_model
+    from amid_pipeline.losses import KDLoss
+    from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
+    from amid_pipeline.train.distributed import Processes
+    from amid_pipeline.train.metrics import evaluate
+    from amid_pipeline.train.step import DistillModule
+
+    model = load_model(tiny_models["student"])[0]
+    events = []
+
+    class Module(DistillModule):
+        def forward(self, *args, **kwargs):
+            events.append("forward")
+            return super().forward(*args, **kwargs)
+
+    def batches():
+        settings = DataSettings(batch_size=8, max_length=96, heldout_fraction=0.0, student_vocab=528)
+        for batch in ShardBatches(list_files([str(tiny_shards)]), settings, seed=0, shuffle=False):
+            events.append("read")
+            yield batch
+
+    metrics = evaluate(Module(model, KDLoss("forward_kl"), sparse=True), batches(), Processes(1, 0, model.device), nullcontext())
+    assert metrics["positions"] > 0 and len(events) >= 4
+    assert events == ["read", "forward"] * (len(events) // 2)

@@ -29,14 +29,17 @@ def evaluate(module: nn.Module, batches: Iterable[Batch], processes: Processes, 
     positions, plus perplexity = exp(mean CE) and the expected calibration error of the top-1 prediction
     of the actual token, ``ece`` = Σ_b |Σ_{t in b} (correct_t − confidence_t)| / positions.
 
-    Under several processes every rank runs the same number of batches (the smallest share: forward
-    passes are collective under FSDP and DDP), the sums are added across ranks, and a rank whose held-out
-    rows fail to read stops every rank.
+    Batches are read one at a time (a whole shard directory under ``eval --shards`` is never held). Under
+    several processes every rank runs the same number of batches (the smallest share: forward passes are
+    collective under FSDP and DDP; all stop when one runs out), the sums are added across ranks, and a rank
+    whose held-out rows fail to read stops every rank.
     """
-    batches = processes.together(lambda: list(batches))
-    count = int(processes.all_reduce([len(batches)], "min")[0])
+    remaining = iter(batches)
     totals = dict.fromkeys(SUMS, 0.0)
-    for batch in batches[:count]:
+    while True:
+        batch = processes.together(lambda: next(remaining, None))
+        if processes.all_reduce([float(batch is not None)], "min")[0] == 0:
+            break
         batch = batch.to(processes.device, non_blocking=True)
         with autocast:
             sums = module(batch.inputs, batch.teacher, metrics=True)

@@ -110,6 +110,7 @@ class Batch:
     sample_ids: list[str]
     files: list[str]
     tokens: int  # sequence tokens fed to the student (padding excluded)
+    bad_files: tuple[str, ...] = ()  # files its reader skipped so far this epoch (DataLoader workers keep their own)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """On ``device``; ``non_blocking`` copies asynchronously from pinned memory (see :meth:`pin_memory`)."""
@@ -224,7 +225,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             rng.shuffle(groups)
         if self.light:  # counting only: one token count per batch
             return [sum(len(r.input_ids) for items in g for r, _ in items) for g in groups]
-        return [collate(group, s.max_length, s.student_vocab, s.packed_attention, s.proposal_temperature, s.exact_top)
+        return [dataclasses.replace(collate(group, s.max_length, s.student_vocab, s.packed_attention,
+                                            s.proposal_temperature, s.exact_top), bad_files=tuple(self.bad_files))
                 for group in groups]
 
 

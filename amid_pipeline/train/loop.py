@@ -228,6 +228,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress or not processes.main, unit="step", desc="distill")
     metrics_file = MetricsLog(output, config.report_to, dataclasses.asdict(config)) if processes.main else None
     last_loss, last_eval, run_tokens, run_started = float("nan"), {}, 0, time.perf_counter()
+    skipped: dict[str, None] = {}  # bad files skipped (--skip-bad-files), in the order met
     try:
         if step == 0 and config.eval_every:  # the curves start from the student as it came
             evaluate_heldout()
@@ -242,6 +243,7 @@ def _distill(config: DistillConfig) -> RunSummary:
                     batches_per_epoch = epoch_batches(epoch)
                 # a shard that fails to read on one rank stops every rank, before the collective forward
                 batch = processes.together(lambda: next(batches).to(device, non_blocking=True))
+                skipped.update(dict.fromkeys(batch.bad_files))  # seen in whichever process read the batch
                 consumed += 1
                 last_micro = micro == config.grad_accum - 1
                 with wrapped.no_sync() if world > 1 and not fsdp and not last_micro else nullcontext():
@@ -296,4 +298,4 @@ def _distill(config: DistillConfig) -> RunSummary:
     processes.barrier()
     return RunSummary(output=output, steps=step, tokens=tokens, seconds=time.perf_counter() - started,
                       final_loss=last_loss, eval=last_eval, heldout=heldout,
-                      bad_files=data.bad_files, sparse_head=sparse, best=best)
+                      bad_files=list({**skipped, **dict.fromkeys(data.bad_files)}), sparse_head=sparse, best=best)

@@ -14,6 +14,7 @@ from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES
 HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "kl_with_rest": False, "ce": False, "perplexity": False, "ece": False,
                     "top1_agreement": True, "support_mass": True}
 BEST_METRIC_CHOICES = ("last", *HIGHER_IS_BETTER)
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio")  # distill --report-to; each is its package's name
 
 
 @dataclasses.dataclass
@@ -86,11 +87,9 @@ class DistillConfig(OptimizationSettings):
     def check(self) -> list[str]:
         from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
 
-        from amid_pipeline.train.metrics import TRACKERS
-
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
-        errors += [f"report_to: {name!r} is not one of {', '.join(TRACKERS)}, none, auto" for name in self.report_to
-                   if name not in TRACKERS and name not in ("none", "auto")]
+        errors += [f"report_to: {name!r} is not one of {', '.join(TRACKER_NAMES)}, none, auto" for name in self.report_to
+                   if name not in TRACKER_NAMES and name not in ("none", "auto")]
         if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):
             errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
                           "than 'sampled' (they hold every id; no draws)")

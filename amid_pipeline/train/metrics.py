@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.config import TRACKER_NAMES
 from amid_pipeline.train.data import Batch
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.step import calibration_keys
@@ -110,7 +111,7 @@ class TrackioTracker:
         self.trackio.finish()
 
 
-TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}  # name = its package
+TRACKERS = dict(zip(TRACKER_NAMES, (TensorBoardTracker, WandbTracker, TrackioTracker)))  # name = its package
 
 
 def is_installed(package: str) -> bool:

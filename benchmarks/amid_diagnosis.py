@@ -11,7 +11,7 @@ top-1 agreement, the student's mass on the teacher's ids, and two diagnostics of
 bounded loss abandons tokens: the teacher mass (renormalised over its ids) on ids where the student gives
 less than a tenth of the teacher's probability ("abandoned"), and the mean AMiD gradient weight
 w = (1−λ)q^s / (λp^s + (1−λ)q^s) on those ids at α = −3, λ = 0.1 (the share of the gradient such an id
-can still pull; losses.md §1).
+can still pull; docs/losses.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-position distillation losses on a common support (see ../shared/spec/losses.md).
+"""Per-position distillation losses on a common support (docs/losses.md).
 
 Every loss takes ``log_p`` (teacher) and ``log_q`` (student) of shape [N, S]: log-probabilities of N
 positions over the same S outcomes (the stored top-k, renormalised; or top-k plus a tail bucket; or
@@ -157,7 +157,7 @@ def amid(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float = 0.5, lam: floa
     'kl', 'ab' (AB-divergence with ``ab_a``, ``ab_b``) or 'tvd'. Gradients flow through q both directly
     and through r (including its normaliser), as in the official code.
 
-    Defaults α = 0.5, λ = 0.1, KL, 'pr', chosen on a dev split (README, "Evidence"). The gradient on an
+    Defaults α = 0.5, λ = 0.1, KL, 'pr', chosen on a dev split (docs/benchmarks.md, "Evidence"). The gradient on an
     outcome is weighted by w = (1−λ)q^s / (λp^s + (1−λ)q^s), s = (1−α)/2: where the student under-predicts
     (q ≪ p) w → 0 as (q/p)^s. At α = −3 (s = 2) an id with q = p/10 keeps 8 % of its pull and the loss is
     flat there (it is bounded by (2/(1−α))·log(1/λ)), so a student that under-predicts a fifth of the

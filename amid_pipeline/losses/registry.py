@@ -188,8 +188,8 @@ class KDLoss(nn.Module):
         name: forward_kl, reverse_kl, tvd, skl, srkl, jsd, amid, akl, taid, atkd, or a preset of
             :data:`PRESETS` (e.g. 'amid-paper'), whose values ``params`` override.
         support: 'tail' (default: the stored ids plus one bucket for the rest, p and q both normalised over
-            the full vocabulary), 'teacher_renormalized' or 'renormalized' (losses.md §7). Measured on a dev
-            split (README, "Evidence"), tail trained the best students: 'renormalized' never sees the student's
+            the full vocabulary), 'teacher_renormalized' or 'renormalized' (docs/losses.md §7). Measured on a dev
+            split (docs/benchmarks.md, "Evidence"), tail trained the best students: 'renormalized' never sees the student's
             mass outside the ids, which leaks there; 'teacher_renormalized' pushes that mass to 0 although the
             teacher's own mass outside its top-k is not 0.
         kd_ratio: weight of KD against ground-truth CE, (1 − kd_ratio)·CE + kd_ratio·KD.

@@ -8,7 +8,7 @@ Inputs, flattened over supervised-or-not positions N:
 - the student as full logits [N, V], or as :class:`StudentHead` (final hidden states [N, H] and the LM
   head weight [V, H]), which never materialises [N, V].
 
-Support modes (losses.md §7); each equals the dense definition when the ids cover the vocabulary:
+Support modes (docs/losses.md §7); each equals the dense definition when the ids cover the vocabulary:
 
 - ``renormalized`` (this function's default; :class:`KDLoss` defaults to ``tail``): S = the k stored ids; p̃ = p|_S / Σ_S p, q̃ = softmax(z_S).
 - ``tail``: S ∪ {rest}; p_rest = 1 − Σ_S p (floored where rounding hid it: :func:`teacher_tail`),

@@ -120,7 +120,7 @@ The same commands take this directory's URL where it is published (`hf://dataset
 
 With `datasets`: `load_dataset("parquet", data_files="{DATA_DIR}/*.parquet", split="train")`.
 With any Parquet reader: `pyarrow.parquet.read_table("{DATA_DIR}")`; decode `topk_logprobs` under
-`{header.value_encoding}` as described in the amid-pipeline README (format {FORMAT_VERSION}, "Value encodings").
+`{header.value_encoding}` as described in the amid-pipeline format specification (docs/format.md, format {FORMAT_VERSION}, "Value encodings").
 """
 
 

@@ -133,7 +133,7 @@ def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk"
                       for name in kind_columns(target_kind, layout)])
 
 
-# Parquet encodings chosen per column (measured in benchmarks/shard_format.py, see README "Shard format"):
+# Parquet encodings chosen per column (measured in benchmarks/shard_format.py, see docs/format.md):
 # positions are runs of +1 (delta encoding stores them in almost nothing); every other integer column
 # compresses best with its bytes split into streams before zstd (the high bytes of ids, ranks and codes
 # are nearly constant), which beat delta encoding by 25-50% on real teacher output.

@@ -86,7 +86,7 @@ def objective_and_data_notes(config: DistillConfig, files: list[ShardFile]) -> l
     notes = []
     if config.support == "renormalized" and config.kd_ratio == 1.0:
         notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
-                     "can leak there (README, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
+                     "can leak there (docs/benchmarks.md, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
     if len(config.shards) > 1:
         repeated = duplicate_ids(files)
         if repeated:

@@ -1,4 +1,4 @@
-"""Straightforward dense float64 references for the losses, written from losses.md in probability
+"""Straightforward dense float64 references for the losses, written from docs/losses.md in probability
 space (no log-space tricks), for tests only. Each takes p, q: [N, V] float64 probability rows."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def jsd(p, q, beta):
 
 
 def akl(p, q, mu):
-    """The head/tail weights use the detached student (losses.md §2)."""
+    """The head/tail weights use the detached student (docs/losses.md §2)."""
     out = []
     for p_row, q_row in zip(p, q):
         order = torch.argsort(p_row, descending=True)
@@ -63,7 +63,7 @@ def akl(p, q, mu):
 
 
 def taid(p, q, t):
-    """p_t is built from the detached student (stopgrad), losses.md §4."""
+    """p_t is built from the detached student (stopgrad), docs/losses.md §4."""
     logits = (1 - t) * torch.log(q.detach()) + t * torch.log(p)
     pt = torch.softmax(logits, -1)
     return kl(pt, q)

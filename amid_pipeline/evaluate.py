@@ -88,8 +88,8 @@ def perplexity_on_data(model, tokenizer, data: str | Path, *, limit: int | None 
     would (``prompt_response``, the model's chat template unless ``chat_template`` is off): exp of the
     mean CE over every supervised token (``data_ce``, ``data_perplexity``, ``data_positions``), and the rows
     that have no single response to score (``data_skipped_rows``)."""
-    from amid_pipeline.capture.config import DatasetSettings
-    from amid_pipeline.capture.examples import dataset_examples
+    from amid_pipeline.dataset.examples import dataset_examples
+    from amid_pipeline.dataset.settings import DatasetSettings
     from amid_pipeline.train.sft import dev_loss
 
     settings = DatasetSettings(dataset=str(data), limit=limit, data_format="prompt_response", chat_template=chat_template,

@@ -26,9 +26,10 @@ from harness import print_table  # noqa: E402
 
 from amid_pipeline.capture.backends import HFBackend, VLLMBackend  # noqa: E402
 from amid_pipeline.capture.config import CaptureConfig  # noqa: E402
-from amid_pipeline.capture.examples import iter_examples, load_rows, resolve_format  # noqa: E402
+from amid_pipeline.capture.generation import iter_examples  # noqa: E402
 from amid_pipeline.capture.run import run_capture  # noqa: E402
 from amid_pipeline.config import load_config  # noqa: E402
+from amid_pipeline.dataset.examples import load_rows, resolve_format  # noqa: E402
 from amid_pipeline.models import smollm2_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,8 +39,9 @@ def sequences(rows: int) -> list[np.ndarray]:
     from transformers import AutoTokenizer
 
     from amid_pipeline.capture.config import CaptureConfig
-    from amid_pipeline.capture.examples import iter_examples, load_rows, resolve_format
+    from amid_pipeline.capture.generation import iter_examples
     from amid_pipeline.config import load_config
+    from amid_pipeline.dataset.examples import load_rows, resolve_format
     from amid_pipeline.models import smollm2_teacher
 
     config = load_config(CaptureConfig, None, {"teacher": str(smollm2_teacher()), "dataset": str(ROOT / "data/jargon/train.jsonl"),

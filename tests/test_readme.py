@@ -67,7 +67,7 @@ def test_the_two_setup_commands_are_the_ones_ci_and_the_scripts_use():
     assert 'env.sh" test' in tests and 'python -m pytest -q "$@"' in tests
 
 
-def stand_in_venv(tmp_path, tools: dict[str, str]) -> Path:
+def stand_in_venv(tmp_path, tools: dict[str, str]):
     """A virtual environment whose ``bin/python`` is this interpreter and whose other tools are the given
     shell scripts (name -> body), for running scripts/env.sh without installing anything."""
     import sys

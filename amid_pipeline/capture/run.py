@@ -28,8 +28,9 @@ from typing import Any
 
 from amid_pipeline.capture.backends import Sampling, backend_name, make_backend, sequence_seed
 from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, SAMPLED_ONLY_SETTINGS, CaptureConfig
-from amid_pipeline.capture.examples import Example, iter_examples, load_rows, resolve_format
+from amid_pipeline.capture.generation import iter_examples
 from amid_pipeline.chat import template_sha256, uses_chat_template
+from amid_pipeline.dataset.examples import Example, load_rows, resolve_format
 from amid_pipeline.models import model_limits, model_source, tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.card import CARD_NAME, write_dataset_card
 from amid_pipeline.shards.manifest import FileRecord, Header, worker_manifest_name, write_manifest
@@ -316,8 +317,8 @@ def run_capture(config: CaptureConfig, backend=None) -> CaptureSummary:
 
 def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
     """:func:`run_capture` once the settings are checked and this worker holds the output."""
-    from transformers import AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     output = open_store(config.output)
     entries = prepare_output(output, config)

@@ -25,8 +25,14 @@ import torch
 from torch import nn
 
 from amid_pipeline.losses import functional as F
-from amid_pipeline.losses.catalog import (BATCH_STATISTIC_LOSSES, FULL_NORMALIZER_MODES, LOSS_FUNCTIONS, LOSS_NAMES,
-                                          PRESETS, SUPPORT_MODES)
+from amid_pipeline.losses.catalog import (
+    BATCH_STATISTIC_LOSSES,
+    FULL_NORMALIZER_MODES,
+    LOSS_FUNCTIONS,
+    LOSS_NAMES,
+    PRESETS,
+    SUPPORT_MODES,
+)
 from amid_pipeline.losses.divergences import DIVERGENCES
 from amid_pipeline.losses.sparse_head import fused_head_loss
 from amid_pipeline.losses.support import (

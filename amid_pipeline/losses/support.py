@@ -52,6 +52,7 @@ from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, SUPPORT_MODES
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, logsumexps, support_logits
 
+
 def map_tensors(value, fn):
     """A copy of the dataclass ``value`` with ``fn`` applied to each of its tensor fields (None stays None):
     moving a batch to a device, or pinning it for an asynchronous copy."""

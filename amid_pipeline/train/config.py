@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Optional
 
-from amid_pipeline.capture.config import DatasetSettings
 from amid_pipeline.config import setting
+from amid_pipeline.dataset.settings import DatasetSettings
 from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES
 
 # Held-out metrics that distill can keep its best model by (train/metrics.py's names), and their direction.

@@ -30,15 +30,40 @@ from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.best import BestModel
-from amid_pipeline.train.checkpoint import (SHARDED, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
-                                            set_rng_state, staging_folder)
-from amid_pipeline.train.checks import (RUN_RECORD, TrainingError, check_eval_shard_dirs, check_online_teacher,
-                                        check_resumed_objective, check_resumed_run, check_shard_dirs, check_student,
-                                        model_fingerprint, objective_and_data_notes, packed_attention_mode, run_record)
+from amid_pipeline.train.checkpoint import (
+    SHARDED,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+    staging_folder,
+)
+from amid_pipeline.train.checks import (
+    RUN_RECORD,
+    TrainingError,
+    check_eval_shard_dirs,
+    check_online_teacher,
+    check_resumed_objective,
+    check_resumed_run,
+    check_shard_dirs,
+    check_student,
+    model_fingerprint,
+    objective_and_data_notes,
+    packed_attention_mode,
+    run_record,
+)
 from amid_pipeline.train.config import DistillConfig
 from amid_pipeline.train.data import DataSettings, ShardBatches, cached_manifest, count_batches, list_files
-from amid_pipeline.train.distributed import (full_weights, load_optimizer_state, load_sharded, place, save_sharded,
-                                             start_processes, wrap)
+from amid_pipeline.train.distributed import (
+    full_weights,
+    load_optimizer_state,
+    load_sharded,
+    place,
+    save_sharded,
+    start_processes,
+    wrap,
+)
 from amid_pipeline.train.metrics import MetricsLog, evaluate, trim_metrics
 from amid_pipeline.train.step import DistillModule, HeadLogits, online_teacher_targets
 

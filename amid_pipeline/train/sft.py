@@ -5,7 +5,7 @@
 
 The objective is the mean over supervised tokens of −log q(y_t | y_<t), on exactly the tokens and
 targets that ``cache-teacher`` would store for the same rows (both tokenise through
-:mod:`amid_pipeline.capture.examples`: same chat template, same supervised assistant tokens).
+:mod:`amid_pipeline.dataset.examples`: same chat template, same supervised assistant tokens).
 
 Phases: (1) rows → examples, split into train and dev (a dev file, or sample ids held out by a stable
 hash); (2) model, AdamW, warm-up + decay, resume; (3) the step loop: a batch in (seed, epoch) order →
@@ -30,13 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from amid_pipeline.capture.examples import Example, dataset_examples
 from amid_pipeline.config import save_config
+from amid_pipeline.dataset.examples import Example, dataset_examples
 from amid_pipeline.models import emulated_bfloat16_warning, model_source, resolve_device
-from amid_pipeline.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_model, set_rng_state
-from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.shards.storage import write_json_atomic
+from amid_pipeline.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
 from amid_pipeline.train.checks import RUN_RECORD, TrainingError, check_resumed_run, model_fingerprint, run_record
+from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.metrics import MetricsLog, trim_metrics
 from amid_pipeline.train.order import is_heldout
 

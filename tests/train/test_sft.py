@@ -10,14 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from amid_pipeline.capture.config import DatasetSettings
-from amid_pipeline.capture.examples import dataset_examples
 from amid_pipeline.cli import app
 from amid_pipeline.config import load_config
+from amid_pipeline.dataset.examples import dataset_examples
+from amid_pipeline.dataset.settings import DatasetSettings
 from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.train.checks import TrainingError
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.sft import collate_examples, sft, supervised_ce_sum
-from amid_pipeline.train.checks import TrainingError
 from tests.helpers import ROOT
 
 

@@ -1,4 +1,5 @@
-"""Dataset rows -> token sequences with a supervision mask, for the teacher.
+"""Dataset rows -> token sequences with a supervision mask: what the teacher is run on (capture), what
+``sft`` trains on and what ``eval --data`` scores, tokenised identically everywhere.
 
 An :class:`Example` holds ``input_ids`` [L] and ``target_mask`` [L] (``target_mask[j]`` = token ``j``
 is a supervised target); prediction position ``t`` is then supervised iff ``target_mask[t + 1]``.
@@ -17,15 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from amid_pipeline.capture.config import CaptureConfig, DatasetSettings
-from amid_pipeline.chat import (
-    ChatTemplateError,
-    prompt_response_messages,
-    render_conversation,
-    render_prompt,
-    stop_token_ids,
-    uses_chat_template,
-)
+from amid_pipeline.chat import ChatTemplateError, prompt_response_messages, render_conversation, uses_chat_template
+from amid_pipeline.dataset.settings import DatasetSettings
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -144,9 +138,14 @@ def resolve_format(config: DatasetSettings, columns: list[str]) -> str:
     return fmt
 
 
+def row_sample_id(row: dict[str, Any], index: int, config: DatasetSettings) -> str:
+    """A row's sample id: its ``id_field`` when one is set, else ``row-<index in the split>`` (the one rule)."""
+    return str(row[config.id_field]) if config.id_field else f"row-{index}"
+
+
 def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: DatasetSettings) -> list[Example]:
     """One dataset row -> one example, or several windows when ``overflow == 'split'``."""
-    sample_id = str(row[config.id_field]) if config.id_field else f"row-{index}"
+    sample_id = row_sample_id(row, index, config)
     ids, mask = _tokenize(row, fmt, tokenizer, config)
     if len(ids) < 2:
         raise SkipRow("tokenizes to fewer than 2 tokens")
@@ -165,38 +164,6 @@ def row_examples(row: dict[str, Any], index: int, fmt: str, tokenizer, config: D
         if len(window_ids) >= 2 and window_mask[1:].any():
             windows.append(Example(f"{sample_id}#w{w}", window_ids, window_mask, truncated=True))
     return windows
-
-
-def row_prompt(row: dict[str, Any], fmt: str, tokenizer, config: CaptureConfig) -> np.ndarray:
-    """The prompt of a row for ``--generate``: the prompt field (as a user turn under the chat template
-    unless ``chat_template`` is off), the conversation before its last assistant turns (with the
-    generation prompt), the text, or the pre-tokenized ids."""
-    if fmt == "prompt_response":
-        prompt = text_value(row, config.prompt_field, "prompt")
-        return render_prompt(prompt, tokenizer, uses_chat_template(config.chat_template, tokenizer))
-    if fmt == "messages":
-        messages = list(row[config.messages_field] or [])
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-        if not messages:
-            raise SkipRow("no prompt messages")
-        return render_prompt(messages, tokenizer, templated=True)
-    if fmt == "text":
-        return np.asarray(tokenizer(text_value(row, config.text_field, "text")).input_ids, dtype=np.int32)
-    return token_ids(row, config, tokenizer)
-
-
-def generated_examples(sample_id: str, prompt: np.ndarray, responses: list[np.ndarray]) -> list[Example]:
-    """One example per sampled response: prompt + response, the response tokens supervised."""
-    out = []
-    for j, response in enumerate(responses):
-        if len(response) == 0:
-            continue
-        ids = np.concatenate([prompt, np.asarray(response, dtype=np.int32)])
-        mask = np.zeros(len(ids), dtype=bool)
-        mask[len(prompt) :] = True
-        out.append(Example(f"{sample_id}#g{j}", ids, mask))
-    return out
 
 
 def _tokenize(row: dict[str, Any], fmt: str, tokenizer, config: DatasetSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -275,21 +242,11 @@ def dataset_examples(config: DatasetSettings, tokenizer) -> tuple[list[Example],
     rows = load_rows(config)
     fmt = resolve_format(config, list(rows.column_names))
     skipped: dict[str, int] = {}
-    lists = _teacher_forced(rows, range(len(rows)), fmt, tokenizer, config, skipped)
+    lists = teacher_forced_examples(rows, range(len(rows)), fmt, tokenizer, config, skipped)
     return [example for examples in lists for example in examples], skipped
 
 
-def iter_examples(rows, indices: list[int], fmt: str, tokenizer, config: CaptureConfig,
-                  skipped: dict[str, int], backend=None) -> Iterator[list[Example]]:
-    """The examples of each row (``indices``: the rows' positions in the selected range); skips are
-    counted. With ``config.generate`` the backend samples the responses of all these rows in one call."""
-    if config.generate:
-        yield from _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend)
-    else:
-        yield from _teacher_forced(rows, indices, fmt, tokenizer, config, skipped)
-
-
-def _teacher_forced(rows, indices, fmt: str, tokenizer, config: DatasetSettings,
+def teacher_forced_examples(rows, indices, fmt: str, tokenizer, config: DatasetSettings,
                     skipped: dict[str, int]) -> Iterator[list[Example]]:
     for index, row in zip(indices, rows):
         try:
@@ -299,25 +256,3 @@ def _teacher_forced(rows, indices, fmt: str, tokenizer, config: DatasetSettings,
             yield []
         except BadRow as exc:
             raise BadRow(f"dataset {config.dataset}, row {config.start + index}: {exc}") from None
-
-
-def _generated_rows(rows, indices, fmt, tokenizer, config, skipped, backend) -> Iterator[list[Example]]:
-    prompts: list[tuple[int, str, np.ndarray] | None] = []
-    for index, row in zip(indices, rows):
-        try:
-            prompt = row_prompt(row, fmt, tokenizer, config)
-            if len(prompt) + config.max_new_tokens > config.max_length:
-                raise SkipRow("prompt + max_new_tokens longer than max_length")
-            sample_id = str(row[config.id_field]) if config.id_field else f"row-{config.start + index}"
-            prompts.append((config.start + index, sample_id, prompt))
-        except SkipRow as skip:
-            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
-            prompts.append(None)
-        except BadRow as exc:
-            raise BadRow(f"dataset {config.dataset}, row {config.start + index}: {exc}") from None
-    kept = [p for p in prompts if p is not None]
-    templated = fmt == "messages" or (fmt == "prompt_response" and uses_chat_template(config.chat_template, tokenizer))
-    responses = iter(backend.generate([p[2] for p in kept], config, seeds=[config.seed + p[0] for p in kept],
-                                      stop_ids=stop_token_ids(tokenizer, templated)) if kept else [])
-    for item in prompts:
-        yield [] if item is None else generated_examples(item[1], item[2], next(responses))

@@ -55,3 +55,33 @@ def test_loss_parameters_are_validated_with_the_config(tmp_path):
                                           "loss_params": {"lam": 2.0, "gama": 1}})
     assert any("lam must lie in [0, 1]" in e for e in info.value.errors)
     assert any("has no parameter 'gama'" in e for e in info.value.errors)
+
+
+@pytest.mark.parametrize("support,loss,refused", [("teacher_renormalized", "reverse_kl", True), ("sampled", "akl", True),
+                                                  ("tail", "reverse_kl", False), ("teacher_renormalized", "forward_kl", False)])
+def test_a_support_that_zeroes_the_teachers_rest_refuses_losses_infinite_there(support, loss, refused):
+    """The config refuses what the loss would, with the loss's own message (one rule, one message)."""
+    from amid_pipeline.losses import KDLoss
+
+    settings = {"shards": ["s"], "student": "x", "output": "o", "loss": loss, "support": support}
+    if not refused:
+        assert load_config(DistillConfig, None, settings).support == support
+        return
+    with pytest.raises(ValueError) as direct:
+        KDLoss(loss, support=support)
+    with pytest.raises(ConfigError) as info:
+        load_config(DistillConfig, None, settings)
+    assert info.value.errors == [f"support: {direct.value}"] and "infinite there" in str(direct.value)
+
+
+@pytest.mark.parametrize("support,kd_ratio,noted", [("renormalized", 1.0, True), ("renormalized", 0.5, False),
+                                                    ("tail", 1.0, False)])
+def test_the_renormalised_support_alone_is_noted_at_the_start(support, kd_ratio, noted):
+    from amid_pipeline.train.checks import objective_and_data_notes
+
+    config = load_config(DistillConfig, None, {"shards": ["s"], "student": "x", "output": "o", "support": support,
+                                               "kd_ratio": kd_ratio})
+    notes = objective_and_data_notes(config, [])
+    assert notes == (["the renormalised support never sees the student's mass outside the teacher's top-k, which can "
+                      "leak there (docs/benchmarks.md, Evidence); --support tail or --kd-ratio < 1 keeps it in check"]
+                     if noted else [])

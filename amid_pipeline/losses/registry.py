@@ -27,10 +27,10 @@ from torch import nn
 from amid_pipeline.losses import functional as F
 from amid_pipeline.losses.catalog import (
     BATCH_STATISTIC_LOSSES,
-    FULL_NORMALIZER_MODES,
     LOSS_FUNCTIONS,
     LOSS_NAMES,
     PRESETS,
+    SUPPORTS,
     SUPPORT_MODES,
 )
 from amid_pipeline.losses.divergences import DIVERGENCES
@@ -114,6 +114,14 @@ def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
         if merged["taid_schedule"] not in ("adaptive", "linear"):
             errors.append(f"taid_schedule must be 'adaptive' or 'linear', got {merged['taid_schedule']!r}")
     return errors
+
+
+def support_refusal(support: str, name: str, params: dict[str, object]) -> str | None:
+    """Why loss ``name`` (with ``params``) cannot train on ``support`` (None when it can): a support that gives
+    the teacher 0 outside its ids makes a loss that is infinite at p = 0 < q infinite there."""
+    reason = infinite_under_zero_teacher_mass(*resolve_loss(name, params)) if SUPPORTS[support].zero_teacher_rest else None
+    return reason and (f"support {support!r} gives the teacher probability 0 outside its stored ids, where the "
+                       f"student keeps mass: {reason} is infinite there; use support 'tail'")
 
 
 def infinite_under_zero_teacher_mass(name: str, params: dict[str, object]) -> str | None:
@@ -207,11 +215,8 @@ class KDLoss(nn.Module):
         errors = validate_loss_params(name, params)
         if support not in SUPPORT_MODES:
             errors.append(f"support must be one of {SUPPORT_MODES}, got {support!r}")
-        elif support in ("teacher_renormalized", "sampled") and not errors:
-            reason = infinite_under_zero_teacher_mass(*resolve_loss(name, params))
-            if reason:
-                errors.append(f"support {support!r} gives the teacher probability 0 outside its stored ids, "
-                              f"where the student keeps mass: {reason} is infinite there; use support 'tail'")
+        elif not errors and (refusal := support_refusal(support, name, params)):
+            errors.append(refusal)
         if not 0.0 <= kd_ratio <= 1.0:
             errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
         if errors:
@@ -233,7 +238,7 @@ class KDLoss(nn.Module):
     @property
     def needs_full_vocabulary(self) -> bool:
         """True when the student's full normaliser is needed (tail support or a CE term)."""
-        return self.support in FULL_NORMALIZER_MODES or self.kd_ratio < 1.0
+        return SUPPORTS[self.support].full_normalizer or self.kd_ratio < 1.0
 
     def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
                 progress: tuple[int, int] | None = None) -> LossOutput:

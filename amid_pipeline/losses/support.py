@@ -48,7 +48,7 @@ import math
 
 import torch
 
-from amid_pipeline.losses.catalog import FULL_NORMALIZER_MODES, SUPPORT_MODES
+from amid_pipeline.losses.catalog import SUPPORT_MODES, SUPPORTS
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.losses.sparse_head import DEFAULT_CHUNK, full_logsumexp, logsumexps, support_logits
 
@@ -177,7 +177,7 @@ def support_distributions(student: torch.Tensor | StudentHead, teacher: TeacherT
                           with_target: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log p [N, S'], log q [N, S'], student full logsumexp [N] or None) on the chosen support."""
     ids, log_p = support_ids(teacher, mode, with_target)
-    z, lse, lse_outside = student_logits_at(student, ids, need_normalizer=mode in FULL_NORMALIZER_MODES)
+    z, lse, lse_outside = student_logits_at(student, ids, need_normalizer=SUPPORTS[mode].full_normalizer)
     return (*distributions_on_support(z, lse, lse_outside, log_p, teacher, mode, with_target, vocabulary_size(student)),
             lse)
 
@@ -188,8 +188,8 @@ def support_ids(teacher: TeacherTargets, mode: str, with_target: bool = False) -
     if mode not in SUPPORT_MODES:
         raise ValueError(f"support mode must be one of {SUPPORT_MODES}, got {mode!r}")
     teacher.check()
-    if mode == "sampled" and teacher.sample_weights is None:
-        raise ValueError("support 'sampled' needs shards of the sampled target kind (sample_weights)")
+    if SUPPORTS[mode].sampled_kind and teacher.sample_weights is None:
+        raise ValueError(f"support {mode!r} needs shards of the sampled target kind (sample_weights)")
     return _support_ids(teacher, with_target)
 
 

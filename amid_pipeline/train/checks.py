@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from amid_pipeline.chat import template_sha256
+from amid_pipeline.losses.catalog import SUPPORTS
 from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
 from amid_pipeline.shards.manifest import Header, load_manifest, teacher_differences
 from amid_pipeline.train.config import DistillConfig
@@ -23,8 +24,8 @@ def check_shard_dirs(directories: list[str], support: str | None = None) -> Head
     encoding), or whose target kind the ``support`` cannot use; return the first one's header."""
     headers = [(d, load_manifest(d).header) for d in directories]
     first_dir, first = headers[0]
-    if support == "sampled" and first.target_kind != "sampled":
-        raise TrainingError(f"support 'sampled' needs shards of the sampled target kind; {first_dir} holds "
+    if support is not None and SUPPORTS[support].sampled_kind and first.target_kind != "sampled":
+        raise TrainingError(f"support {support!r} needs shards of the sampled target kind; {first_dir} holds "
                             f"{first.target_kind} targets (cache-teacher --target-kind sampled)")
     for directory, header in headers[1:]:
         reasons = teacher_differences(first, header)
@@ -84,9 +85,8 @@ def objective_and_data_notes(config: DistillConfig, files: list[ShardFile]) -> l
     """Notes on settings that train, but maybe not as meant: a support that lets mass leak, sample ids
     repeated across several shard directories."""
     notes = []
-    if config.support == "renormalized" and config.kd_ratio == 1.0:
-        notes.append("the renormalised support never sees the student's mass outside the teacher's top-k, which "
-                     "can leak there (docs/benchmarks.md, Evidence); --support tail or --kd-ratio < 1 keeps it in check")
+    if SUPPORTS[config.support].note and config.kd_ratio == 1.0:
+        notes.append(SUPPORTS[config.support].note)
     if len(config.shards) > 1:
         repeated = duplicate_ids(files)
         if repeated:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from amid_pipeline.config import setting
 from amid_pipeline.dataset.settings import DatasetSettings
-from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES
+from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES, SUPPORTS
 
 # Held-out metrics that distill can keep its best model by (train/metrics.py's names), and their direction.
 HIGHER_IS_BETTER = {"kd": False, "kl_to_teacher": False, "kl_with_rest": False, "ce": False, "perplexity": False, "ece": False,
@@ -85,21 +85,18 @@ class DistillConfig(OptimizationSettings):
     report_to: list = setting(["auto"], "Trackers that get the train and eval scalars beside RUN_DIR/metrics.jsonl: any of tensorboard (RUN_DIR/tensorboard), wandb (RUN_DIR/wandb; WANDB_MODE=offline works without network), trackio (local SQLite under TRACKIO_DIR); none = metrics.jsonl only; auto = tensorboard when it is installed, else none, silently. One named but not installed is skipped with a warning.")
 
     def check(self) -> list[str]:
-        from amid_pipeline.losses.registry import infinite_under_zero_teacher_mass, resolve_loss, validate_loss_params
+        from amid_pipeline.losses.registry import support_refusal, validate_loss_params
 
         errors = [f"loss_params: {e}" for e in validate_loss_params(self.loss, self.loss_params)]
         errors += [f"report_to: {name!r} is not one of {', '.join(TRACKER_NAMES)}, none, auto" for name in self.report_to
                    if name not in TRACKER_NAMES and name not in ("none", "auto")]
-        if self.online_teacher and (self.sparse_head == "on" or self.support == "sampled"):
+        if self.online_teacher and (self.sparse_head == "on" or SUPPORTS[self.support].sampled_kind):
             errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
                           "than 'sampled' (they hold every id; no draws)")
         if self.patience and self.best_metric == "last":
             errors.append("patience: stopping at a plateau needs a --best-metric to watch (e.g. kl_to_teacher); it is 'last'")
-        if self.support in ("teacher_renormalized", "sampled") and not errors:
-            reason = infinite_under_zero_teacher_mass(*resolve_loss(self.loss, self.loss_params))
-            if reason:
-                errors.append(f"support: {self.support!r} makes {reason} infinite (teacher probability 0 where the "
-                              f"student keeps mass); use 'tail'")
+        if not errors and (refusal := support_refusal(self.support, self.loss, self.loss_params)):
+            errors.append(f"support: {refusal}")
         return errors
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
+from amid_pipeline.losses.catalog import SUPPORTS
 from amid_pipeline.losses.functional import _log1mexp
 from amid_pipeline.train.data import StudentInputs
 
@@ -145,8 +146,8 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
             **dict.fromkeys(calibration_keys(), 0.0), "positions": float(mask.sum())}
     if sums["positions"] == 0:
         return sums
-    if loss_fn.support == "sampled" and teacher.sample_weights is None:  # top-k held-out shards: the same loss on 'tail'
-        loss_fn = KDLoss(loss_fn.name, support="tail", kd_ratio=loss_fn.kd_ratio, **loss_fn.params)
+    if teacher.sample_weights is None and (on_topk := SUPPORTS[loss_fn.support].on_topk_eval) != loss_fn.support:
+        loss_fn = KDLoss(loss_fn.name, support=on_topk, kd_ratio=loss_fn.kd_ratio, **loss_fn.params)  # no draws there
     sums["kd"] = float(loss_fn(student_output(hidden, head, sparse, head_logits), teacher).kd) * sums["positions"]
     for a in range(0, hidden.shape[0], METRIC_CHUNK):
         b = a + METRIC_CHUNK

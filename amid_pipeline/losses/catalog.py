@@ -30,7 +30,6 @@ SUPPORTS = {
     "sampled": Support(True, True, True, "tail"),  # top-k shards hold no draws: the same loss on tail
 }
 SUPPORT_MODES = tuple(SUPPORTS)
-BATCH_STATISTIC_LOSSES = ("atkd",)  # a position's value depends on the batch (ATKD's median split): no fused head
 LOSS_FUNCTIONS = ("akl", "amid", "atkd", "forward_kl", "jsd", "reverse_kl", "skl", "srkl", "taid", "tvd")
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes

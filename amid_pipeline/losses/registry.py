@@ -9,7 +9,7 @@ Total objective: (1 − kd_ratio)·CE(ground truth) + kd_ratio·KD (kd_ratio = 1
 supports other than ``renormalized`` need the student's full normaliser: given a :class:`StudentHead`,
 the objective then runs through :func:`~amid_pipeline.losses.sparse_head.fused_head_loss` (one
 [chunk × V] block at a time, its gradient formed at once; losses whose value at a position depends on
-the batch, :data:`~amid_pipeline.losses.catalog.BATCH_STATISTIC_LOSSES`, recompute the blocks in backward
+the batch (:attr:`LossSpec.batch_statistic`: ATKD) recompute the blocks in backward
 instead). With kd_ratio = 1 and ``support='renormalized'`` a :class:`StudentHead` builds no [chunk × V]
 block at all.
 """
@@ -26,12 +26,11 @@ from torch import nn
 
 from amid_pipeline.losses import functional as F
 from amid_pipeline.losses.catalog import (
-    BATCH_STATISTIC_LOSSES,
     LOSS_FUNCTIONS,
     LOSS_NAMES,
     PRESETS,
-    SUPPORTS,
     SUPPORT_MODES,
+    SUPPORTS,
 )
 from amid_pipeline.losses.divergences import DIVERGENCES
 from amid_pipeline.losses.sparse_head import fused_head_loss
@@ -54,24 +53,67 @@ def _finite(name: str) -> Callable[[float], str | None]:
     return lambda v: None if math.isfinite(v) else f"{name} must be a finite number, got {v}"
 
 
-LOSSES: dict[str, tuple[Callable, dict[str, Callable[[object], str | None]]]] = {
-    "forward_kl": (F.forward_kl, {}),
-    "reverse_kl": (F.reverse_kl, {}),
-    "tvd": (F.total_variation, {}),
-    "skl": (F.skew_kl, {"skew": _unit("skew")}),
-    "srkl": (F.skew_reverse_kl, {"skew": _unit("skew")}),
-    "jsd": (F.generalized_jsd, {"beta": _unit("beta")}),
-    "amid": (F.amid, {
+TAID_SETTINGS = {"t_start": 0.4, "t_end": 1.0, "taid_momentum": 0.99, "taid_step": 5e-4, "taid_schedule": "adaptive"}
+
+
+def _taid_settings_check(settings: dict[str, object]) -> list[str]:
+    errors = []
+    if not 0.0 <= settings["t_start"] <= settings["t_end"] <= 1.0:
+        errors.append(f"taid needs 0 <= t_start <= t_end <= 1, got {settings['t_start']} and {settings['t_end']}")
+    if settings["taid_schedule"] not in ("adaptive", "linear"):
+        errors.append(f"taid_schedule must be 'adaptive' or 'linear', got {settings['taid_schedule']!r}")
+    return errors
+
+
+def _amid_infinite_at_zero_teacher(params: dict[str, object]) -> str | None:
+    """AMiD's D(anchor‖other) is infinite where the anchor is positive and the other side 0: with p = 0 < q,
+    q > 0 always and the mixture r is positive for α < 1 (union support), 0 for α ≥ 1 (intersection)."""
+    if params["divergence"] == "tvd":
+        return None
+    lam, union = params["lam"], params["alpha"] < 1
+    r_positive = False if lam >= 1 else True if lam <= 0 else union  # λ = 1: r = p; λ = 0: r = q
+    anchor, other = {"pr": ("p", "r"), "qr": ("q", "r"), "rp": ("r", "p"), "rq": ("r", "q")}[params["order"]]
+    positive = {"p": False, "q": True, "r": r_positive}
+    if params["divergence"] == "ab":  # finite for a, b > 0 (positive powers); the limits hold logarithms
+        if positive[anchor] != positive[other] and (params["ab_a"] <= 0 or params["ab_b"] <= 0):
+            return f"AMiD's AB-divergence between {anchor} and {other} with a non-positive parameter"
+    elif positive[anchor] and not positive[other]:
+        return f"AMiD's KL({anchor}‖{other}) at alpha = {params['alpha']}, lam = {lam}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A loss and what it declares: :class:`KDLoss` and the checks dispatch on these, never on its name."""
+
+    function: Callable  # (log_p [N, S], log_q [N, S], **params) -> [N]; see the flags for extra arguments
+    checks: dict[str, Callable[[object], str | None]] = dataclasses.field(default_factory=dict)  # per parameter
+    needs_target: bool = False  # also takes the actual token's column in the support and the mask (ATKD)
+    batch_statistic: bool = False  # its value at a position depends on the batch: no one-pass fused head
+    schedule_settings: dict[str, object] | None = None  # a schedule's settings beside the parameters: takes t
+    settings_check: Callable[[dict[str, object]], list[str]] | None = None  # across parameters and settings
+    infinite_at_zero_teacher: Callable[[dict[str, object]], str | None] = lambda params: None  # the term, where p = 0 < q
+    sampled_estimator: Callable | None = None  # its unbiased form on the sampled support (exact log p, log p̂, log q)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "forward_kl": LossSpec(F.forward_kl, sampled_estimator=F.sampled_forward_kl),
+    "reverse_kl": LossSpec(F.reverse_kl, infinite_at_zero_teacher=lambda params: "KL(q‖p)"),
+    "tvd": LossSpec(F.total_variation),
+    "skl": LossSpec(F.skew_kl, {"skew": _unit("skew")}),
+    "srkl": LossSpec(F.skew_reverse_kl, {"skew": _unit("skew")}),
+    "jsd": LossSpec(F.generalized_jsd, {"beta": _unit("beta")}, infinite_at_zero_teacher=lambda params: (
+        "JSD at beta = 1, KL(q‖p)" if params["beta"] >= 1.0 else None)),
+    "amid": LossSpec(F.amid, {
         "alpha": _finite("alpha"), "lam": _unit("lam"), "ab_a": _finite("ab_a"), "ab_b": _finite("ab_b"),
         "divergence": lambda v: None if v in DIVERGENCES else f"divergence must be one of {tuple(DIVERGENCES)}, got {v!r}",
         "order": lambda v: None if v in F.ORDERS else f"order must be one of {F.ORDERS}, got {v!r}",
         "official_geometric": lambda v: None if isinstance(v, bool) else "official_geometric must be true or false",
-    }),
-    "akl": (F.adaptive_kl, {"mu": _unit("mu")}),
-    "taid": (F.taid, {}),
-    "atkd": (F.atkd, {"lam": _unit("lam")}),
+    }, infinite_at_zero_teacher=_amid_infinite_at_zero_teacher),
+    "akl": LossSpec(F.adaptive_kl, {"mu": _unit("mu")}, infinite_at_zero_teacher=lambda params: "AKL's KL(q‖p) term"),
+    "taid": LossSpec(F.taid, schedule_settings=TAID_SETTINGS, settings_check=_taid_settings_check),
+    "atkd": LossSpec(F.atkd, {"lam": _unit("lam")}, needs_target=True, batch_statistic=True),
 }
-TAID_SETTINGS = {"t_start": 0.4, "t_end": 1.0, "taid_momentum": 0.99, "taid_step": 5e-4, "taid_schedule": "adaptive"}
 assert tuple(sorted(LOSSES)) == LOSS_FUNCTIONS, "losses.catalog.LOSS_FUNCTIONS must list every loss"
 
 
@@ -88,10 +130,10 @@ def loss_defaults(name: str) -> dict[str, object]:
     """The tunable parameters of loss ``name`` with their defaults (read from the function signature)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
-    function, _ = LOSSES[name]
+    spec = LOSSES[name]
     skip = {"log_p", "log_q", "target_index", "mask", "t"}
-    defaults = {p.name: p.default for p in inspect.signature(function).parameters.values() if p.name not in skip}
-    return {**defaults, **(TAID_SETTINGS if name == "taid" else {})}
+    defaults = {p.name: p.default for p in inspect.signature(spec.function).parameters.values() if p.name not in skip}
+    return {**defaults, **(spec.schedule_settings or {})}
 
 
 def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
@@ -102,17 +144,13 @@ def validate_loss_params(name: str, params: dict[str, object]) -> list[str]:
     defaults = loss_defaults(name)
     errors = [f"loss {name!r} has no parameter {key!r} (it takes: {', '.join(defaults) or 'none'})"
               for key in params if key not in defaults]
-    for key, check in LOSSES[name][1].items():
+    for key, check in LOSSES[name].checks.items():
         if key in params:
             problem = check(params[key])
             if problem:
                 errors.append(problem)
-    if name == "taid":
-        merged = {**defaults, **params}
-        if not 0.0 <= merged["t_start"] <= merged["t_end"] <= 1.0:
-            errors.append(f"taid needs 0 <= t_start <= t_end <= 1, got {merged['t_start']} and {merged['t_end']}")
-        if merged["taid_schedule"] not in ("adaptive", "linear"):
-            errors.append(f"taid_schedule must be 'adaptive' or 'linear', got {merged['taid_schedule']!r}")
+    if LOSSES[name].settings_check is not None:
+        errors += LOSSES[name].settings_check({**defaults, **params})
     return errors
 
 
@@ -125,28 +163,9 @@ def support_refusal(support: str, name: str, params: dict[str, object]) -> str |
 
 
 def infinite_under_zero_teacher_mass(name: str, params: dict[str, object]) -> str | None:
-    """Why loss ``name`` is infinite at an outcome where p = 0 < q (None when it stays finite).
-
-    A divergence D(A‖B) is infinite where A > 0 = B. With p = 0 < q at an outcome: q > 0 always; the
-    AMiD mixture r is positive there for α < 1 (union support) and 0 for α ≥ 1 (intersection).
-    """
-    if name == "reverse_kl":
-        return "KL(q‖p)"
-    if name == "akl":
-        return "AKL's KL(q‖p) term"
-    if name == "jsd" and params["beta"] >= 1.0:
-        return "JSD at beta = 1, KL(q‖p)"
-    if name == "amid" and params["divergence"] != "tvd":
-        lam, union = params["lam"], params["alpha"] < 1
-        r_positive = False if lam >= 1 else True if lam <= 0 else union  # λ = 1: r = p; λ = 0: r = q
-        anchor, other = {"pr": ("p", "r"), "qr": ("q", "r"), "rp": ("r", "p"), "rq": ("r", "q")}[params["order"]]
-        positive = {"p": False, "q": True, "r": r_positive}
-        if params["divergence"] == "ab":  # finite for a, b > 0 (positive powers); the limits hold logarithms
-            if positive[anchor] != positive[other] and (params["ab_a"] <= 0 or params["ab_b"] <= 0):
-                return f"AMiD's AB-divergence between {anchor} and {other} with a non-positive parameter"
-        elif positive[anchor] and not positive[other]:
-            return f"AMiD's KL({anchor}‖{other}) at alpha = {params['alpha']}, lam = {lam}"
-    return None
+    """Why loss ``name`` is infinite at an outcome where p = 0 < q (None when it stays finite): a
+    divergence D(A‖B) is infinite where A > 0 = B (each loss declares its term)."""
+    return LOSSES[name].infinite_at_zero_teacher(params)
 
 
 class TAIDSchedule:
@@ -224,9 +243,9 @@ class KDLoss(nn.Module):
         self.preset = name if name in PRESETS else None
         self.name, self.params = resolve_loss(name, params)
         self.support, self.kd_ratio = support, kd_ratio
-        self.function = LOSSES[self.name][0]
+        self.spec = LOSSES[self.name]
         self.schedule = None
-        if self.name == "taid":
+        if self.spec.schedule_settings is not None:
             p = self.params
             self.schedule = TAIDSchedule(p["t_start"], p["t_end"], p["taid_momentum"], p["taid_step"], p["taid_schedule"])
 
@@ -242,10 +261,9 @@ class KDLoss(nn.Module):
 
     def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
                 progress: tuple[int, int] | None = None) -> LossOutput:
-        if isinstance(student, StudentHead) and self.needs_full_vocabulary and self.name not in BATCH_STATISTIC_LOSSES:
+        if isinstance(student, StudentHead) and self.needs_full_vocabulary and not self.spec.batch_statistic:
             return self._through_fused_head(student, teacher, progress)
-        with_target = self.name == "atkd"
-        log_p, log_q, lse = support_distributions(student, teacher, self.support, with_target=with_target)
+        log_p, log_q, lse = support_distributions(student, teacher, self.support, with_target=self.spec.needs_target)
         mask = teacher.mask.bool()
         kd_values = self._kd_values(log_p, log_q, teacher, progress)
         kd = masked_mean(kd_values, mask)
@@ -264,15 +282,15 @@ class KDLoss(nn.Module):
     def _kd_values(self, log_p: torch.Tensor, log_q: torch.Tensor, teacher: TeacherTargets,
                    progress: tuple[int, int] | None) -> torch.Tensor:
         """The KD loss per position [N] on the support's (log p, log q)."""
-        kwargs = {k: v for k, v in self.params.items() if k not in TAID_SETTINGS}
-        if self.name == "atkd":
-            return self.function(log_p, log_q, target_column(teacher), teacher.mask.bool(), **kwargs)
-        if self.name == "forward_kl" and self.support == "sampled":  # the unbiased estimator, exact log p
-            return F.sampled_forward_kl(log_p[:, :-1], teacher.topk_logprobs, log_q[:, :-1])
-        if self.name == "taid":
+        spec = self.spec
+        if spec.sampled_estimator is not None and SUPPORTS[self.support].sampled_kind:  # exact log p, unbiased
+            return spec.sampled_estimator(log_p[:, :-1], teacher.topk_logprobs, log_q[:, :-1])
+        if self.schedule is not None:
             step, total = progress if progress is not None else (0, 1)
-            return self.function(log_p, log_q, t=self.schedule.value(step, total))
-        return self.function(log_p, log_q, **kwargs)
+            return spec.function(log_p, log_q, t=self.schedule.value(step, total))
+        kwargs = {k: v for k, v in self.params.items() if k not in (spec.schedule_settings or {})}
+        targets = (target_column(teacher), teacher.mask.bool()) if spec.needs_target else ()
+        return spec.function(log_p, log_q, *targets, **kwargs)
 
     def _through_fused_head(self, head: StudentHead, teacher: TeacherTargets,
                             progress: tuple[int, int] | None) -> LossOutput:

@@ -148,8 +148,8 @@ def test_functional_and_module_defaults_agree():
 
     from amid_pipeline.losses.registry import LOSSES, loss_defaults
 
-    for name, (function, _) in LOSSES.items():
-        signature = inspect.signature(function).parameters
+    for name, spec in LOSSES.items():
+        signature = inspect.signature(spec.function).parameters
         for key, value in loss_defaults(name).items():
             if key in signature:
                 assert signature[key].default == value == KDLoss(name).params[key], (name, key)

@@ -61,7 +61,7 @@ def test_refused_exactly_where_the_value_blows_up(name, params):
     _, _, teacher = k_plus_one(log_p, logits, K)
     log_p_s, log_q_s, _ = support_distributions(logits, teacher, "teacher_renormalized")
     base, merged = resolve_loss(name, params)
-    function = KDLoss(name, **params).function
+    function = KDLoss(name, **params).spec.function
     kwargs = {key: value for key, value in merged.items() if not key.startswith(("t_", "taid"))}
     values = function(log_p_s, log_q_s, t=0.4) if base == "taid" else function(log_p_s, log_q_s, **kwargs)
     refused = infinite_under_zero_teacher_mass(base, merged) is not None

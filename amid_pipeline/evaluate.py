@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source, resolve_device
-from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
 from amid_pipeline.train.distributed import Processes
@@ -46,10 +45,8 @@ def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_le
                        max_batches: int | None = None, progress: str | None = None) -> dict[str, float]:
     """Metrics over every row of ``shards`` (or its first ``max_batches`` batches), on the model's device;
     ``progress``: the label of a progress bar over the batches (None: none)."""
-    header = load_manifest(shards).header
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
-                            student_vocab=model.get_output_embeddings().weight.shape[0],
-                            proposal_temperature=header.proposal_temperature, exact_top=header.exact_top)
+                            student_vocab=model.get_output_embeddings().weight.shape[0])
     data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)

@@ -25,7 +25,7 @@ Support modes (docs/losses.md §7); each equals the dense definition when the id
 - ``sampled`` (shards of the sampled kind, :attr:`TeacherTargets.sample_weights`): S ∪ {rest}; the teacher
   side is the empirical distribution of the draws, p̂_i = c_i/N (importance-weighted and self-normalised,
   p̂_i ∝ c_i·p_i^(1−1/τ), for a proposal at temperature τ; with an exact top, p̂ = p on it and the draws
-  share the rest's mass: :func:`amid_pipeline.train.data.sample_weights`), p̂_rest = 0; q over the full vocabulary with
+  share the rest's mass: :func:`amid_pipeline.shards.targets.sample_weights`), p̂_rest = 0; q over the full vocabulary with
   q_rest as under ``tail``. E[p̂_i] = p_i for τ = 1, so a loss linear in p is estimated without bias:
   forward KL (its value through :func:`amid_pipeline.losses.functional.sampled_forward_kl`, which weighs
   the exact log p_i) and the CE part of every loss; any other loss is a plug-in estimate D(p̂‖q)

@@ -330,6 +330,7 @@ class TeacherRow:
     target_logprob: np.ndarray
     target_rank: np.ndarray
     sampled_counts: np.ndarray | None = None
+    sample_weights: np.ndarray | None = None  # sampled kind: [P, k] p̂ (shards/targets.py), set by the reader
 
     @property
     def target_ids(self) -> np.ndarray:

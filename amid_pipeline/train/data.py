@@ -130,8 +130,6 @@ class DataSettings:
     max_length: int = 1024
     packing: bool = False
     packed_attention: str = "mask"  # packed rows: "mask" (block-diagonal) or "position_ids" (no mask)
-    proposal_temperature: float | None = None  # sampled shards: the temperature the draws were taken at
-    exact_top: int = 0  # sampled shards: slots holding the teacher's top exactly (before the draws)
     shuffle_buffer: int = 1024
     bucket_batches: int = 16  # batches per length-sorted pool
     heldout_fraction: float = 0.05
@@ -225,9 +223,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             rng.shuffle(groups)
         if self.light:  # counting only: one token count per batch
             return [sum(len(r.input_ids) for items in g for r, _ in items) for g in groups]
-        return [dataclasses.replace(collate(group, s.max_length, s.student_vocab, s.packed_attention,
-                                            s.proposal_temperature, s.exact_top), bad_files=tuple(self.bad_files))
-                for group in groups]
+        return [dataclasses.replace(collate(group, s.max_length, s.student_vocab, s.packed_attention),
+                                    bad_files=tuple(self.bad_files)) for group in groups]
 
 
 def count_batches(files: list[ShardFile], settings: DataSettings, *, seed: int, epoch: int, world: int,
@@ -258,35 +255,7 @@ def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:
     return [bins[i : i + batch_size] for i in range(0, len(bins), batch_size)]
 
 
-def sample_weights(counts: np.ndarray, logprobs: np.ndarray, temperature: float, exact_top: int = 0) -> np.ndarray:
-    """[P, k] p̂, the sampled shard's estimate of the teacher distribution on its ids; 0 in unused slots.
-
-    Draws from the teacher itself (temperature 1): p̂ = c / N; from a proposal r ∝ p^(1/τ),
-    importance-weighted and self-normalised, p̂ ∝ c · p / r ∝ c · p^(1 − 1/τ). With an exact top of m
-    ids (the first m slots), p̂ = p there and the draws, taken from the teacher over the other ids, share
-    the rest's mass R = 1 − Σ_top p: p̂ = R · (the weights above over the draws), so E p̂ = p for every id
-    at τ = 1. R is floored at the largest drawn probability (the rest holds at least that id, while a
-    confident top's stored values can round to Σ_top p = 1), the top then scaled by (1 − R) / Σ_top p.
-    """
-    top, counts, logprobs = exact_top, counts[:, exact_top:].astype(np.float64), logprobs.astype(np.float64)
-    drawn = counts > 0
-    if temperature == 1.0:
-        draws = counts / counts.sum(axis=1, keepdims=True)
-    else:
-        exponent = np.where(drawn, (1.0 - 1.0 / temperature) * logprobs[:, top:], -np.inf)
-        draws = np.where(drawn, counts * np.exp(exponent - exponent.max(axis=1, keepdims=True)), 0.0)
-        draws /= draws.sum(axis=1, keepdims=True)
-    if not top:
-        return draws.astype(np.float32)
-    head = np.exp(logprobs[:, :top])
-    mass = head.sum(axis=1, keepdims=True)
-    largest_drawn = np.where(drawn, np.exp(logprobs[:, top:]), 0.0).max(axis=1, keepdims=True)
-    rest = np.maximum(1.0 - mass, largest_drawn)
-    return np.concatenate([head * (1.0 - rest) / mass, draws * rest], axis=1).astype(np.float32)
-
-
-def collate(group: list[list], max_length: int, student_vocab: int | None, packed_attention: str = "mask",
-            proposal_temperature: float | None = None, exact_top: int = 0) -> Batch:
+def collate(group: list[list], max_length: int, student_vocab: int | None, packed_attention: str = "mask") -> Batch:
     """The :class:`Batch` of ``group``: a list of batch rows, each a list of (TeacherRow, path). Packed
     rows keep attention inside each sequence by a block-diagonal mask (``packed_attention="mask"``) or by
     position ids alone (``"position_ids"``: no mask; positions restart at 0 in every sequence and each
@@ -317,9 +286,8 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
             targets.append(row.input_ids[positions + 1].astype(np.int64))
             target_lp.append(row.target_logprob[keep])
             masks.append(row.loss_mask[keep])
-            if proposal_temperature is not None:
-                weights.append(sample_weights(row.sampled_counts[keep], row.topk_logprobs[keep], proposal_temperature,
-                                              exact_top))
+            if row.sample_weights is not None:  # sampled shards: p̂, from the reader
+                weights.append(row.sample_weights[keep])
             ids.append(row.sample_id)
             paths.append(path)
             offset += length

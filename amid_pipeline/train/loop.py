@@ -154,14 +154,10 @@ def _distill(config: DistillConfig) -> RunSummary:
     settings = DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                             packed_attention=packed_attention, shuffle_buffer=config.shuffle_buffer,
                             heldout_fraction=config.heldout_fraction,
-                            proposal_temperature=header.proposal_temperature, exact_top=header.exact_top,
                             skip_bad_files=config.skip_bad_files, student_vocab=head_size)
-    eval_settings = settings
     if config.eval_shards:  # evaluate on those (any target kind and k of the same teacher); train on every row of --shards
-        eval_header = check_eval_shard_dirs(header, config.shards[0], config.eval_shards)
+        check_eval_shard_dirs(header, config.shards[0], config.eval_shards)
         settings = dataclasses.replace(settings, heldout_fraction=0.0)
-        eval_settings = dataclasses.replace(settings, proposal_temperature=eval_header.proposal_temperature,
-                                            exact_top=eval_header.exact_top)
     eval_files = list_files(config.eval_shards) if config.eval_shards else files
     heldout = (f"all rows of {', '.join(config.eval_shards)}" if config.eval_shards
                else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
@@ -214,7 +210,7 @@ def _distill(config: DistillConfig) -> RunSummary:
                                                       pin_memory=device.type == "cuda"))
 
     def heldout_batches():
-        data = ShardBatches(eval_files, eval_settings, seed=config.seed, rank=rank, world=world,
+        data = ShardBatches(eval_files, settings, seed=config.seed, rank=rank, world=world,
                             heldout=not config.eval_shards, shuffle=False)
         return (batch for index, batch in zip(range(config.eval_batches), data))
 

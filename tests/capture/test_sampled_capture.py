@@ -102,7 +102,7 @@ def test_an_exact_top_is_the_teachers_top_and_the_draws_come_from_the_rest(tiny_
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0 and '"exact_top": 3' in result.output, result.output
     assert "the teacher top-3 exactly, then 16 draws" in (tmp_path / "out" / "README.md").read_text()
-    settings = DataSettings(heldout_fraction=0.0, proposal_temperature=header.proposal_temperature, exact_top=top)
+    settings = DataSettings(heldout_fraction=0.0)  # p̂ from the header, by the reader
     batch = next(iter(ShardBatches(list_files([str(tmp_path / "out")]), settings, seed=0, shuffle=False)))
     weights, log_p = batch.teacher.sample_weights.double(), batch.teacher.topk_logprobs.double()
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(weights), dtype=torch.float64))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets
-from amid_pipeline.train.data import sample_weights
+from amid_pipeline.shards.targets import sample_weights
 from tests.losses import reference as R
 
 V = 12

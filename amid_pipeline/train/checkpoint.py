@@ -28,7 +28,7 @@ except ImportError:
     from numpy.core.multiarray import _reconstruct
 
 from amid_pipeline.shards.storage import fsync_dir, write_json_atomic
-from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.checks import TrainingError, check_resumed_run
 
 LATEST = "latest.json"
 CHECKPOINT_NAME = re.compile(r"step-\d{6}")
@@ -93,6 +93,18 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[st
     for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resume_point(output: Path, resume: bool, record: dict) -> Path | None:
+    """The checkpoint a run in ``output`` continues from (``distill`` and ``sft`` alike): with ``resume``, the
+    latest one (None when there is none yet), after refusing a run folder whose recorded settings and inputs
+    differ from ``record``; without it, None, after refusing a folder that already holds checkpoints."""
+    latest = latest_checkpoint(output / "checkpoints")
+    if latest is not None and not resume:
+        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
+    if latest is not None:
+        check_resumed_run(output, record)
+    return latest if resume else None
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

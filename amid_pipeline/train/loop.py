@@ -32,8 +32,8 @@ from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.best import BestModel
 from amid_pipeline.train.checkpoint import (
     SHARDED,
-    latest_checkpoint,
     load_trainer_state,
+    resume_point,
     save_checkpoint,
     save_model,
     set_rng_state,
@@ -45,7 +45,6 @@ from amid_pipeline.train.checks import (
     check_eval_shard_dirs,
     check_online_teacher,
     check_resumed_objective,
-    check_resumed_run,
     check_shard_dirs,
     check_student,
     model_fingerprint,
@@ -120,16 +119,12 @@ def _distill(config: DistillConfig) -> RunSummary:
     files = list_files(config.shards)
     tokenizer = AutoTokenizer.from_pretrained(model_source(config.student, "student"))
     checkpoints = output / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints) if config.resume else None
-    if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
-        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
     record = run_record(config, {
         "shards": [cached_manifest(d).fingerprint for d in config.shards],
         "eval_shards": [cached_manifest(d).fingerprint for d in config.eval_shards],
         "student": model_fingerprint(model_source(config.student, "student")),
         "online_teacher": model_fingerprint(config.online_teacher and model_source(config.online_teacher, "online teacher"))})
-    if resume_from is not None:
-        check_resumed_run(output, record)
+    resume_from = resume_point(output, config.resume, record)
     sharded_resume = resume_from is not None and (resume_from / SHARDED).is_dir()  # an FSDP checkpoint
     weights_from = config.student if resume_from is None or sharded_resume else resume_from
     model = place(AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32), processes, config.parallel)

@@ -35,13 +35,13 @@ from amid_pipeline.dataset.examples import Example, dataset_examples
 from amid_pipeline.models import emulated_bfloat16_warning, model_source, resolve_device
 from amid_pipeline.shards.storage import write_json_atomic
 from amid_pipeline.train.checkpoint import (
-    latest_checkpoint,
     load_trainer_state,
+    resume_point,
     save_checkpoint,
     save_model,
     set_rng_state,
 )
-from amid_pipeline.train.checks import RUN_RECORD, TrainingError, check_resumed_run, model_fingerprint, run_record
+from amid_pipeline.train.checks import RUN_RECORD, TrainingError, model_fingerprint, run_record
 from amid_pipeline.train.config import SFTConfig
 from amid_pipeline.train.metrics import MetricsLog, trim_metrics
 from amid_pipeline.train.order import is_heldout
@@ -162,13 +162,9 @@ def sft(config: SFTConfig) -> SFTSummary:
 
     # --- 2. model, optimiser, schedule, resume ----------------------------------------------------------
     checkpoints = output / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints) if config.resume else None
-    if resume_from is None and not config.resume and latest_checkpoint(checkpoints) is not None:
-        raise TrainingError(f"{output} already holds checkpoints: use --resume to continue, or another --output")
     record = run_record(config, {"model": model_fingerprint(source), "dataset": examples_fingerprint(train),
                                  "dev_dataset": examples_fingerprint(dev or [])})
-    if resume_from is not None:
-        check_resumed_run(output, record)
+    resume_from = resume_point(output, config.resume, record)
     model = AutoModelForCausalLM.from_pretrained(resume_from or source, dtype=torch.float32).to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

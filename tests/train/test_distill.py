@@ -424,3 +424,12 @@ def test_resume_with_another_objective_is_refused(tiny_shards, tiny_models, tmp_
     resumed = distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", loss="forward_kl", max_steps=6,
                                   resume=True))
     assert resumed.steps == 6
+
+
+def test_a_second_run_into_a_folder_with_checkpoints_needs_resume(tiny_shards, tiny_models, tmp_path):
+    """The resume guard `distill` shares with `sft`: never train over a run silently."""
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=2, save_every=2, eval_every=0))
+    with pytest.raises(TrainingError, match="already holds checkpoints: use --resume"):
+        distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=4, eval_every=0))
+    assert distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=4, eval_every=0,
+                               resume=True)).steps == 4

@@ -13,6 +13,7 @@ The stage settings come from stages/quickstart_*.toml; the sizes fit a 2-core CP
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -31,6 +32,30 @@ LOWER_IS_BETTER = ("perplexity", "kl_with_rest", "kl_to_teacher")
 # (row, run folder, settings over stages/quickstart_distill.toml): the distilled student, and beside it the
 # same steps, data and lr on the ground-truth tokens alone
 RUNS = (("student after", "distill", {}), ("student after, CE only", "distill-ce", {"loss": "forward_kl", "kd_ratio": 0.0}))
+
+
+class QuickstartMismatch(ValueError):
+    """The output folder holds a quickstart made with other sizes (or by an earlier release)."""
+
+
+def check_output(output: Path, sizes: dict[str, int]) -> None:
+    """Record ``sizes`` in OUTPUT/quickstart.json, or refuse (one line) a folder whose quickstart was made with
+    other ones: its shards, student and runs would not match these (a second run with the same sizes reuses
+    them). A folder from before the record, holding a student or shards, counts as other sizes."""
+    record = output / "quickstart.json"
+    if record.exists():
+        before = json.loads(record.read_text())
+        if before != sizes:
+            differing = ", ".join(f"{key}: {before.get(key)} there, {value} now" for key, value in sizes.items()
+                                  if before.get(key) != value)
+            raise QuickstartMismatch(f"{output} holds a quickstart with other sizes ({differing}); "
+                                     f"use another --output, or delete it")
+        return
+    if any((output / name).exists() for name in ("student-init", "shards-train", "shards-heldout", "distill")):
+        raise QuickstartMismatch(f"{output} holds a quickstart from an earlier release (other sizes); use another "
+                                 f"--output, or delete it")
+    output.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(sizes) + "\n")
 
 
 class Phases:
@@ -72,6 +97,8 @@ def run_quickstart(output: Path, *, train_rows: int, heldout_rows: int, steps: i
     stages = ROOT / "stages"
     if not (data / "train.jsonl").exists() or not stages.is_dir():
         raise FileNotFoundError(f"the quickstart needs a source checkout (data/jargon and stages/ under {ROOT})")
+    check_output(output, {"keep_every": KEEP_EVERY, "train_rows": train_rows, "heldout_rows": heldout_rows,
+                          "steps": steps})
     phases = Phases()
     teacher = smollm2_teacher()
     student_init = output / "student-init"

@@ -20,7 +20,7 @@ torch_cpu_index=https://download.pytorch.org/whl/cpu
 
 # install ARGS...: `uv pip install` with pip's configuration (pip's own settings otherwise)
 install() {
-  if [ "$installer" = uv ]; then uv pip install -q --index-strategy unsafe-best-match "${pip_settings[@]}" "$@"
+  if [ "$installer" = uv ]; then uv pip install -q --index-strategy unsafe-best-match ${pip_settings[@]+"${pip_settings[@]}"} "$@"
   else pip install -q "$@"; fi
 }
 

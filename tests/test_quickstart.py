@@ -43,3 +43,21 @@ def test_the_comparison_line_names_where_distillation_is_ahead_and_behind():
     line = QuickstartResult(None, {"student after": kd, "student after, CE only": ce}, {}).comparison()
     assert line.endswith("ahead on kl_with_rest, top1_agreement, support_mass; behind on perplexity, kl_to_teacher, "
                          "rouge_l")
+
+
+def test_a_folder_made_with_other_sizes_is_refused_in_one_line(tmp_path):
+    """A second run reuses a folder made with the same sizes; one made with others, or by an earlier release
+    (a student and shards but no record), is refused by name before anything runs."""
+    from typer.testing import CliRunner
+
+    from amid_pipeline.cli import app
+    from amid_pipeline.quickstart import QuickstartMismatch, check_output
+
+    sizes = {"keep_every": 6, "train_rows": 72, "heldout_rows": 32, "steps": 16}
+    check_output(tmp_path / "qs", sizes)
+    check_output(tmp_path / "qs", sizes)  # the same sizes: reused
+    with pytest.raises(QuickstartMismatch, match=r"other sizes \(steps: 16 there, 30 now\)"):
+        check_output(tmp_path / "qs", {**sizes, "steps": 30})
+    (tmp_path / "old" / "student-init").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["quickstart", "--output", str(tmp_path / "old"), "--no-progress"])
+    assert result.exit_code == 1 and "from an earlier release" in result.output and "Traceback" not in result.output

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from amid_pipeline.cli.options import run_guarded
+from amid_pipeline.cli.options import fail, run_guarded
 
 
 def quickstart(
@@ -24,10 +24,13 @@ def quickstart(
     and both students after on held-out pairs. About 2 minutes on a 2-core AVX-512 CPU (README, Quickstart)."""
 
     def run() -> None:
-        from amid_pipeline.quickstart import COLUMNS, run_quickstart
+        from amid_pipeline.quickstart import COLUMNS, QuickstartMismatch, run_quickstart
 
-        result = run_quickstart(output, train_rows=train_rows, heldout_rows=heldout_rows, steps=steps,
-                                rouge_prompts=rouge_prompts, backend=backend, progress=progress)
+        try:
+            result = run_quickstart(output, train_rows=train_rows, heldout_rows=heldout_rows, steps=steps,
+                                    rouge_prompts=rouge_prompts, backend=backend, progress=progress)
+        except QuickstartMismatch as exc:
+            raise fail(str(exc)) from None
         typer.echo(f"\nEverything is under {result.output}\n")
         columns = [c for c in COLUMNS if any(c in m for m in result.table.values())]
         typer.echo("| model | " + " | ".join(columns) + " |")

@@ -36,7 +36,7 @@ from amid_pipeline.shards.schema import (
     kind_columns,
 )
 from amid_pipeline.shards.storage import Store, StorageError, retry
-from amid_pipeline.shards.targets import with_sample_weights
+from amid_pipeline.shards.targets import with_proposal
 
 
 def read_file_header(store: Store, name: str, parquet: pq.ParquetFile | None = None) -> dict:
@@ -88,7 +88,7 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
         if decode:
             try:
                 rows = decode_batch(table, k, encoding, header.draws or 0, header.exact_top, header.model_vocab_size)
-                yield from (with_sample_weights(row, header) for row in rows)
+                yield from (with_proposal(row, header) for row in rows)
             except ValueError as exc:
                 raise FormatError(f"{store.where(name)}: {exc}") from exc
         else:

@@ -330,7 +330,8 @@ class TeacherRow:
     target_logprob: np.ndarray
     target_rank: np.ndarray
     sampled_counts: np.ndarray | None = None
-    sample_weights: np.ndarray | None = None  # sampled kind: [P, k] p̂ (shards/targets.py), set by the reader
+    proposal: tuple[float, int] | None = None  # sampled kind: its file's (proposal temperature, exact top), set by
+    # the reader; p̂ follows from them with shards/targets.sample_weights, for the rows a process keeps
 
     @property
     def target_ids(self) -> np.ndarray:

@@ -1,7 +1,8 @@
 """What a reader derives from a row's stored targets: for the sampled kind, the teacher distribution the
-draws estimate on their ids (p̂), from the counts, the stored log-probabilities and the header's sampling
-settings. The reader attaches it to every sampled row (:attr:`TeacherRow.sample_weights`), so the trainer
-never reads those header fields itself.
+draws estimate on their ids (p̂), from the counts, the stored log-probabilities and its file header's sampling
+settings. The reader attaches those settings to every sampled row (:attr:`TeacherRow.proposal`, two numbers),
+so the trainer never reads the header for them, and p̂ is computed only for the rows a process keeps
+(every rank decodes every row and keeps its share).
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def sample_weights(counts: np.ndarray, logprobs: np.ndarray, temperature: float,
     return np.concatenate([head * (1.0 - rest) / mass, draws * rest], axis=1).astype(np.float32)
 
 
-def with_sample_weights(row: TeacherRow, header: Header) -> TeacherRow:
-    """``row`` with its p̂ (:func:`sample_weights`) when ``header`` is of the sampled kind; unchanged otherwise."""
+def with_proposal(row: TeacherRow, header: Header) -> TeacherRow:
+    """``row`` with its file header's sampling settings (:attr:`TeacherRow.proposal`) when ``header`` is of the
+    sampled kind; unchanged otherwise."""
     if header.target_kind != "sampled":
         return row
-    return dataclasses.replace(row, sample_weights=sample_weights(row.sampled_counts, row.topk_logprobs,
-                                                                   header.proposal_temperature, header.exact_top))
+    return dataclasses.replace(row, proposal=(header.proposal_temperature, header.exact_top))
+
+
+def row_sample_weights(row: TeacherRow, keep: np.ndarray) -> np.ndarray | None:
+    """[P', k] p̂ at the positions ``keep`` selects (:func:`sample_weights`), or None for a top-k row."""
+    if row.proposal is None:
+        return None
+    return sample_weights(row.sampled_counts[keep], row.topk_logprobs[keep], *row.proposal)

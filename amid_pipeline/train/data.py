@@ -23,6 +23,7 @@ from amid_pipeline.losses.support import map_tensors
 from amid_pipeline.shards.manifest import Manifest, load_manifest
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import FormatError, TeacherRow
+from amid_pipeline.shards.targets import row_sample_weights
 from amid_pipeline.train.order import epoch_files, is_heldout, row_owner, rows_per_rank
 
 
@@ -286,8 +287,8 @@ def collate(group: list[list], max_length: int, student_vocab: int | None, packe
             targets.append(row.input_ids[positions + 1].astype(np.int64))
             target_lp.append(row.target_logprob[keep])
             masks.append(row.loss_mask[keep])
-            if row.sample_weights is not None:  # sampled shards: p̂, from the reader
-                weights.append(row.sample_weights[keep])
+            if (row_weights := row_sample_weights(row, keep)) is not None:  # sampled shards: p̂
+                weights.append(row_weights)
             ids.append(row.sample_id)
             paths.append(path)
             offset += length

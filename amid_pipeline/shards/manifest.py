@@ -32,15 +32,14 @@ from amid_pipeline.shards.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    SAMPLED_LAYOUTS,
     TARGET_KINDS,
     VALUE_ENCODINGS,
     FormatError,
     check_version,
 )
 from amid_pipeline.shards.storage import Store, open_store
+from amid_pipeline.shards.targets import Sampling
 
-MAX_DRAWS = 65535  # a position's counts are uint16 and add up to its draws
 MAX_VOCABULARY = 1 << 31  # ids are at most int32
 REQUIRED_HEADER_KEYS = ("teacher", "tokenizer", "model_vocab_size", "k", "value_encoding", "backend")
 WORKER_MANIFEST = re.compile(r"^manifest\.w(\d{5})-of-(\d{5})\.json$")
@@ -90,7 +89,7 @@ class Header:
     positions: str = "supervised"
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_kind: str = "topk"
-    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampling: Sampling | None = None  # given as its JSON object, kept as a Sampling (sampled kind only)
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -100,27 +99,26 @@ class Header:
             raise FormatError(f"unknown value_encoding {self.value_encoding!r}")
         if self.target_kind not in TARGET_KINDS:
             raise FormatError(f"unknown target_kind {self.target_kind!r}; expected one of {TARGET_KINDS}")
-        if self.layout not in SAMPLED_LAYOUTS:
-            raise FormatError(f"unknown sampling layout {self.layout!r}; expected one of {SAMPLED_LAYOUTS}")
+        sampling = self.sampling
+        if self.target_kind == "sampled":  # the one place the kind's name is read: it decides what sampling is
+            sampling = sampling if isinstance(sampling, Sampling) else Sampling.from_json(sampling or {})
+        elif sampling:
+            raise FormatError(f"a {self.target_kind} header has no sampling settings, got {sampling!r}")
+        object.__setattr__(self, "sampling", sampling or None)
         least = 0 if self.layout == "compact" else 1  # a compact sampled shard may have no exact top
         if int(self.k) < least:
             raise FormatError(f"k must be >= {least}, got {self.k}")
-        if self.target_kind == "sampled":
-            draws, exact_top = self.sampling.get("draws"), self.sampling.get("exact_top", 0)
-            stored = exact_top if self.layout == "compact" else (draws or 0) + exact_top
-            if not (isinstance(draws, int) and isinstance(exact_top, int) and draws >= 1 and exact_top >= 0
-                    and stored == int(self.k)):
-                needs = "exact_top equal to k" if self.layout == "compact" else "exact_top adding up to k"
-                raise FormatError(f"a sampled header ({self.layout} layout) needs sampling.draws >= 1 and {needs} "
-                                  f"({self.k}), got draws {draws!r} and exact_top {exact_top!r}")
+        if sampling:
+            if sampling.stored_top != int(self.k):
+                needs = "exact_top equal to k" if sampling.layout == "compact" else "exact_top adding up to k"
+                raise FormatError(f"a sampled header ({sampling.layout} layout) needs sampling.draws >= 1 and {needs} "
+                                  f"({self.k}), got draws {sampling.draws!r} and exact_top {sampling.exact_top!r}")
         if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length >= 2):
             raise FormatError(f"max_length must be an integer >= 2 (or absent), got {self.max_length!r}")
         if not 1 <= int(self.model_vocab_size) <= MAX_VOCABULARY:
             raise FormatError(f"model_vocab_size must lie in [1, {MAX_VOCABULARY}], got {self.model_vocab_size}")
         if int(self.k) - (self.draws or 0) > int(self.model_vocab_size):  # the ranked ids of a position are distinct
             raise FormatError(f"k ({self.k}, without draws) exceeds model_vocab_size ({self.model_vocab_size})")
-        if self.target_kind == "sampled" and self.draws > MAX_DRAWS:
-            raise FormatError(f"sampling.draws must be <= {MAX_DRAWS} (its counts are uint16), got {self.draws}")
         object.__setattr__(self, "k", int(self.k))
         object.__setattr__(self, "model_vocab_size", int(self.model_vocab_size))
 
@@ -144,31 +142,26 @@ class Header:
     @property
     def draws(self) -> int | None:
         """Draws per position of a sampled shard (None for top-k)."""
-        return self.sampling["draws"] if self.target_kind == "sampled" else None
+        return None if self.sampling is None else self.sampling.draws
 
     @property
     def exact_top(self) -> int:
         """How many of a sampled shard's first slots hold the teacher's top ids exactly, not draws (0 for top-k)."""
-        return int(self.sampling.get("exact_top", 0)) if self.target_kind == "sampled" else 0
+        return 0 if self.sampling is None else self.sampling.exact_top
 
     @property
     def layout(self) -> str:
-        """How a sampled shard stores its slots: "padded" (1.1, 1.2: k = m + N slots in the top-k columns) or
-        "compact" (1.3: the exact top there, the distinct draws in columns of their own); "padded" for top-k."""
-        return str(self.sampling.get("layout", "padded")) if self.target_kind == "sampled" else "padded"
+        """How a sampled shard stores its slots (:class:`Sampling`); "padded" for top-k."""
+        return "padded" if self.sampling is None else self.sampling.layout
 
     @property
     def slots(self) -> int:
         """The width of a decoded row's [P, slots] targets: k, or the exact top and the draws (sampled kind)."""
-        return self.exact_top + self.draws if self.target_kind == "sampled" else self.k
-
-    @property
-    def proposal_temperature(self) -> float | None:
-        """The temperature a sampled shard's draws were taken at (None for top-k)."""
-        return float(self.sampling.get("temperature", 1.0)) if self.target_kind == "sampled" else None
+        return self.k if self.sampling is None else self.sampling.slots
 
     def to_json(self) -> dict[str, Any]:
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "extra"}
+        fields["sampling"] = {} if self.sampling is None else self.sampling.to_json()
         return json.loads(json.dumps({**self.extra, **fields}))  # a deep copy: the header stays as it was
 
 
@@ -198,14 +191,8 @@ def teacher_differences(header: Header, other: Header, same_targets: bool = True
     for key in ("target_kind", "k", "value_encoding"):
         if getattr(header, key) != getattr(other, key):
             reasons.append(f"{key} differs ({getattr(header, key)} vs {getattr(other, key)})")
-    if header.target_kind == other.target_kind == "sampled":
-        for key in ("draws", "exact_top", "layout"):
-            if getattr(header, key) != getattr(other, key):
-                reasons.append(f"sampling {key} differs ({getattr(header, key)} vs {getattr(other, key)})")
-        for key in ("temperature", "from"):
-            mine, theirs = header.sampling.get(key), other.sampling.get(key)
-            if mine != theirs:
-                reasons.append(f"sampling {key} differs ({mine} vs {theirs})")
+    if header.sampling is not None and other.sampling is not None:
+        reasons += header.sampling.differences(other.sampling)
     return reasons
 
 

@@ -20,23 +20,17 @@ import pyarrow.parquet as pq
 
 from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, header_differences, load_manifest
 from amid_pipeline.shards.schema import (
-    COLUMNS,
-    COMPACT_COLUMNS,
     PARQUET_METADATA_KEY,
-    SAMPLED_COLUMNS,
     FormatError,
     PositionError,
     TeacherRow,
     check_version,
     decode_target_logprobs,
-    decode_topk_logprobs,
-    expand_compact,
     first_impossible_value,
     first_inconsistent_slot,
-    kind_columns,
 )
-from amid_pipeline.shards.storage import Store, StorageError, retry
-from amid_pipeline.shards.targets import with_proposal
+from amid_pipeline.shards.storage import StorageError, Store, retry
+from amid_pipeline.shards.targets import Sampling, decode_slots, stored_columns, with_proposal
 
 
 def read_file_header(store: Store, name: str, parquet: pq.ParquetFile | None = None) -> dict:
@@ -61,8 +55,7 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
     """
     store, name, k, encoding = manifest.store, record.name, manifest.k, manifest.value_encoding
     header = manifest.part_header(record)
-    compact = manifest.header.layout == "compact"
-    every = kind_columns(manifest.header.target_kind, manifest.header.layout)
+    every = stored_columns(manifest.header.sampling)
     decode, columns = columns is None, columns or every
     keep = None if manifest.selection is None else manifest.selection.get(name, np.zeros(0, np.int64))
     parquet = store.parquet(name, record.sha256, record.bytes)
@@ -87,7 +80,7 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
             table = table.take(chosen)
         if decode:
             try:
-                rows = decode_batch(table, k, encoding, header.draws or 0, header.exact_top, header.model_vocab_size)
+                rows = decode_batch(table, k, encoding, header.sampling, header.model_vocab_size)
                 yield from (with_proposal(row, header) for row in rows)
             except ValueError as exc:
                 raise FormatError(f"{store.where(name)}: {exc}") from exc
@@ -120,17 +113,16 @@ def check_row_group_size(group: pq.RowGroupMetaData, header: Header, where: str)
                           f"the header's k or sampling.draws, or the file, is not what a capture writes")
 
 
-def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws: int = 0, exact_top: int = 0,
+def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, sampling: Sampling | None = None,
                  vocab_size: int | None = None) -> Iterator[TeacherRow]:
-    """Rows of an Arrow table/batch with the v1 columns (and ``sampled_counts``, or the compact layout's draw
-    columns, when present), as :class:`TeacherRow` views. ``draws`` and ``exact_top``: those of a sampled
-    table (a compact one decodes to ``k + draws`` slots, see :func:`expand_compact`). Every row group is checked
-    for what training must not see (:func:`first_impossible_value`, :func:`first_inconsistent_slot`; ids at or
-    above ``vocab_size``, the teacher's head, when given)."""
+    """Rows of an Arrow table/batch with the columns of the header's target kind (``sampling``: None for
+    top-k), as :class:`TeacherRow` views (a compact sampled table decodes to ``k + draws`` slots, see
+    :func:`decode_slots`). Every row group is checked for what training must not see
+    (:func:`first_impossible_value`, :func:`first_inconsistent_slot`; ids at or above ``vocab_size``, the
+    teacher's head, when given)."""
     flat: dict[str, np.ndarray] = {}
     offsets: dict[str, np.ndarray] = {}
-    compact, sampled = "draw_ids" in table.column_names, "sampled_counts" in table.column_names
-    for name in COLUMNS[1:] + (COMPACT_COLUMNS if compact else SAMPLED_COLUMNS if sampled else ()):
+    for name in stored_columns(sampling)[1:]:
         column = table.column(name)
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets[name] = array.offsets.to_numpy()  # indexes into .values (zero-copy, unlike flatten())
@@ -145,21 +137,15 @@ def decode_batch(table: pa.Table | pa.RecordBatch, k: int, encoding: str, draws:
         i = int(np.searchsorted(pos, error.position, side="right")) - 1
         return ValueError(f"sample {ids[i]!r}: {error.field} at stored position {error.position - pos[i]} {error.problem}")
 
-    slot_ids = flat["topk_ids"].reshape(count, k)
-    if compact:
-        try:
-            slot_ids, slot_logprobs, slot_counts = expand_compact(
-                slot_ids, flat["topk_logprobs"].reshape(count, k), flat["draw_distinct"], flat["draw_ids"],
-                flat["draw_logprobs"], flat["draw_counts"], draws, encoding)
-        except PositionError as error:
-            raise named(error) from error
-    else:
-        slot_logprobs = decode_topk_logprobs(flat["topk_logprobs"], k, encoding).reshape(count, k)
-        slot_counts = flat["sampled_counts"].reshape(count, k) if sampled else None
+    try:
+        slot_ids, slot_logprobs, slot_counts = decode_slots(flat, count, k, sampling, encoding)
+    except PositionError as error:
+        raise named(error) from error
     impossible = first_impossible_value(slot_logprobs.reshape(-1), slot_logprobs.shape[1], target_logprob, encoding)
     if impossible:
         column, position = impossible
         raise named(PositionError(column, position, "is not a log-probability (NaN, positive, or a top-1 of -inf)"))
+    draws, exact_top = (sampling.draws, sampling.exact_top) if sampling else (0, 0)
     inconsistent = first_inconsistent_slot(slot_ids, slot_logprobs, slot_counts, draws, exact_top, vocab_size)
     if inconsistent:
         raise named(inconsistent)

@@ -83,13 +83,6 @@ TARGET_KINDS = ("topk", "sampled")
 SAMPLED_LAYOUTS = ("compact", "padded")
 
 
-def kind_columns(target_kind: str, layout: str = "padded") -> tuple[str, ...]:
-    """Every column of a shard file of ``target_kind`` (and, for the sampled kind, ``layout``)."""
-    if target_kind != "sampled":
-        return COLUMNS
-    return COLUMNS + (COMPACT_COLUMNS if layout == "compact" else SAMPLED_COLUMNS)
-
-
 class FormatError(ValueError):
     """A shard, manifest or header that this reader cannot accept; the message names what and why."""
 
@@ -121,16 +114,16 @@ def required_list(value: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", value, nullable=False))
 
 
-def arrow_schema(encoding: str, model_vocab_size: int, target_kind: str = "topk", layout: str = "padded") -> pa.Schema:
-    """The Parquet schema of a v1 shard file for this value encoding, model vocabulary size, target kind and
-    (sampled kind) layout."""
+def arrow_schema(encoding: str, model_vocab_size: int, columns: tuple[str, ...] = COLUMNS) -> pa.Schema:
+    """The Parquet schema of a v1 shard file with ``columns`` (those its target kind and layout store:
+    :func:`amid_pipeline.shards.targets.stored_columns`) for this value encoding and model vocabulary size."""
     values, ids = value_type(encoding), id_type(model_vocab_size)
     types = {"sample_id": pa.string(), "input_ids": pa.int32(), "positions": pa.int32(), "loss_mask": pa.bool_(),
              "topk_ids": ids, "topk_logprobs": values, "target_logprob": values, "target_rank": pa.int32(),
              "sampled_counts": pa.uint16(), "draw_distinct": pa.uint16(), "draw_ids": ids, "draw_logprobs": values,
              "draw_counts": pa.uint16()}
     return pa.schema([pa.field(name, types[name] if name == "sample_id" else required_list(types[name]), nullable=False)
-                      for name in kind_columns(target_kind, layout)])
+                      for name in columns])
 
 
 # Parquet encodings chosen per column (measured in benchmarks/shard_format.py, see docs/format.md):
@@ -195,59 +188,6 @@ def decode_topk_logprobs(stored: np.ndarray, k: int, encoding: str) -> np.ndarra
 
     codes = torch.from_numpy(np.asarray(stored).reshape(-1, k).astype(np.int32)).cumsum(dim=1, dtype=torch.int32)
     return _from_q64_codes(codes.numpy()).reshape(-1)
-
-
-def compact_columns(row: TeacherRow, exact_top: int, encoding: str) -> dict[str, np.ndarray]:
-    """The stored columns of a sampled row's ``m + N`` slots in the compact layout (see the module docstring):
-    the exact top's [P, m] ids and values, and the draws' ``draw_distinct`` [P], ``draw_ids``, ``draw_logprobs``
-    and ``draw_counts`` [Σ d_t]. The row must have passed :meth:`TeacherRow.check`, which holds each position's
-    drawn slots before its unused ones (descending log-probabilities, −inf exactly where the count is 0)."""
-    m = exact_top
-    drawn = row.sampled_counts[:, m:] > 0  # [P, N]: a prefix of every position's draws
-    stored = encode_topk_logprobs(row.topk_logprobs, encoding)  # [P, m + N]: q64-delta runs on from the top into the draws
-    return {
-        "topk_ids": row.topk_ids[:, :m],
-        "topk_logprobs": stored[:, :m],
-        "draw_distinct": drawn.sum(axis=1).astype(np.uint16),
-        "draw_ids": row.topk_ids[:, m:][drawn],
-        "draw_logprobs": stored[:, m:][drawn],
-        "draw_counts": row.sampled_counts[:, m:][drawn],
-    }
-
-
-def expand_compact(top_ids: np.ndarray, top_logprobs: np.ndarray, distinct: np.ndarray, draw_ids: np.ndarray,
-                   draw_logprobs: np.ndarray, draw_counts: np.ndarray, draws: int,
-                   encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Compact columns of P positions -> their ``m + N`` slots as the padded layout holds them: (ids, decoded
-    log-probabilities, counts), each [P, m + N]; unused slots repeat the position's first id with −inf and count 0.
-
-    ``top_ids`` [P, m] and ``top_logprobs`` [P, m] the exact top's ids and stored values; ``distinct`` [P] the
-    drawn ids per position; ``draw_ids``, ``draw_logprobs`` (stored values) and ``draw_counts`` [Σ distinct];
-    ``draws`` = N. Raises ``ValueError`` when the lengths do not fit together (a damaged file).
-    """
-    distinct = distinct.astype(np.int64)
-    if len(distinct) and (distinct.min() < 1 or distinct.max() > draws):
-        bad = int(np.argmax((distinct < 1) | (distinct > draws)))
-        raise PositionError("draw_distinct", bad, f"is {int(distinct[bad])}, outside [1, {draws}] (the draws per position)")
-    total = int(distinct.sum())
-    for name, values in (("draw_ids", draw_ids), ("draw_logprobs", draw_logprobs), ("draw_counts", draw_counts)):
-        if len(values) != total:
-            raise ValueError(f"{name} holds {len(values)} values but draw_distinct adds up to {total}")
-    drawn = np.arange(draws) < distinct[:, None]  # [P, N]
-
-    def slots(values: np.ndarray) -> np.ndarray:
-        out = np.zeros(drawn.shape, dtype=values.dtype)
-        out[drawn] = values
-        return out
-
-    m = top_ids.shape[1]
-    ids = np.concatenate([top_ids, slots(draw_ids)], axis=1)
-    ids[:, m:][~drawn] = np.broadcast_to(ids[:, :1], drawn.shape)[~drawn]
-    stored = np.concatenate([top_logprobs, slots(draw_logprobs)], axis=1)  # unused slots: delta 0, then -inf below
-    logprobs = decode_topk_logprobs(stored.reshape(-1), m + draws, encoding).reshape(stored.shape)
-    logprobs[:, m:][~drawn] = -np.inf
-    counts = np.concatenate([np.zeros(top_ids.shape, np.uint16), slots(draw_counts.astype(np.uint16))], axis=1)
-    return ids, logprobs, counts
 
 
 LOGPROB_TOLERANCE = 1e-4  # a stored log-probability above this is not one

@@ -97,7 +97,7 @@ def collect_stats(directory: str | Path, max_rows: int | None = None) -> ShardSt
         coverage=np.concatenate(coverage) if coverage else np.zeros(0),
         target_rank=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int32),
         target_stored=np.concatenate(stored) if stored else np.zeros(0, dtype=bool),
-        distinct=(np.concatenate(distinct) if distinct else np.zeros(0)) if reader.header.target_kind == "sampled" else None,
+        distinct=(np.concatenate(distinct) if distinct else np.zeros(0)) if reader.header.sampling else None,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +24,10 @@ from amid_pipeline.shards.schema import (
     PARQUET_METADATA_KEY,
     TeacherRow,
     arrow_schema,
-    compact_columns,
     encode_target_logprobs,
-    encode_topk_logprobs,
 )
 from amid_pipeline.shards.storage import open_store, sha256_of
+from amid_pipeline.shards.targets import Sampling, encode_slots, stored_columns
 
 
 class ShardWriter:
@@ -60,7 +58,7 @@ class ShardWriter:
         self.header = header
         self.encoding = header.value_encoding
         self.vocab_size = header.model_vocab_size
-        self.schema = arrow_schema(self.encoding, self.vocab_size, header.target_kind, header.layout).with_metadata(
+        self.schema = arrow_schema(self.encoding, self.vocab_size, stored_columns(header.sampling)).with_metadata(
             {PARQUET_METADATA_KEY: json.dumps(header.to_json(), sort_keys=True).encode()}
         )
         self.stem = stem
@@ -155,7 +153,7 @@ class ShardWriter:
                 store_schema=True,
             )
         rows = self._pending
-        self._file.write_table(rows_to_table(rows, self.schema, self.encoding, self.header.exact_top),
+        self._file.write_table(rows_to_table(rows, self.schema, self.encoding, self.header.sampling),
                                row_group_size=len(rows))
         self._file_rows += len(rows)
         self._file_positions += sum(len(r.positions) for r in rows)
@@ -163,9 +161,9 @@ class ShardWriter:
         self._pending = []
 
 
-def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str, exact_top: int = 0) -> pa.Table:
-    """Columnar Arrow table of ``rows``: each list column built from one concatenated buffer + offsets. Under a
-    compact sampled ``schema`` the slots are split into the exact top (the first ``exact_top``) and the draws."""
+def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str, sampling: Sampling | None = None) -> pa.Table:
+    """Columnar Arrow table of ``rows``: each list column built from one concatenated buffer + offsets; the
+    slots stored as the target kind (``sampling``: None for top-k) and its layout store them (:func:`encode_slots`)."""
 
     def list_column(name: str, arrays: list[np.ndarray], dtype) -> pa.Array:
         flat = [np.asarray(a).reshape(-1) for a in arrays]
@@ -176,13 +174,7 @@ def rows_to_table(rows: list[TeacherRow], schema: pa.Schema, encoding: str, exac
         list_type = schema.field(name).type
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=list_type.value_type), type=list_type)
 
-    def slot_columns(row: TeacherRow) -> dict[str, np.ndarray]:
-        if "draw_ids" in schema.names:
-            return compact_columns(row, exact_top, encoding)
-        padded = {"topk_ids": row.topk_ids, "topk_logprobs": encode_topk_logprobs(row.topk_logprobs, encoding)}
-        return {**padded, "sampled_counts": row.sampled_counts} if "sampled_counts" in schema.names else padded
-
-    slots = [slot_columns(r) for r in rows]
+    slots = [encode_slots(r, sampling, encoding) for r in rows]
     columns = {
         "sample_id": pa.array([r.sample_id for r in rows], type=pa.string()),
         "input_ids": list_column("input_ids", [r.input_ids for r in rows], np.int32),

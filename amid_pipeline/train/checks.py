@@ -24,7 +24,7 @@ def check_shard_dirs(directories: list[str], support: str | None = None) -> Head
     encoding), or whose target kind the ``support`` cannot use; return the first one's header."""
     headers = [(d, load_manifest(d).header) for d in directories]
     first_dir, first = headers[0]
-    if support is not None and SUPPORTS[support].sampled_kind and first.target_kind != "sampled":
+    if support is not None and SUPPORTS[support].sampled_kind and first.sampling is None:
         raise TrainingError(f"support {support!r} needs shards of the sampled target kind; {first_dir} holds "
                             f"{first.target_kind} targets (cache-teacher --target-kind sampled)")
     for directory, header in headers[1:]:

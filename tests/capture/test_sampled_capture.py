@@ -39,8 +39,8 @@ def test_draws_follow_the_proposal_with_exact_teacher_log_probabilities(tiny_mod
     assert verify_directory(tmp_path / "out").ok
     header = load_manifest(tmp_path / "out").header
     assert header.target_kind == "sampled" and header.k == 0 and header.slots == DRAWS  # compact: no exact top
-    assert header.sampling == {"draws": DRAWS, "exact_top": 0, "layout": "compact", "temperature": temperature,
-                               "seed": 0, "from": "full vocabulary"}
+    assert header.to_json()["sampling"] == {"draws": DRAWS, "exact_top": 0, "layout": "compact",
+                                            "temperature": temperature, "seed": 0, "from": "full vocabulary"}
     estimates, expected, variances, argmax_share, argmax_r = [], [], [], [], []
     for row in ShardReader(tmp_path / "out"):
         reference = teacher_logprobs(tiny_models, row.input_ids.tolist())[row.positions]  # [P, V] float64
@@ -319,10 +319,10 @@ def test_vllm_draws_equal_the_hf_backends_where_its_top_k_holds_the_vocabulary_a
         np.testing.assert_allclose(row.topk_logprobs[kept], exact[kept], atol=1e-4)
     for name in ("vllm", "top16"):
         assert verify_directory(tmp_path / name / "out").ok
-    assert load_manifest(tmp_path / "top16" / "out").header.sampling["from"] == "top-16"
+    assert load_manifest(tmp_path / "top16" / "out").header.sampling.source == "top-16"
     with pytest.raises(Exception, match="sampling from differs \\(full vocabulary vs top-16\\)"):
         combine_directories([str(tmp_path / "hf" / "out"), str(tmp_path / "top16" / "out")], str(tmp_path / "both"))
-    assert load_manifest(tmp_path / "vllm" / "out").header.sampling["from"] == "full vocabulary"  # every id asked for
+    assert load_manifest(tmp_path / "vllm" / "out").header.sampling.source == "full vocabulary"  # every id asked for
     combine_directories([str(tmp_path / "hf" / "out"), str(tmp_path / "vllm" / "out")], str(tmp_path / "exact"),
                         duplicates="keep")  # the same draws: one set of targets
 

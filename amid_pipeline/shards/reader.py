@@ -81,7 +81,7 @@ def iter_file_rows(manifest: Manifest, record: FileRecord, *, columns: tuple[str
         if decode:
             try:
                 rows = decode_batch(table, k, encoding, header.sampling, header.model_vocab_size)
-                yield from (with_proposal(row, header) for row in rows)
+                yield from (with_proposal(row, header.sampling) for row in rows)
             except ValueError as exc:
                 raise FormatError(f"{store.where(name)}: {exc}") from exc
         else:

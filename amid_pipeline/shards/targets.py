@@ -14,7 +14,7 @@ keeps (every rank decodes every row and keeps its share).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +29,6 @@ from amid_pipeline.shards.schema import (
     decode_topk_logprobs,
     encode_topk_logprobs,
 )
-
-if TYPE_CHECKING:
-    from amid_pipeline.shards.manifest import Header
 
 MAX_DRAWS = 65535  # the counts are uint16
 
@@ -201,12 +198,12 @@ def sample_weights(counts: np.ndarray, logprobs: np.ndarray, temperature: float,
     return np.concatenate([head * (1.0 - rest) / mass, draws * rest], axis=1).astype(np.float32)
 
 
-def with_proposal(row: TeacherRow, header: Header) -> TeacherRow:
-    """``row`` with its file header's sampling settings (:attr:`TeacherRow.proposal`) when ``header`` is of the
-    sampled kind; unchanged otherwise."""
-    if header.sampling is None:
+def with_proposal(row: TeacherRow, sampling: Sampling | None) -> TeacherRow:
+    """``row`` with its file's sampling settings (:attr:`TeacherRow.proposal`) when the file is of the sampled
+    kind (``sampling`` from its header); unchanged otherwise."""
+    if sampling is None:
         return row
-    return dataclasses.replace(row, proposal=(header.sampling.temperature, header.sampling.exact_top))
+    return dataclasses.replace(row, proposal=(sampling.temperature, sampling.exact_top))
 
 
 def row_sample_weights(row: TeacherRow, keep: np.ndarray) -> np.ndarray | None:

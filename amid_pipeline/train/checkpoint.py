@@ -11,6 +11,7 @@ as the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import random
@@ -29,6 +30,7 @@ except ImportError:
 
 from amid_pipeline.shards.storage import fsync_dir, write_json_atomic
 from amid_pipeline.train.checks import TrainingError, check_resumed_run
+from amid_pipeline.train.distributed import load_optimizer_state, load_sharded
 
 LATEST = "latest.json"
 CHECKPOINT_NAME = re.compile(r"step-\d{6}")
@@ -93,6 +95,35 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict[st
     for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@dataclasses.dataclass
+class TrainPosition:
+    """Where a run stands: optimizer steps taken, the data epoch and the batches consumed in it, tokens trained."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    tokens: int = 0
+
+
+def restore(folder: Path, module, optimizer, scheduler, loss_schedule, best, fsdp: bool) -> TrainPosition:
+    """Load checkpoint ``folder`` into a run's objects: the optimizer (an FSDP checkpoint's sharded weights and
+    optimizer state into ``module`` under any number of processes; otherwise the weights were loaded with the
+    model and only the optimizer state is), the schedule, the loss's schedule, the kept best model's record and
+    every RNG; return the position to continue from."""
+    state = load_trainer_state(folder)
+    if (folder / SHARDED).is_dir():
+        load_sharded(module, optimizer, folder / SHARDED)
+    else:
+        load_optimizer_state(module, optimizer, state["optimizer"], fsdp)
+    scheduler.load_state_dict(state["scheduler"])
+    if loss_schedule is not None:
+        loss_schedule.load_state_dict(state["loss_schedule"])
+    if best is not None:
+        best.load_state_dict(state.get("best"))
+    set_rng_state(state["rng"])
+    return TrainPosition(state["step"], state["epoch"], state["consumed"], state["tokens"])
 
 
 def resume_point(output: Path, resume: bool, record: dict) -> Path | None:

@@ -10,19 +10,19 @@ from pathlib import Path
 from amid_pipeline.chat import template_sha256
 from amid_pipeline.losses.catalog import SUPPORTS
 from amid_pipeline.models import tokenizer_fingerprint, weights_fingerprint
-from amid_pipeline.shards.manifest import Header, load_manifest, teacher_differences
+from amid_pipeline.shards.manifest import Header, teacher_differences
 from amid_pipeline.train.config import DistillConfig
-from amid_pipeline.train.data import ShardFile, duplicate_ids
+from amid_pipeline.train.data import ShardFile, ShardSet, duplicate_ids
 
 
 class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, incompatible inputs); the message says what and where."""
 
 
-def check_shard_dirs(directories: list[str], support: str | None = None) -> Header:
+def check_shard_dirs(shards: ShardSet, support: str | None = None) -> Header:
     """Refuse directories that cannot be read as one dataset (other teacher, tokenizer, target kind, k or
     encoding), or whose target kind the ``support`` cannot use; return the first one's header."""
-    headers = [(d, load_manifest(d).header) for d in directories]
+    headers = [(directory, manifest.header) for directory, manifest in zip(shards.directories, shards.manifests)]
     first_dir, first = headers[0]
     if support is not None and SUPPORTS[support].sampled_kind and first.sampling is None:
         raise TrainingError(f"support {support!r} needs shards of the sampled target kind; {first_dir} holds "
@@ -34,13 +34,14 @@ def check_shard_dirs(directories: list[str], support: str | None = None) -> Head
     return first
 
 
-def check_eval_shard_dirs(train_header: Header, train_dir: str, directories: list[str]) -> Header:
+def check_eval_shard_dirs(train: ShardSet, evaluation: ShardSet) -> Header:
     """Refuse evaluation directories that are not one dataset, or not of the training shards' teacher,
     tokenizer and head size; their target kind, k and encoding may differ from the training shards'."""
-    header = check_shard_dirs(directories)
-    reasons = teacher_differences(train_header, header, same_targets=False)
+    header = check_shard_dirs(evaluation)
+    reasons = teacher_differences(train.header, header, same_targets=False)
     if reasons:
-        raise TrainingError(f"{directories[0]} cannot evaluate a student trained on {train_dir}: {'; '.join(reasons)}")
+        raise TrainingError(f"{evaluation.directories[0]} cannot evaluate a student trained on {train.directories[0]}: "
+                            f"{'; '.join(reasons)}")
     return header
 
 

@@ -40,14 +40,41 @@ def cached_manifest(directory: str) -> Manifest:
     return load_manifest(directory)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """Shard directories opened once for a run: each manifest is read here, afresh (a directory may have been
+    rewritten since), and the checks, the run record, the file list and the reader (:func:`cached_manifest`,
+    inherited by DataLoader workers) all take it from this one read."""
+
+    directories: tuple[str, ...]
+    manifests: tuple[Manifest, ...]
+
+    @classmethod
+    def open(cls, directories: list[str]) -> ShardSet:
+        cached_manifest.cache_clear()
+        ids_and_lengths.cache_clear()
+        names = tuple(str(directory) for directory in directories)
+        return cls(names, tuple(cached_manifest(name) for name in names))
+
+    @property
+    def header(self):
+        """The first directory's header (the checks refuse directories whose targets differ from it)."""
+        return self.manifests[0].header
+
+    @property
+    def files(self) -> list[ShardFile]:
+        """Every file of every directory, in order."""
+        return [ShardFile(name, record.name, record.rows)
+                for name, manifest in zip(self.directories, self.manifests) for record in manifest.files]
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [manifest.fingerprint for manifest in self.manifests]
+
+
 def list_files(directories: list[str]) -> list[ShardFile]:
-    """The files of ``directories`` in order; manifests are read afresh (a directory may have been rewritten)."""
-    cached_manifest.cache_clear()
-    ids_and_lengths.cache_clear()
-    files = []
-    for directory in directories:
-        files.extend(ShardFile(str(directory), record.name, record.rows) for record in cached_manifest(str(directory)).files)
-    return files
+    """The files of ``directories`` in order, their manifests read afresh (:class:`ShardSet`)."""
+    return ShardSet.open(directories).files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +264,37 @@ def count_batches(files: list[ShardFile], settings: DataSettings, *, seed: int, 
         data = ShardBatches(files, settings, seed=seed, epoch=epoch, rank=rank, world=world, light=True)
         counts.append(sum(1 for w in range(max(workers, 1)) for _ in data.worker_batches(w, max(workers, 1))))
     return min(counts)
+
+
+class TrainStream:
+    """One process's training batches across epochs, from (``epoch``, ``consumed`` batches into it): each
+    epoch's :class:`ShardBatches` through a DataLoader, and every process ends its epoch after the same
+    count (:func:`count_batches`), so collectives stay in step. ``epoch`` and ``consumed`` are what a
+    checkpoint records to resume exactly."""
+
+    def __init__(self, files: list[ShardFile], settings: DataSettings, *, seed: int, rank: int, world: int,
+                 workers: int, pin_memory: bool, epoch: int = 0, consumed: int = 0) -> None:
+        self.files, self.settings, self.seed, self.rank, self.world = files, settings, seed, rank, world
+        self.workers, self.pin_memory = workers, pin_memory
+        self._start(epoch, consumed)
+
+    def batches_in(self, epoch: int) -> int:
+        return count_batches(self.files, self.settings, seed=self.seed, epoch=epoch, world=self.world,
+                             workers=self.workers)
+
+    def _start(self, epoch: int, consumed: int) -> None:
+        self.epoch, self.consumed, self.per_epoch = epoch, consumed, self.batches_in(epoch)
+        self.data = ShardBatches(self.files, self.settings, seed=self.seed, epoch=epoch, rank=self.rank,
+                                 world=self.world, skip_batches=consumed)
+        self._batches = iter(torch.utils.data.DataLoader(self.data, batch_size=None, num_workers=self.workers,
+                                                         pin_memory=self.pin_memory))
+
+    def __next__(self) -> Batch:
+        if self.consumed >= self.per_epoch:
+            self._start(self.epoch + 1, 0)
+        batch = next(self._batches)
+        self.consumed += 1
+        return batch
 
 
 def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:

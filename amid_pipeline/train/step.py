@@ -17,7 +17,7 @@ from torch import nn
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.losses.catalog import SUPPORTS
 from amid_pipeline.losses.functional import _log1mexp
-from amid_pipeline.train.data import StudentInputs
+from amid_pipeline.train.data import Batch, StudentInputs
 
 METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once for the metrics
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
@@ -98,6 +98,29 @@ def packs_by_position_ids(model: nn.Module) -> bool:
     finally:
         model.train(was_training)
     return torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-3)
+
+
+class StoredTargets:
+    """The teacher signal of a run on shards: each batch's stored targets (top-k or draws)."""
+
+    full_vocabulary = False
+
+    def __call__(self, batch: Batch) -> TeacherTargets:
+        return batch.teacher
+
+
+@dataclasses.dataclass
+class OnlineTeacher:
+    """The teacher signal of ``--online-teacher``: a frozen teacher run on each batch, its full-vocabulary
+    distribution replacing the stored targets (:func:`online_teacher_targets`) over the student's
+    ``head_size`` outputs. It stays outside the wrapped module: DDP and FSDP never see it."""
+
+    model: nn.Module
+    head_size: int
+    full_vocabulary = True
+
+    def __call__(self, batch: Batch) -> TeacherTargets:
+        return online_teacher_targets(self.model, batch.inputs, batch.teacher, self.head_size)
 
 
 @torch.no_grad()

@@ -83,9 +83,10 @@ def test_directories_of_another_teacher_tokenizer_or_k_are_refused(two_runs, tmp
     result = runner.invoke(app, ["combine", str(tmp_path / "view"), str(a), str(k4)])
     assert result.exit_code == 1 and "k differs (8 vs 4)" in result.output
     from amid_pipeline.train.checks import TrainingError, check_shard_dirs
+    from amid_pipeline.train.data import ShardSet
 
     with pytest.raises(TrainingError, match=r"k4 cannot be trained on together with .*run-a: k differs \(8 vs 4\)"):
-        check_shard_dirs([str(a), str(k4)])  # the same refusal when the directories are listed in --shards
+        check_shard_dirs(ShardSet.open([str(a), str(k4)]))  # the same refusal when the directories are listed in --shards
 
 
 def test_subset_by_ids_and_by_dataset_then_a_view_of_a_view(two_runs, tmp_path):

@@ -433,3 +433,22 @@ def test_a_second_run_into_a_folder_with_checkpoints_needs_resume(tiny_shards, t
         distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=4, eval_every=0))
     assert distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", max_steps=4, eval_every=0,
                                resume=True)).steps == 4
+
+
+def test_a_run_reads_each_shard_manifest_once(tiny_shards, tiny_models, tmp_path, monkeypatch):
+    """The checks, the run record, the file list, the batch count and every epoch's reader take the manifest
+    from the one read of ShardSet.open (the recipe used to load each directory's six times)."""
+    import amid_pipeline.shards.manifest as manifest_module
+
+    original, reads = manifest_module.load_manifest, []
+
+    def counted(directory, *args, **kwargs):
+        reads.append(str(directory))
+        return original(directory, *args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("amid_pipeline") and getattr(module, "load_manifest", None) is original:
+            monkeypatch.setattr(module, "load_manifest", counted)
+    distill(make_config(tiny_shards, tiny_models["student"], tmp_path / "run", eval_shards=[str(tiny_shards)],
+                        max_steps=12, save_every=0))
+    assert sorted(reads) == [str(tiny_shards)] * 2  # once for --shards, once for --eval-shards

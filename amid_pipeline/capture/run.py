@@ -16,12 +16,14 @@ Partition and resume are pure functions of the settings:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -216,8 +218,21 @@ def _write_journal(output: Store, config: CaptureConfig, entries: list[dict[str,
     output.write_text(journal_name(config), "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
 
 
-def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str) -> Header:
-    tokenizer_info = tokenizer_fingerprint(tokenizer)
+TOKENIZER_FOLDER = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a fast tokenizer, whole
+
+
+def tokenizer_copy(tokenizer) -> dict[str, str]:
+    """The teacher tokenizer's files as the shard directory keeps them (format 1.4): name -> text."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {name: (Path(folder) / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+                if (Path(folder) / name).exists()}
+
+
+def build_header(config: CaptureConfig, backend, tokenizer, rows, fmt: str, copy: dict[str, str]) -> Header:
+    tokenizer_info = {**tokenizer_fingerprint(tokenizer), "copy": {"folder": TOKENIZER_FOLDER, "files": {
+        name: hashlib.sha256(text.encode()).hexdigest() for name, text in copy.items()}}}
     if tokenizer_info["vocab_size"] > backend.vocab_size:
         raise ValueError(
             f"tokenizer of {config.teacher} has {tokenizer_info['vocab_size']} tokens but the model head only "
@@ -329,8 +344,12 @@ def _capture(config: CaptureConfig, backend, started: float) -> CaptureSummary:
     _templated(config, fmt, tokenizer)  # chat_template = 'on' without a template: refused before the engine starts
     owned = backend is None  # started here: closed here, so that its memory is free for what follows
     backend = backend or make_backend(config)
-    header = build_header(config, backend, tokenizer, rows, fmt)
+    copy = tokenizer_copy(tokenizer)
+    header = build_header(config, backend, tokenizer, rows, fmt, copy)
     output.makedirs()
+    output.makedirs(TOKENIZER_FOLDER)
+    for name, text in copy.items():
+        output.write_text(f"{TOKENIZER_FOLDER}/{name}", text)
     _write_journal(output, config, kept)  # restarted at the last intact chunk
 
     summary = CaptureSummary(output=output.url, backend=f"{backend.name} {backend.version}", resumed_chunks=len(kept),

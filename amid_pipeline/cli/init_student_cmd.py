@@ -61,8 +61,13 @@ def _importance_choice(teacher: str, calibration: str, rows: int, layers: int | 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amid_pipeline.models import (block_influence, model_source, most_influential_layers, resolve_device,
-                                      tokenizer_fingerprint)
+    from amid_pipeline.models import (
+        block_influence,
+        model_source,
+        most_influential_layers,
+        resolve_device,
+        tokenizer_fingerprint,
+    )
     from amid_pipeline.shards.reader import ShardReader
 
     reader = ShardReader(calibration)

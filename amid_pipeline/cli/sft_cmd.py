@@ -18,8 +18,8 @@ OUTPUT/model; --patience N stops at a plateau. A killed run continues with --res
 
 
 def run(config: SFTConfig) -> None:
-    from amid_pipeline.train.sft import sft
     from amid_pipeline.train.checks import TrainingError
+    from amid_pipeline.train.sft import sft
 
     try:
         summary = sft(config)

@@ -148,6 +148,17 @@ def student_logits_at(student: torch.Tensor | StudentHead, ids: torch.Tensor, ne
     return z, *logsumexps(student, ids)
 
 
+def padding_slots(teacher: TeacherTargets) -> torch.Tensor:
+    """[N, k] bool: the slots that hold no target, and so no mass on either side of any loss: they repeat
+    the row's first id with teacher log-probability −inf (a sampled shard's unused slots, the padding of
+    a position whose cross-tokenizer targets map to fewer than k student ids). Stored top-k ids are
+    distinct, so no top-k slot is one."""
+    ids = teacher.topk_ids
+    padding = torch.isneginf(teacher.topk_logprobs) & (ids == ids[:, :1])
+    padding[:, 0] = False
+    return padding
+
+
 def vocabulary_size(student: torch.Tensor | StudentHead) -> int:
     return student.weight.shape[0] if isinstance(student, StudentHead) else student.shape[-1]
 
@@ -204,8 +215,8 @@ def distributions_on_support(z: torch.Tensor, lse: torch.Tensor | None, lse_outs
     duplicate = torch.isneginf(log_p) & (torch.arange(z.shape[1], device=z.device) == z.shape[1] - 1) if with_target else None
     if duplicate is not None:
         z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
-    if weights is not None:  # unused slots repeat a drawn id: no mass on either side
-        unused = weights == 0
+    unused = padding_slots(teacher)  # sampled shards' unused slots, cross-tokenizer rows' padding
+    if unused.any():  # no mass on either side
         if with_target:
             unused = torch.cat([unused, torch.zeros_like(unused[:, :1])], dim=1)
         z = torch.where(unused, torch.full_like(z, float("-inf")), z)

@@ -54,6 +54,12 @@ Target kinds (``target_kind`` in the header; format 1.1):
   last code, or from 0 without an exact top); ``draw_counts`` [Σ d_t] uint16, how often each was drawn
   (Σ = N per position). The stored values are the padded layout's without the unused slots, and both
   layouts decode to the same :class:`TeacherRow` of ``m + N`` slots.
+
+Since 1.4 the directory holds a copy of the teacher's tokenizer in ``tokenizer/`` (``tokenizer.json`` and
+``tokenizer_config.json``, as ``save_pretrained`` writes them), its files' sha256 in the header's
+``tokenizer.copy`` (``{"folder": "tokenizer", "files": {name: sha256}}``): with it a student of another
+tokenizer can learn from the shards without the teacher (cross-tokenizer distillation, whose alignment
+reads the teacher's token bytes from it). Earlier readers ignore the folder and the key.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "amid-teacher-shards"
-FORMAT_VERSION = "1.3"  # 1.1: the sampled target kind; 1.2: its exact top; 1.3: its compact layout
+FORMAT_VERSION = "1.4"  # 1.1: the sampled target kind; 1.2: its exact top; 1.3: its compact layout; 1.4: the tokenizer copy
 PARQUET_METADATA_KEY = b"amid_pipeline.header"
 MANIFEST_NAME = "manifest.json"
 DATA_SUFFIX = ".parquet"

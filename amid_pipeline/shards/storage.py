@@ -40,7 +40,6 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-
 T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 # what Arrow's Parquet reader says (as a plain OSError) of bytes that arrived but are wrong: not worth a retry

@@ -48,6 +48,7 @@ def verify_directory(directory: str | os.PathLike, *, deep: bool = True) -> Veri
             report.problems.append(f"{name}: not listed in the manifest")
         elif base.endswith(".tmp") and base.startswith("."):
             report.notes.append(f"{name}: unfinished file of an interrupted run (ignored)")
+    report.problems += tokenizer_copy_problems(manifest)
     for record in manifest.files:
         try:
             problem = _verify_file(manifest, record, deep)
@@ -58,6 +59,20 @@ def verify_directory(directory: str | os.PathLike, *, deep: bool = True) -> Veri
         else:
             report.checked.append(record.name)
     return report
+
+
+def tokenizer_copy_problems(manifest: Manifest) -> list[str]:
+    """What is wrong with the directory's copy of the teacher tokenizer (format 1.4; none before): a file the
+    header lists that is missing, or whose sha256 differs from the header's."""
+    copy = manifest.header.tokenizer.get("copy") or {}
+    problems = []
+    for name, digest in (copy.get("files") or {}).items():
+        path = f"{copy.get('folder', 'tokenizer')}/{name}"
+        if not manifest.store.exists(path):
+            problems.append(f"{path}: missing (the header lists it)")
+        elif manifest.store.sha256(path) != digest:
+            problems.append(f"{path}: sha256 differs from the header's (edited or replaced)")
+    return problems
 
 
 def _verify_file(manifest: Manifest, record: FileRecord, deep: bool) -> str | None:

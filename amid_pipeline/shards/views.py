@@ -27,7 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amid_pipeline.shards.manifest import FileRecord, Header, Manifest, load_manifest, teacher_differences, write_manifest
+from amid_pipeline.shards.manifest import (
+    FileRecord,
+    Header,
+    Manifest,
+    load_manifest,
+    teacher_differences,
+    write_manifest,
+)
 from amid_pipeline.shards.reader import ShardReader
 from amid_pipeline.shards.schema import MANIFEST_NAME, FormatError
 from amid_pipeline.shards.storage import open_store

@@ -45,16 +45,25 @@ def check_eval_shard_dirs(train: ShardSet, evaluation: ShardSet) -> Header:
     return header
 
 
-def check_student(manifest_header: Header, tokenizer, head_size: int, student_name: str) -> list[str]:
-    """Refuse a student that cannot learn from these shards; return notes on accepted differences."""
+def check_student(manifest_header: Header, tokenizer, head_size: int, student_name: str,
+                  cross_tokenizer: bool = False) -> list[str]:
+    """Refuse a student that cannot learn from these shards; return notes on accepted differences. With
+    ``cross_tokenizer`` the student's tokenizer may be any other, and its head must cover that tokenizer."""
     shard_tok = manifest_header.tokenizer
     student_tok = tokenizer_fingerprint(tokenizer)
+    if cross_tokenizer:
+        if head_size < student_tok["vocab_size"]:
+            raise TrainingError(f"student head has {head_size} outputs but its tokenizer has {student_tok['vocab_size']} tokens")
+        same = student_tok["fingerprint"] == shard_tok.get("fingerprint")
+        return ["cross_tokenizer with the teacher's own tokenizer: every position aligns and every id maps to itself"
+                if same else f"cross_tokenizer: {student_name}'s tokenizer ({student_tok['vocab_size']} tokens) "
+                f"re-tokenises the rows of {manifest_header.teacher.get('name_or_path')}'s ({shard_tok.get('vocab_size')} tokens)"]
     if student_tok["fingerprint"] != shard_tok.get("fingerprint"):
         raise TrainingError(
             f"student tokenizer ({student_name}: {student_tok['vocab_size']} tokens, fingerprint "
             f"{student_tok['fingerprint'][:12]}) differs from the shards' ({manifest_header.teacher.get('name_or_path')}: "
             f"{shard_tok.get('vocab_size')} tokens, fingerprint {str(shard_tok.get('fingerprint'))[:12]}); "
-            f"the student must use the teacher's tokenizer"
+            f"the student must use the teacher's tokenizer, or distill with --cross-tokenizer"
         )
     if head_size < shard_tok.get("vocab_size", 0):
         raise TrainingError(f"student head has {head_size} outputs but the tokenizer has {shard_tok['vocab_size']} tokens")
@@ -114,7 +123,7 @@ def check_resumed_objective(recorded: Path, objective: dict) -> None:
 # moved, is the same input, and a folder whose content changed at the same path is not.
 RESUME_FREE_SETTINGS = ("resume", "max_steps", "epochs", "eval_every", "progress", "report_to", "log_every",
                         "save_every", "keep_checkpoints", "parallel", "num_data_workers", "skip_bad_files")
-INPUT_SETTINGS = ("output", "shards", "eval_shards", "student", "online_teacher", "model", "dataset", "dev_dataset")
+INPUT_SETTINGS = ("output", "shards", "eval_shards", "student", "online_teacher", "teacher_tokenizer", "model", "dataset", "dev_dataset")
 RUN_RECORD = "run.json"
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from amid_pipeline.alignment.vocabulary import MAP_RULES
 from amid_pipeline.config import setting
 from amid_pipeline.dataset.settings import DatasetSettings
 from amid_pipeline.losses.catalog import LOSS_NAMES, SUPPORT_MODES, SUPPORTS
@@ -69,6 +70,9 @@ class DistillConfig(OptimizationSettings):
     loss_params: dict = setting({}, "Loss parameters, e.g. {alpha = -1.0, lam = 0.3} in TOML or alpha=-1,lam=0.3 on the command line; defaults in docs/losses.md (amid: alpha 0.5, lam 0.1).")
     support: str = setting("tail", "Support the loss sees: tail (default: the stored top-k plus one bucket for the rest, both sides normalised over the full vocabulary; trained the best students on a dev split, docs/benchmarks.md 'Evidence'), renormalized (teacher and student renormalised over the stored top-k; the student's mass leaks outside them), teacher_renormalized (teacher renormalised over the top-k, student over the full vocabulary with its rest in one outcome where the teacher has 0; as DistillKit, Axolotl and Gemma 3), sampled (shards of the sampled kind only: the teacher side is the empirical distribution of the draws; unbiased for forward_kl, a plug-in estimate for the other losses); tail, teacher_renormalized and sampled need the student's full normaliser, which the fused head computes without full logits.", choices=SUPPORT_MODES)
     online_teacher: Optional[str] = setting(None, "A teacher model folder run on every training batch: its full-vocabulary distribution replaces the shards' stored targets (the reference that top-k and sampled targets approximate: full-vocabulary KD, as online distillation does it; a teacher forward per micro-batch and [positions x vocabulary] logits on both sides, so sparse_head is off). The shards still give the rows, their tokens and the held-out evaluation; the teacher must use the shards' tokenizer and have no more outputs than the student's head.")
+    cross_tokenizer: bool = setting(False, "A student with another tokenizer than the teacher's: each row's text is re-tokenised with the student's tokenizer, the positions where both tokenisations end at the same byte carry the teacher's stored distribution mapped onto student ids (teacher ids spelling a student token map exactly; others through their first student token, see cross_tokenizer_map; unmapped mass joins the rest bucket), and every loss applies unchanged (docs/cross-tokenizer.md). Top-k shards only; no packing, no online teacher, no ATKD.")
+    teacher_tokenizer: Optional[str] = setting(None, "cross_tokenizer: the teacher's tokenizer folder; default: the shards' own copy (DIR/tokenizer, written by cache-teacher since format 1.4). Its fingerprint must be the shards'.")
+    cross_tokenizer_map: str = setting("first", "cross_tokenizer: where a teacher token that is no student token sends its probability. first: to the longest student token its bytes start with; exact: to the rest bucket.", choices=MAP_RULES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "The fused head: the student's logits at the stored ids, its full normaliser and the rest bucket from chunked blocks, never the [positions x vocabulary] matrix, for every loss, support and kd_ratio. auto: whenever the student's head is a plain linear layer (tied or not, bias allowed; a logit scale is folded in; soft-capping takes full logits); on: refuse a student whose head is not; off: full logits (the reference).", choices=("auto", "on", "off"))
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
@@ -93,6 +97,16 @@ class DistillConfig(OptimizationSettings):
         if self.online_teacher and (self.sparse_head == "on" or SUPPORTS[self.support].sampled_kind):
             errors.append("online_teacher: the full-vocabulary targets need full student logits and a support other "
                           "than 'sampled' (they hold every id; no draws)")
+        if self.cross_tokenizer:
+            from amid_pipeline.losses.registry import LOSSES
+
+            clashes = [what for what, clash in (
+                ("packing (batches are counted on the teacher's row lengths)", self.packing),
+                ("an online teacher (it needs the student's tokens)", self.online_teacher),
+                ("the sampled support (draws are not mapped across tokenizers)", SUPPORTS[self.support].sampled_kind),
+                (f"{self.loss} (it needs the teacher's probability of the student's next token)",
+                 LOSSES[self.loss].needs_target if self.loss in LOSSES else False)) if clash]
+            errors += [f"cross_tokenizer: not with {what}" for what in clashes]
         if self.patience and self.best_metric == "last":
             errors.append("patience: stopping at a plateau needs a --best-metric to watch (e.g. kl_to_teacher); it is 'last'")
         if not errors and (refusal := support_refusal(self.support, self.loss, self.loss_params)):

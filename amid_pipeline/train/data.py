@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from amid_pipeline.alignment.rows import CrossTokenizer
+from amid_pipeline.alignment.vocabulary import AlignmentError
 from amid_pipeline.losses import TeacherTargets
 from amid_pipeline.losses.support import map_tensors
 from amid_pipeline.shards.manifest import Manifest, load_manifest
@@ -163,6 +165,7 @@ class DataSettings:
     heldout_fraction: float = 0.05
     skip_bad_files: bool = False
     student_vocab: int | None = None
+    cross: CrossTokenizer | None = None  # --cross-tokenizer: rows turned into the student's tokens as they are read
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -194,7 +197,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                         return
                     mine = row_owner(i, self.world, workers) == (self.rank, worker)
                     if mine and is_heldout(row.sample_id, s.heldout_fraction) == self.heldout:
-                        yield row, path
+                        yield (row if s.cross is None or self.light else student_row(s.cross, row, path)), path
             except (FormatError, OSError, ValueError) as exc:
                 if not s.skip_bad_files:
                     if isinstance(exc, FormatError):
@@ -295,6 +298,15 @@ class TrainStream:
         batch = next(self._batches)
         self.consumed += 1
         return batch
+
+
+def student_row(cross: CrossTokenizer, row: TeacherRow, path: str) -> TeacherRow:
+    """``row`` in the student's tokens (:meth:`CrossTokenizer.student_row`); a row that cannot be is refused
+    naming its file and sample."""
+    try:
+        return cross.student_row(row)
+    except AlignmentError as exc:
+        raise FormatError(f"{path}: {exc}") from exc
 
 
 def pack_rows(pool: list, max_length: int, batch_size: int) -> list[list[list]]:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
+from amid_pipeline.alignment.vocabulary import AlignmentError
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
@@ -121,7 +123,8 @@ def _distill(config: DistillConfig) -> RunSummary:
         check_resumed_objective(output / "loss.json", objective)
     teacher = _setup_teacher(config, shards.header, processes.device, use_bf16, head_size)
     sparse = fused_head_choice(config, model, teacher.full_vocabulary, notes)
-    settings = _data_settings(config, model, eval_shards, head_size, notes)
+    cross = _setup_cross_tokenizer(config, shards, tokenizer)
+    settings = _data_settings(config, model, eval_shards, head_size, cross, notes)
     per_epoch = _batches_per_epoch(config, shards, settings, processes.world)
     total_steps = config.max_steps or max(per_epoch * config.epochs // config.grad_accum, 1)
     trainee = _setup_trainee(config, model, tokenizer, loss_fn, sparse, processes, use_bf16, total_steps)
@@ -131,7 +134,7 @@ def _distill(config: DistillConfig) -> RunSummary:
     heldout = (f"all rows of {', '.join(config.eval_shards)}" if eval_shards
                else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
     if processes.main:
-        _start_run_folder(config, output, record, objective, resume_from, position.step, notes)
+        _start_run_folder(config, output, record, objective, resume_from, position.step, notes, cross)
         print(f"distill: {len(shards.files)} shard files, {per_epoch} batches/epoch/process, {total_steps} steps, {processes.world} process(es), loss {config.loss} "
               f"({config.support}), {'fused head' if sparse else 'full logits'}, held out: {heldout}"
               + (f", targets: {config.online_teacher}'s full vocabulary, online" if teacher.full_vocabulary else ""))
@@ -225,7 +228,8 @@ def _setup_student(config: DistillConfig, processes, resume_from: Path | None, s
     sharded = resume_from is not None and (resume_from / SHARDED).is_dir()
     weights_from = config.student if resume_from is None or sharded else resume_from
     model = place(AutoModelForCausalLM.from_pretrained(weights_from, dtype=torch.float32), processes, config.parallel)
-    notes[:0] = check_student(shards.header, tokenizer, model.get_output_embeddings().weight.shape[0], config.student)
+    notes[:0] = check_student(shards.header, tokenizer, model.get_output_embeddings().weight.shape[0], config.student,
+                              config.cross_tokenizer)
     notes += [warning] if (warning := emulated_bfloat16_warning(config.dtype, processes.device.type)) else []
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -247,14 +251,29 @@ def _setup_teacher(config: DistillConfig, header, device: torch.device, use_bf16
     return OnlineTeacher(model, head_size)
 
 
+def _setup_cross_tokenizer(config: DistillConfig, shards: ShardSet, tokenizer) -> CrossTokenizer | None:
+    """With ``--cross-tokenizer``: the teacher's tokenizer (given, or the shards' own copy; checked against
+    the shards' fingerprint) and the student's, aligned (:class:`CrossTokenizer`); else None."""
+    if not config.cross_tokenizer:
+        return None
+    if shards.header.sampling is not None:
+        raise TrainingError(f"cross_tokenizer: {shards.directories[0]} holds sampled targets; cross-tokenizer "
+                            f"distillation reads top-k shards")
+    try:
+        teacher_tokenizer = teacher_tokenizer_of(shards.manifests[0], config.teacher_tokenizer)
+        return CrossTokenizer.build(teacher_tokenizer, tokenizer, config.cross_tokenizer_map)
+    except AlignmentError as exc:
+        raise TrainingError(f"cross_tokenizer: {exc}") from exc
+
+
 def _data_settings(config: DistillConfig, model, eval_shards: ShardSet | None, head_size: int,
-                   notes: list[str]) -> DataSettings:
+                   cross: CrossTokenizer | None, notes: list[str]) -> DataSettings:
     """Batching settings from the config; none of the rows of ``--shards`` is held out when ``--eval-shards`` is given."""
     return DataSettings(batch_size=config.batch_size, max_length=config.max_length, packing=config.packing,
                         packed_attention=packed_attention_mode(config, model, notes),
                         shuffle_buffer=config.shuffle_buffer,
                         heldout_fraction=0.0 if eval_shards else config.heldout_fraction,
-                        skip_bad_files=config.skip_bad_files, student_vocab=head_size)
+                        skip_bad_files=config.skip_bad_files, student_vocab=head_size, cross=cross)
 
 
 def _batches_per_epoch(config: DistillConfig, shards: ShardSet, settings: DataSettings, world: int) -> int:
@@ -277,10 +296,14 @@ def _setup_trainee(config: DistillConfig, model, tokenizer, loss_fn: KDLoss, spa
 
 
 def _start_run_folder(config: DistillConfig, output: Path, record: dict, objective: dict, resume_from: Path | None,
-                      step: int, notes: list[str]) -> None:
-    """The run folder's records (a resumed run keeps the config and record it was started with), the metrics
-    log cut back to ``step``, and the start-up notes printed."""
+                      step: int, notes: list[str], cross: CrossTokenizer | None) -> None:
+    """The run folder's records (a resumed run keeps the config and record it was started with; a
+    cross-tokenizer run its vocabulary map, ``cross_tokenizer.json``), the metrics log cut back to ``step``,
+    and the start-up notes printed."""
     output.mkdir(parents=True, exist_ok=True)
+    if cross is not None:
+        write_json_atomic(output / "cross_tokenizer.json", cross.vocabulary.record())
+        notes.append(f"cross_tokenizer: {cross.vocabulary.describe()}")
     if resume_from is None or not (output / RUN_RECORD).exists():
         save_config(config, output / "distill_config.toml")
         write_json_atomic(output / RUN_RECORD, record)

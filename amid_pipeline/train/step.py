@@ -17,6 +17,7 @@ from torch import nn
 from amid_pipeline.losses import KDLoss, StudentHead, TeacherTargets, forward_kl
 from amid_pipeline.losses.catalog import SUPPORTS
 from amid_pipeline.losses.functional import _log1mexp
+from amid_pipeline.losses.support import padding_slots
 from amid_pipeline.train.data import Batch, StudentInputs
 
 METRIC_CHUNK = 1024  # positions whose full [chunk, V] logits are held at once for the metrics
@@ -186,8 +187,7 @@ def heldout_sums(hidden: torch.Tensor, head: nn.Module, teacher: TeacherTargets,
         for key, gap in zip(calibration_keys(), torch.zeros(CALIBRATION_BINS, device=gaps.device).index_add_(0, bins, gaps).tolist()):
             sums[key] += gap
         log_q_support = log_q.gather(1, teacher.topk_ids[a:b].long())
-        if teacher.sample_weights is not None:  # a sampled shard's unused slots repeat a drawn id
-            log_q_support = log_q_support.masked_fill(teacher.sample_weights[a:b] == 0, float("-inf"))
+        log_q_support = log_q_support.masked_fill(padding_slots(teacher.rows(a, b)), float("-inf"))  # no target there
         sums["support_mass"] += float((log_q_support.exp().sum(-1) * m).sum())
         log_p = teacher.topk_logprobs[a:b].float()
         kl = forward_kl(log_p - log_p.logsumexp(-1, keepdim=True), log_q_support.log_softmax(-1))

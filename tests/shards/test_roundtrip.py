@@ -78,7 +78,7 @@ def test_every_file_carries_the_header(shard_dir):
     for record in manifest.files:
         meta = pq.read_schema(shard_dir / record.name).metadata
         header = json.loads(meta[PARQUET_METADATA_KEY])
-        assert header["format_version"] == manifest.header.format_version == "1.3"
+        assert header["format_version"] == manifest.header.format_version == "1.4"
         assert header["k"] == 8 and header["value_encoding"] == "q64-delta"
 
 

@@ -1,0 +1,198 @@
+"""Cross-tokenizer distillation: token bytes, the vocabulary map, row alignment against brute-force
+references, the loss's padding slots, and distill end to end (same-tokenizer identity, another tokenizer,
+exact resume, refusals)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of, utf8_prefix
+from amid_pipeline.alignment.vocabulary import AlignmentError, VocabularyMap, token_bytes
+from amid_pipeline.shards.manifest import load_manifest
+from amid_pipeline.shards.reader import ShardReader
+from amid_pipeline.shards.verify import verify_directory
+from amid_pipeline.train.checks import TrainingError
+from amid_pipeline.train.loop import distill
+from tests.helpers import load_data_module, stop_distill_at_step
+from tests.train.test_distill import make_config, weights
+
+TEXT = "Ein Straße, naïve café — 東京 and emoji 🙂: the kinase binds ATP.\n"
+
+
+@pytest.fixture(scope="module")
+def other_student(tiny_models, tmp_path_factory):
+    """A tiny student on a second byte-level BPE of another size (384 ids) trained on the same corpus."""
+    tiny = load_data_module("tiny_models")
+    folder = tmp_path_factory.mktemp("other")
+    tokenizer = tiny.build_tokenizer(folder / "tokenizer", vocab_size=384)
+    tiny.build_model(folder / "student", tokenizer, layers=1, seed=7)
+    return folder / "student"
+
+
+def test_token_bytes_spell_any_text_back(tiny_models, other_student):
+    for folder in (tiny_models["teacher"], other_student):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        pieces = token_bytes(tokenizer)
+        ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+        assert b"".join(pieces[i] for i in ids) == TEXT.encode()
+        assert pieces[tokenizer.convert_tokens_to_ids("<|im_start|>")] == b"<|im_start|>"
+
+
+def test_the_map_is_the_identity_for_one_tokenizer_and_follows_bytes_for_two(tiny_models, other_student):
+    teacher = token_bytes(AutoTokenizer.from_pretrained(tiny_models["teacher"]))
+    same = VocabularyMap.build(teacher, teacher)
+    assert same.exact.all() and (same.student_of == np.arange(len(teacher))).all()
+    student = token_bytes(AutoTokenizer.from_pretrained(other_student))
+    first, exact = VocabularyMap.build(teacher, student, "first"), VocabularyMap.build(teacher, student, "exact")
+    for v, piece in enumerate(teacher):  # brute force: exact = same bytes; first = the longest student prefix
+        matches = [s for s, other in enumerate(student) if other == piece]
+        prefixes = sorted((len(other), -s) for s, other in enumerate(student) if other and piece.startswith(other))
+        if matches:
+            assert first.exact[v] and first.student_of[v] == min(matches) == exact.student_of[v]
+        else:
+            assert not first.exact[v] and exact.student_of[v] == -1
+            assert first.student_of[v] == (-prefixes[-1][1] if prefixes else -1)
+    assert 0 < first.summary()["ids_exact"] < 1 and first.summary()["ids_first_token"] > 0
+
+
+def test_rows_align_where_both_tokenisations_end_at_the_same_byte(tiny_shards, tiny_models, other_student):
+    """Against a brute-force reference: aligned positions by decoded prefixes, and the mapped distribution
+    by summing the stored probabilities per student id in float64."""
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    student_tok = AutoTokenizer.from_pretrained(other_student)
+    cross = CrossTokenizer.build(teacher_tok, student_tok)
+    checked = 0
+    for row in list(ShardReader(tiny_shards))[:6]:
+        out = cross.student_row(row)
+        text = teacher_tok.decode(row.input_ids.tolist())
+        assert student_tok.decode(out.input_ids.tolist()) == text
+        def prefix_bytes(tokenizer, ids) -> int | None:  # None where the prefix ends inside a character
+            text = tokenizer.decode(ids)
+            return None if "\ufffd" in text else len(text.encode())
+
+        teacher_prefix = {prefix_bytes(teacher_tok, row.input_ids[: t + 1].tolist()): i
+                          for i, t in enumerate(row.positions.tolist())}
+        teacher_prefix.pop(None, None)
+        student_prefix = {j: prefix_bytes(student_tok, out.input_ids[: j + 1].tolist()) for j in range(len(out.input_ids) - 1)}
+        clean = {j for j, end in student_prefix.items() if end is not None}
+        expected = {j for j in clean if student_prefix[j] in teacher_prefix
+                    and (cross.vocabulary.student_of[row.topk_ids[teacher_prefix[student_prefix[j]]]] >= 0).any()}
+        assert set(out.positions.tolist()) & clean == expected and len(expected) > 0.3 * len(row.positions)
+        for p, j in enumerate(out.positions.tolist()):
+            if j not in expected:
+                continue
+            i = teacher_prefix[student_prefix[j]]
+            reference: dict[int, float] = {}
+            for v, logprob in zip(row.topk_ids[i].tolist(), row.topk_logprobs[i].astype(np.float64)):
+                if cross.vocabulary.student_of[v] >= 0:
+                    s = int(cross.vocabulary.student_of[v])
+                    reference[s] = reference.get(s, 0.0) + float(np.exp(logprob))
+            got = {int(s): float(np.exp(lp)) for s, lp in zip(out.topk_ids[p], out.topk_logprobs[p]) if np.isfinite(lp)}
+            assert got.keys() == reference.keys()
+            np.testing.assert_allclose([got[s] for s in reference], list(reference.values()), rtol=1e-5)
+            assert out.loss_mask[p] == row.loss_mask[i]
+            checked += 1
+    assert checked > 50
+
+
+def test_padding_slots_hold_no_mass_in_any_loss():
+    """A position whose targets are padded (the first id again at −inf) has the loss of the same position
+    without the padding columns, for every loss and support (dense float64 reference: the unpadded one)."""
+    from amid_pipeline.losses import KDLoss, TeacherTargets
+    from amid_pipeline.losses.catalog import LOSS_NAMES
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, dtype=torch.float64)
+    log_p = torch.log_softmax(torch.randn(3, 40, dtype=torch.float64) * 2, -1)
+    ids = torch.tensor([[5, 9, 2], [7, 1, 30], [3, 4, 8]])
+    plain = TeacherTargets(ids, log_p.gather(1, ids).float(), ids[:, 0], log_p.gather(1, ids[:, :1])[:, 0].float(),
+                           torch.ones(3, dtype=torch.bool))
+    padded_ids = torch.cat([ids, ids[:, :1].expand(3, 2)], 1)
+    padded = TeacherTargets(padded_ids, torch.cat([plain.topk_logprobs, torch.full((3, 2), float("-inf"))], 1),
+                            plain.target_ids, plain.target_logprob, plain.mask)
+    for name in LOSS_NAMES:
+        for support in ("tail", "renormalized", "teacher_renormalized"):
+            try:
+                loss = KDLoss(name, support=support)
+            except ValueError:
+                continue
+            expected, got = loss(logits, plain).kd, loss(logits, padded).kd
+            assert torch.isfinite(got) and torch.allclose(got, expected, rtol=1e-6, atol=1e-9), (name, support)
+
+
+def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_shards, tiny_models, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    assert utf8_prefix("é".encode()[:1] + b"") == b"" and utf8_prefix("aé".encode()[:-1]) == b"a"
+    with pytest.raises(AlignmentError, match="do not spell UTF-8"):
+        utf8_prefix(b"\xff\xfeabcdef")
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    letters = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}, merges=[]))
+    letters.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+    letters.decoder = decoders.ByteLevel()
+    narrow = PreTrainedTokenizerFast(tokenizer_object=letters)
+    cross = CrossTokenizer.build(teacher_tok, narrow)
+    row = next(iter(ShardReader(tiny_shards)))
+    with pytest.raises(AlignmentError, match=f"sample {row.sample_id!r}: the student tokenizer does not spell"):
+        cross.student_row(row)
+    other = load_data_module("tiny_models").build_tokenizer(tmp_path / "other", vocab_size=300)
+    with pytest.raises(AlignmentError, match="is not the shards'"):
+        teacher_tokenizer_of(load_manifest(tiny_shards), str(tmp_path / "other"))
+    assert other is not None
+
+
+def test_the_shards_keep_a_verified_copy_of_the_teacher_tokenizer(tiny_shards, tiny_models, tmp_path):
+    manifest = load_manifest(tiny_shards)
+    assert set(manifest.header.tokenizer["copy"]["files"]) == {"tokenizer.json", "tokenizer_config.json"}
+    own = teacher_tokenizer_of(manifest)
+    assert own.get_vocab() == AutoTokenizer.from_pretrained(tiny_models["teacher"]).get_vocab()
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_shards, edited)
+    (edited / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert any("tokenizer/tokenizer.json: sha256 differs" in p for p in verify_directory(edited, deep=False).problems)
+    with pytest.raises(AlignmentError, match="sha256 differs"):
+        teacher_tokenizer_of(load_manifest(edited))
+
+
+def test_cross_tokenizer_with_the_teachers_own_tokenizer_trains_exactly_as_plain_distill(tiny_shards, tiny_models, tmp_path):
+    plain = make_config(tiny_shards, tiny_models["student"], tmp_path / "plain", max_steps=3, eval_every=0, save_every=0)
+    crossed = make_config(tiny_shards, tiny_models["student"], tmp_path / "cross", max_steps=3, eval_every=0,
+                          save_every=0, cross_tokenizer=True)
+    distill(plain), distill(crossed)
+    a, b = weights(tmp_path / "plain" / "model"), weights(tmp_path / "cross" / "model")
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+    record = json.loads((tmp_path / "cross" / "cross_tokenizer.json").read_text())
+    assert record["ids_exact"] == 1.0 and record["student_of"][:5] == [0, 1, 2, 3, 4]
+
+
+def test_a_student_with_another_tokenizer_learns_and_resumes_exactly(tiny_shards, other_student, tmp_path, monkeypatch):
+    settings = dict(max_steps=6, eval_every=3, save_every=3, cross_tokenizer=True, loss="forward_kl")
+    summary = distill(make_config(tiny_shards, other_student, tmp_path / "full", **settings))
+    lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line["eval"] for line in lines if "eval" in line]
+    assert summary.steps == 6 and evals[-1]["kl_to_teacher"] < evals[0]["kl_to_teacher"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model").config.vocab_size == 384
+    release = stop_distill_at_step(monkeypatch, 5)  # after the checkpoint at step 3
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_config(tiny_shards, other_student, tmp_path / "resumed", **settings))
+    release()
+    distill(make_config(tiny_shards, other_student, tmp_path / "resumed", resume=True, **settings))
+    a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_without_the_flag_another_tokenizer_is_refused_and_clashing_settings_too(tiny_shards, other_student, tmp_path):
+    with pytest.raises(TrainingError, match="or distill with --cross-tokenizer"):
+        distill(make_config(tiny_shards, other_student, tmp_path / "a"))
+    with pytest.raises(Exception, match="cross_tokenizer: not with packing"):
+        make_config(tiny_shards, other_student, tmp_path / "b", cross_tokenizer=True, packing=True)
+    with pytest.raises(Exception, match="cross_tokenizer: not with atkd"):
+        make_config(tiny_shards, other_student, tmp_path / "c", cross_tokenizer=True, loss="atkd")

@@ -107,6 +107,8 @@ class CrossTokenizer:
         """[P, k] teacher ids and log-probabilities -> [P, k] student ids (merged, by descending probability,
         then padding: the first id again) and their log-probabilities (−inf in the padding)."""
         count, k = teacher_ids.shape
+        if self.vocabulary.rule == "none":  # vocabulary-free losses: the teacher's own values, no student id
+            return np.broadcast_to(np.arange(k, dtype=np.int64), (count, k)).copy(), teacher_logprobs.astype(np.float32)
         mapped = self.vocabulary.student_of[teacher_ids.astype(np.int64)]  # [P, k], −1 unmapped
         probabilities = np.where(mapped >= 0, np.exp(teacher_logprobs.astype(np.float64)), 0.0)
         ids = np.zeros((count, k), dtype=np.int64)

@@ -9,6 +9,9 @@ their literal content. The map sends teacher id v with bytes b to:
   of a greedy longest-match tokenisation: defined for any byte string, partial UTF-8 characters included);
   under the ``exact`` rule, nothing;
 - nothing when b is empty or no student token is a prefix of it: its mass goes to the rest (the tail).
+
+Under ``none`` nothing is mapped: the rows keep the teacher's own stored probabilities, for the
+vocabulary-free losses (ULD) that compare sorted probabilities and never an id.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import re
 
 import numpy as np
 
-MAP_RULES = ("first", "exact")
+MAP_RULES = ("first", "exact", "none")
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -96,7 +99,7 @@ class VocabularyMap:
         for teacher_id, piece in enumerate(teacher_bytes):
             if piece in by_bytes:
                 student_of[teacher_id], exact[teacher_id] = by_bytes[piece], True
-            elif piece and rule == "first":
+            elif piece and rule == "first":  # (under "none" the map is never read)
                 for size in range(min(len(piece), longest), 0, -1):
                     if piece[:size] in by_bytes:
                         student_of[teacher_id] = by_bytes[piece[:size]]

@@ -30,7 +30,7 @@ SUPPORTS = {
     "sampled": Support(True, True, True, "tail"),  # top-k shards hold no draws: the same loss on tail
 }
 SUPPORT_MODES = tuple(SUPPORTS)
-LOSS_FUNCTIONS = ("akl", "amid", "atkd", "forward_kl", "jsd", "reverse_kl", "skl", "srkl", "taid", "tvd")
+LOSS_FUNCTIONS = ("akl", "amid", "atkd", "forward_kl", "jsd", "reverse_kl", "skl", "srkl", "taid", "tvd", "uld")
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     # The AMiD paper's main table (GPT-2, Dolly): AB(0.2, 0.7), teacher-anchored, λ = 0.1. The paper's notes
     # here do not state that table's α; 0.5 is the official training scripts' default.

@@ -244,6 +244,21 @@ def atkd_parts(log_p: torch.Tensor, log_q: torch.Tensor, target_index: torch.Ten
     return tkd, dkd, -torch.expm1(lp_g)
 
 
+def universal_logit_distance(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """ULD (Boizard et al., 2024, "Towards cross-tokenizer distillation") on stored targets: the L1 distance
+    between the teacher's k stored probabilities and the student's k largest, each sorted, plus the
+    difference between what each leaves outside them (a lower bound on the rest of the sorted L1, which the
+    shards do not hold): Σ_{i≤k} |p_(i) − q_(i)| + |Σ_{i≤k} q_(i) − Σ_{i≤k} p_(i)|. Vocabulary-free: no id
+    of either side is compared; k is each row's count of finite teacher values (−inf slots are padding).
+    ``log_p`` [N, k], ``log_q`` [N, V] the student's full log-distribution -> [N]."""
+    p = torch.sort(log_p.to(log_q.dtype).exp(), dim=-1, descending=True).values
+    q = torch.topk(log_q.exp(), min(p.shape[1], log_q.shape[1]), dim=-1).values
+    p = p[:, : q.shape[1]]
+    held = torch.arange(q.shape[1], device=q.device) < torch.isfinite(log_p).sum(-1, keepdim=True)  # k_t per row
+    q = q * held  # a row's −inf slots (padding) hold no target: its k is the finite ones
+    return (p - q).abs().sum(-1) + (q.sum(-1) - p.sum(-1)).abs()
+
+
 def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(log_x)) for log_x ≤ 0, accurate near 0 and at −inf; −inf at log_x = 0.
 

@@ -94,6 +94,7 @@ class LossSpec:
     settings_check: Callable[[dict[str, object]], list[str]] | None = None  # across parameters and settings
     infinite_at_zero_teacher: Callable[[dict[str, object]], str | None] = lambda params: None  # the term, where p = 0 < q
     sampled_estimator: Callable | None = None  # its unbiased form on the sampled support (exact log p, log p̂, log q)
+    vocabulary_free: bool = False  # (teacher log p [N, k], the student's full log q [N, V]): no support, no ids
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -113,6 +114,7 @@ LOSSES: dict[str, LossSpec] = {
     "akl": LossSpec(F.adaptive_kl, {"mu": _unit("mu")}, infinite_at_zero_teacher=lambda params: "AKL's KL(q‖p) term"),
     "taid": LossSpec(F.taid, schedule_settings=TAID_SETTINGS, settings_check=_taid_settings_check),
     "atkd": LossSpec(F.atkd, {"lam": _unit("lam")}, needs_target=True, batch_statistic=True),
+    "uld": LossSpec(F.universal_logit_distance, vocabulary_free=True),
 }
 assert tuple(sorted(LOSSES)) == LOSS_FUNCTIONS, "losses.catalog.LOSS_FUNCTIONS must list every loss"
 
@@ -238,6 +240,8 @@ class KDLoss(nn.Module):
             errors.append(refusal)
         if not 0.0 <= kd_ratio <= 1.0:
             errors.append(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
+        if not errors and LOSSES[resolve_loss(name, params)[0]].vocabulary_free and SUPPORTS[support].sampled_kind:
+            errors.append(f"{name} compares sorted probabilities: it needs the teacher's top-k, not draws (support 'sampled')")
         if errors:
             raise ValueError("; ".join(errors))
         self.preset = name if name in PRESETS else None
@@ -261,6 +265,8 @@ class KDLoss(nn.Module):
 
     def forward(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets,
                 progress: tuple[int, int] | None = None) -> LossOutput:
+        if self.spec.vocabulary_free:
+            return self._vocabulary_free(student, teacher)
         if isinstance(student, StudentHead) and self.needs_full_vocabulary and not self.spec.batch_statistic:
             return self._through_fused_head(student, teacher, progress)
         log_p, log_q, lse = support_distributions(student, teacher, self.support, with_target=self.spec.needs_target)
@@ -314,6 +320,22 @@ class KDLoss(nn.Module):
                                                                    teacher.target_ids, weights, objective, head.chunk)
         ce = masked_mean(ce_values, mask) if self.kd_ratio < 1.0 else None
         return LossOutput(loss=loss, per_position=per_position * mask, kd=masked_mean(kd_values, mask), ce=ce)
+
+    def _vocabulary_free(self, student: torch.Tensor | StudentHead, teacher: TeacherTargets) -> LossOutput:
+        """A loss that compares the teacher's stored probabilities with the student's whole distribution
+        without ids (ULD): the student's full logits are built (from the head's hidden states when fused)."""
+        if isinstance(student, StudentHead):
+            head = student
+            student = head.hidden @ head.weight.to(head.hidden.dtype).T
+            student = student if head.bias is None else student + head.bias
+        log_q = torch.log_softmax(student if student.dtype == torch.float64 else student.float(), dim=-1)
+        mask = teacher.mask.bool()
+        kd_values = self.spec.function(teacher.topk_logprobs, log_q)
+        ce_values = -log_q.gather(1, teacher.target_ids.long()[:, None])[:, 0]
+        kd, ce = masked_mean(kd_values, mask), masked_mean(ce_values, mask) if self.kd_ratio < 1.0 else None
+        per_position = self.kd_ratio * kd_values + (1 - self.kd_ratio) * ce_values
+        loss = self.kd_ratio * kd + ((1 - self.kd_ratio) * ce if ce is not None else 0.0)
+        return LossOutput(loss=loss, per_position=per_position * mask, kd=kd, ce=ce)
 
     def end_step(self, step: int, total: int, kd_value: float) -> None:
         """Call once per optimiser step with that step's KD loss (drives TAID's adaptive schedule)."""

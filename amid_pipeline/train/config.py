@@ -72,7 +72,7 @@ class DistillConfig(OptimizationSettings):
     online_teacher: Optional[str] = setting(None, "A teacher model folder run on every training batch: its full-vocabulary distribution replaces the shards' stored targets (the reference that top-k and sampled targets approximate: full-vocabulary KD, as online distillation does it; a teacher forward per micro-batch and [positions x vocabulary] logits on both sides, so sparse_head is off). The shards still give the rows, their tokens and the held-out evaluation; the teacher must use the shards' tokenizer and have no more outputs than the student's head.")
     cross_tokenizer: bool = setting(False, "A student with another tokenizer than the teacher's: each row's text is re-tokenised with the student's tokenizer, the positions where both tokenisations end at the same byte carry the teacher's stored distribution mapped onto student ids (teacher ids spelling a student token map exactly; others through their first student token, see cross_tokenizer_map; unmapped mass joins the rest bucket), and every loss applies unchanged (docs/cross-tokenizer.md). Top-k shards only; no packing, no online teacher, no ATKD.")
     teacher_tokenizer: Optional[str] = setting(None, "cross_tokenizer: the teacher's tokenizer folder; default: the shards' own copy (DIR/tokenizer, written by cache-teacher since format 1.4). Its fingerprint must be the shards'.")
-    cross_tokenizer_map: str = setting("first", "cross_tokenizer: where a teacher token that is no student token sends its probability. first: to the longest student token its bytes start with; exact: to the rest bucket.", choices=MAP_RULES)
+    cross_tokenizer_map: str = setting("first", "cross_tokenizer: where a teacher token that is no student token sends its probability. first: to the longest student token its bytes start with; exact: to the rest bucket; none: nothing is mapped, the teacher's own probabilities are kept (vocabulary-free losses only: uld).", choices=MAP_RULES)
     kd_ratio: float = setting(1.0, "Objective = (1 - kd_ratio) * CE(ground truth) + kd_ratio * KD.", minimum=0.0, maximum=1.0)
     sparse_head: str = setting("auto", "The fused head: the student's logits at the stored ids, its full normaliser and the rest bucket from chunked blocks, never the [positions x vocabulary] matrix, for every loss, support and kd_ratio. auto: whenever the student's head is a plain linear layer (tied or not, bias allowed; a logit scale is folded in; soft-capping takes full logits); on: refuse a student whose head is not; off: full logits (the reference).", choices=("auto", "on", "off"))
     max_length: int = setting(1024, "Longest sequence (or packed row) fed to the student; longer rows are cut.", minimum=2)
@@ -107,6 +107,9 @@ class DistillConfig(OptimizationSettings):
                 (f"{self.loss} (it needs the teacher's probability of the student's next token)",
                  LOSSES[self.loss].needs_target if self.loss in LOSSES else False)) if clash]
             errors += [f"cross_tokenizer: not with {what}" for what in clashes]
+            if self.cross_tokenizer_map == "none" and self.loss in LOSSES and not LOSSES[self.loss].vocabulary_free:
+                errors.append(f"cross_tokenizer_map: 'none' maps no teacher id, which {self.loss} compares; "
+                              f"use 'first' or 'exact', or a vocabulary-free loss (uld)")
         if self.patience and self.best_metric == "last":
             errors.append("patience: stopping at a plateau needs a --best-metric to watch (e.g. kl_to_teacher); it is 'last'")
         if not errors and (refusal := support_refusal(self.support, self.loss, self.loss_params)):

@@ -196,3 +196,47 @@ def test_without_the_flag_another_tokenizer_is_refused_and_clashing_settings_too
         make_config(tiny_shards, other_student, tmp_path / "b", cross_tokenizer=True, packing=True)
     with pytest.raises(Exception, match="cross_tokenizer: not with atkd"):
         make_config(tiny_shards, other_student, tmp_path / "c", cross_tokenizer=True, loss="atkd")
+    with pytest.raises(Exception, match="cross_tokenizer_map: 'none' maps no teacher id"):
+        make_config(tiny_shards, other_student, tmp_path / "d", cross_tokenizer=True, cross_tokenizer_map="none")
+
+
+def test_uld_without_a_vocabulary_map_keeps_the_teachers_own_values_and_trains(tiny_shards, tiny_models, other_student,
+                                                                             tmp_path):
+    cross = CrossTokenizer.build(AutoTokenizer.from_pretrained(tiny_models["teacher"]),
+                                 AutoTokenizer.from_pretrained(other_student), "none")
+    row = next(iter(ShardReader(tiny_shards)))
+    out = cross.student_row(row)
+    aligned = CrossTokenizer.build(AutoTokenizer.from_pretrained(tiny_models["teacher"]),
+                                   AutoTokenizer.from_pretrained(other_student)).student_row(row)
+    stored = {int(end): i for i, end in enumerate(np.cumsum([len(cross.teacher_bytes[t]) for t in row.input_ids])[row.positions])}
+    assert out.positions.tolist() == aligned.positions.tolist()
+    ends = np.cumsum([len(cross.student_bytes[s]) for s in out.input_ids])
+    for p, j in enumerate(out.positions.tolist()):
+        np.testing.assert_array_equal(out.topk_logprobs[p], row.topk_logprobs[stored[int(ends[j])]])
+    summary = distill(make_config(tiny_shards, other_student, tmp_path / "uld", max_steps=3, eval_every=0, save_every=0,
+                                  cross_tokenizer=True, cross_tokenizer_map="none", loss="uld", kd_ratio=0.5))
+    assert summary.steps == 3 and np.isfinite(summary.final_loss)
+
+
+def test_uld_is_the_sorted_l1_distance_of_a_brute_force_reference():
+    """ULD against a float64 loop: per row, the teacher's finite probabilities and the student's as many
+    largest, each sorted, L1 apart, plus the difference of their sums; padding (−inf) changes nothing."""
+    from amid_pipeline.losses import KDLoss, TeacherTargets
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30, dtype=torch.float64, requires_grad=True)
+    log_p = torch.log_softmax(torch.randn(4, 30, dtype=torch.float64) * 3, -1)[:, :6].clone()
+    log_p[1, 4:] = float("-inf")  # a row with 4 targets and 2 padding slots
+    teacher = TeacherTargets(torch.arange(6).expand(4, 6), log_p.float(), torch.zeros(4, dtype=torch.long),
+                             log_p[:, 0].float(), torch.ones(4, dtype=torch.bool))
+    got = KDLoss("uld", kd_ratio=0.7)(logits, teacher)
+    expected = []
+    for row in range(4):
+        p = sorted((float(np.exp(v)) for v in log_p[row].float().double() if np.isfinite(v)), reverse=True)
+        q = sorted(torch.softmax(logits[row].detach(), -1).tolist(), reverse=True)[: len(p)]
+        expected.append(sum(abs(a - b) for a, b in zip(p, q)) + abs(sum(q) - sum(p)))
+    assert torch.allclose(got.kd, torch.tensor(expected, dtype=torch.float64).mean(), rtol=1e-9)
+    ce = float(torch.stack([-torch.log_softmax(logits[r].detach(), -1)[0] for r in range(4)]).mean())
+    assert got.loss.item() == pytest.approx(0.7 * float(np.mean(expected)) + 0.3 * ce, rel=1e-9)
+    got.loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

@@ -50,7 +50,7 @@ def test_init_student_keeps_every_nth_layer_and_the_tokenizer(tiny_models, tmp_p
     assert again.exit_code == 1 and "not empty" in again.output
 
 
-def test_compat_accepts_the_padded_student_and_refuses_another_tokenizer(tiny_shards, tiny_models, tmp_path):
+def test_compat_accepts_the_padded_student_and_measures_another_tokenizer(tiny_shards, tiny_models, tmp_path):
     result = runner.invoke(app, ["compat", str(tiny_shards), str(tiny_models["student"])])
     assert result.exit_code == 0, result.output
     assert "compatible:" in result.output and "padded head" in result.output
@@ -58,9 +58,19 @@ def test_compat_accepts_the_padded_student_and_refuses_another_tokenizer(tiny_sh
 
     tiny = load_data_module("tiny_models")
     other = tiny.build_model(tmp_path / "other", tiny.build_tokenizer(tmp_path / "tok", vocab_size=300), layers=1, seed=2)
-    result = runner.invoke(app, ["compat", str(tiny_shards), str(other)])
-    assert result.exit_code == 1
-    assert "incompatible: student tokenizer" in result.output and "300 tokens" in result.output and "512 tokens" in result.output
+    result = runner.invoke(app, ["compat", str(tiny_shards), str(other), "--sample-rows", "8"])
+    assert result.exit_code == 0, result.output
+    assert "compatible with --cross-tokenizer" in result.output and "on 8 rows" in result.output
+    aligned = float(result.output.split("supervised positions aligned")[1].split("%")[0].strip(" |"))
+    assert 30 < aligned <= 100 and "300 tokens" in result.output and "512 tokens" in result.output
+    import shutil
+
+    bare = shutil.copytree(tiny_shards, tmp_path / "bare")
+    shutil.rmtree(bare / "tokenizer")  # a copy whose tokenizer folder went missing
+    result = runner.invoke(app, ["compat", str(bare), str(other)])
+    assert result.exit_code == 1 and "incompatible: " in result.output and "tokenizer/tokenizer.json: missing" in result.output
+    result = runner.invoke(app, ["compat", str(bare), str(other), "--teacher-tokenizer", str(tmp_path / "tok")])
+    assert result.exit_code == 1 and "is not the shards'" in result.output
 
 
 def test_init_student_by_importance_keeps_the_layers_that_change_the_hidden_state_most(tiny_models, tiny_shards, tmp_path):

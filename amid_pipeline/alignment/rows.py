@@ -1,7 +1,8 @@
 """Teacher rows -> rows in the student's tokens (module docstring of :mod:`amid_pipeline.alignment`).
 
-For a row with teacher ids t_1..t_L, its text is the concatenation of their bytes (a multi-byte character
-cut by truncation at the end is dropped). Teacher position i (predicting t_{i+1}) ends its prefix at byte
+For a row with teacher ids t_1..t_L, its text is the concatenation of their bytes; the student's tokenizer
+reads its UTF-8 runs, and a byte that is no UTF-8 (a sampled teacher may emit one; truncation may cut a
+character) becomes the student's token of that single byte. Teacher position i (predicting t_{i+1}) ends its prefix at byte
 E_T[i] = |bytes(t_1..t_i)|; student position j of the student's tokenisation s_1..s_M of the same text at
 E_S[j]. Where E_T[i] = E_S[j], both predict the next token from the same text, so the teacher's stored
 distribution at i becomes targets at j: each stored id v carries its probability to the student id
@@ -15,6 +16,7 @@ mass mapped onto it (−inf when none is).
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +24,7 @@ import numpy as np
 from amid_pipeline.alignment.vocabulary import AlignmentError, VocabularyMap, token_bytes
 from amid_pipeline.shards.schema import TeacherRow
 
-
-def utf8_prefix(data: bytes) -> bytes:
-    """``data`` without a multi-byte character cut off at its end (a truncated row); refuses bytes that are
-    not UTF-8 before that."""
-    for cut in range(0, min(4, len(data)) + 1):
-        try:
-            (data[: len(data) - cut] if cut else data).decode("utf-8")
-            return data[: len(data) - cut] if cut else data
-        except UnicodeDecodeError as exc:
-            if exc.start < len(data) - 4:
-                break
-    raise AlignmentError("its teacher tokens do not spell UTF-8 text")
+UNDECODABLE = re.compile("([\udc80-\udcff])")  # bytes that are not UTF-8, after surrogateescape
 
 
 @dataclasses.dataclass
@@ -92,12 +83,19 @@ class CrossTokenizer:
                           target_logprob=target_logprob.astype(np.float32), target_rank=target_rank)
 
     def _student_tokens(self, text: bytes, where: str) -> np.ndarray:
-        """The student's tokens of ``text`` (cut to whole UTF-8 characters), refused unless they spell it back."""
-        try:
-            text = utf8_prefix(text)
-        except AlignmentError as exc:
-            raise AlignmentError(f"{where}: {exc}") from exc
-        ids = self.student_tokenizer(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
+        """The student's tokens of ``text``: its UTF-8 runs tokenised, each other byte the student's token of that
+        one byte; refused unless they spell ``text`` back."""
+        single = {piece[0]: i for i, piece in enumerate(self.student_bytes) if len(piece) == 1}
+        ids: list[int] = []
+        for part in UNDECODABLE.split(text.decode("utf-8", errors="surrogateescape")):
+            if UNDECODABLE.fullmatch(part):
+                byte = ord(part) - 0xDC00
+                if byte not in single:
+                    raise AlignmentError(f"{where}: byte 0x{byte:02x} is not UTF-8 and the student tokenizer has no "
+                                         f"token for it: it cannot represent this text")
+                ids.append(single[byte])
+            elif part:
+                ids += self.student_tokenizer(part, add_special_tokens=False)["input_ids"]
         if b"".join(self.student_bytes[i] for i in ids) != text:
             raise AlignmentError(f"{where}: the student tokenizer does not spell the row's text back (unknown "
                                  f"bytes or a normaliser): it cannot represent this text")

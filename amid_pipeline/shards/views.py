@@ -211,12 +211,26 @@ def write_view(output: str, files: list[FileRows]) -> ViewSummary:
             f.write(buffer.getvalue())
         store.commit(staging, selection)
         view.update(selection=selection, selection_sha256=digest)
-    write_manifest(output, merged_header(parts), records, view=view,
-                   stats={"command": "view of " + ", ".join(view["sources"])})
+    header = merged_header(parts)
+    copy_tokenizer(files[0].manifest, header, store)
+    write_manifest(output, header, records, view=view, stats={"command": "view of " + ", ".join(view["sources"])})
     for name in store.list():  # selections of earlier views at this place, now unreferenced
         if SELECTION.match(name) and name != view.get("selection"):
             store.remove(name)
     return ViewSummary(store.url, len(records), sum(r.rows for r in records), len(parts))
+
+
+def copy_tokenizer(source: Manifest, header: Header, store) -> None:
+    """The view's copy of the teacher tokenizer (format 1.4; nothing for older sources): the files its header
+    lists, read from ``source``'s copy and checked against their sha256 first."""
+    copy = header.tokenizer.get("copy") or {}
+    for name, digest in (copy.get("files") or {}).items():
+        path = f"{copy['folder']}/{name}"
+        text = source.store.read_bytes(path)
+        if hashlib.sha256(text).hexdigest() != digest:
+            raise FormatError(f"{source.store.where(path)}: sha256 differs from the header's; run `amid-pipeline verify`")
+        store.makedirs(copy["folder"])
+        store.write_text(path, text.decode("utf-8"))
 
 
 def merged_header(parts: list[Header]) -> Header:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of, utf8_prefix
+from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
 from amid_pipeline.alignment.vocabulary import AlignmentError, VocabularyMap, token_bytes
 from amid_pipeline.shards.manifest import load_manifest
 from amid_pipeline.shards.reader import ShardReader
@@ -130,10 +130,11 @@ def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_sha
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    assert utf8_prefix("é".encode()[:1] + b"") == b"" and utf8_prefix("aé".encode()[:-1]) == b"a"
-    with pytest.raises(AlignmentError, match="do not spell UTF-8"):
-        utf8_prefix(b"\xff\xfeabcdef")
     teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    same = CrossTokenizer.build(teacher_tok, teacher_tok)
+    broken = "aé b".encode()[:2] + b"\xff" + " cd".encode()  # a cut character and a byte no UTF-8 has
+    ids = same._student_tokens(broken, "sample 'x'")
+    assert b"".join(same.student_bytes[i] for i in ids) == broken
     letters = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}, merges=[]))
     letters.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     from tokenizers import decoders
@@ -143,6 +144,8 @@ def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_sha
     row = next(iter(ShardReader(tiny_shards)))
     with pytest.raises(AlignmentError, match=f"sample {row.sample_id!r}: the student tokenizer does not spell"):
         cross.student_row(row)
+    with pytest.raises(AlignmentError, match="sample 'y': byte 0xff is not UTF-8 and the student tokenizer has no token"):
+        cross._student_tokens(b"ab\xff", "sample 'y'")
     other = load_data_module("tiny_models").build_tokenizer(tmp_path / "other", vocab_size=300)
     with pytest.raises(AlignmentError, match="is not the shards'"):
         teacher_tokenizer_of(load_manifest(tiny_shards), str(tmp_path / "other"))
@@ -154,6 +157,11 @@ def test_the_shards_keep_a_verified_copy_of_the_teacher_tokenizer(tiny_shards, t
     assert set(manifest.header.tokenizer["copy"]["files"]) == {"tokenizer.json", "tokenizer_config.json"}
     own = teacher_tokenizer_of(manifest)
     assert own.get_vocab() == AutoTokenizer.from_pretrained(tiny_models["teacher"]).get_vocab()
+    from amid_pipeline.shards.views import combine_directories
+
+    combine_directories([str(tiny_shards)], str(tmp_path / "view"))  # a view carries the copy too
+    assert teacher_tokenizer_of(load_manifest(tmp_path / "view")).get_vocab() == own.get_vocab()
+    assert verify_directory(tmp_path / "view", deep=False).ok
     edited = tmp_path / "edited"
     shutil.copytree(tiny_shards, edited)
     (edited / "tokenizer" / "tokenizer.json").write_text("{}")

@@ -104,7 +104,8 @@ def test_capture_verify_combine_and_distill_through_an_s3_server(s3, s3_endpoint
     assert result.exit_code == 0, result.output
     stored = sorted(path.split("/", 1)[1] for path in fs.find(bucket))
     assert stored == ["run/README.md", *(f"run/data/part-w00000-0000{i}.parquet" for i in range(4)), "run/manifest.json",
-                      "run/progress.w00000-of-00001.jsonl"]
+                      "run/progress.w00000-of-00001.jsonl", "run/tokenizer/tokenizer.json",
+                      "run/tokenizer/tokenizer_config.json"]  # the teacher tokenizer's copy (format 1.4)
     local = tmp_path / "local"
     capture(tiny_models, pairs, local)
     assert_same_rows(rows_by_id(f"{bucket}/run"), rows_by_id(local))
@@ -148,7 +149,8 @@ def test_a_failed_upload_leaves_no_manifest_and_the_rerun_resumes(s3, tiny_model
     with pytest.raises(PermissionError):
         capture(tiny_models, pairs, f"{bucket}/run")
     stored = sorted(path.rsplit("/", 1)[1] for path in fs.find(bucket))
-    assert stored == ["part-w00000-00000.parquet", "part-w00000-00001.parquet", "progress.w00000-of-00001.jsonl"]
+    assert stored == ["part-w00000-00000.parquet", "part-w00000-00001.parquet", "progress.w00000-of-00001.jsonl",
+                      "tokenizer.json", "tokenizer_config.json"]
     with pytest.raises(FormatError, match="no manifest.json"):
         load_manifest(f"{bucket}/run")
     monkeypatch.setattr(storage.Store, "commit", commit)

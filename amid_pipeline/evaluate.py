@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
-from amid_pipeline.models import model_source, resolve_device
+from amid_pipeline.models import model_source, resolve_device, tokenizer_fingerprint
 from amid_pipeline.shards.reader import ShardReader
-from amid_pipeline.train.data import DataSettings, ShardBatches, list_files
+from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
+from amid_pipeline.train.data import DataSettings, ShardBatches, ShardSet
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.metrics import evaluate
 from amid_pipeline.train.step import DistillModule, HeadLogits
@@ -42,12 +43,20 @@ def load_model(path: str | Path, device: str = "auto"):
 
 
 def evaluate_on_shards(model, shards: str | Path, *, batch_size: int = 8, max_length: int = 1024,
-                       max_batches: int | None = None, progress: str | None = None) -> dict[str, float]:
+                       max_batches: int | None = None, progress: str | None = None, tokenizer=None,
+                       teacher_tokenizer: str | None = None) -> dict[str, float]:
     """Metrics over every row of ``shards`` (or its first ``max_batches`` batches), on the model's device;
-    ``progress``: the label of a progress bar over the batches (None: none)."""
+    ``progress``: the label of a progress bar over the batches (None: none). With the model's ``tokenizer``,
+    a model of another tokenizer than the shards' is measured on the rows aligned to its own tokens
+    (cross-tokenizer, docs/cross-tokenizer.md; the teacher's tokenizer from ``teacher_tokenizer`` or the
+    shards' copy)."""
+    cross = None
+    shard_set = ShardSet.open([str(shards)])
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer)["fingerprint"] != shard_set.header.tokenizer.get("fingerprint"):
+        cross = CrossTokenizer.build(teacher_tokenizer_of(shard_set.manifests[0], teacher_tokenizer), tokenizer)
     settings = DataSettings(batch_size=batch_size, max_length=max_length, heldout_fraction=0.0,
-                            student_vocab=model.get_output_embeddings().weight.shape[0])
-    data = ShardBatches(list_files([str(shards)]), settings, seed=0, shuffle=False)
+                            student_vocab=model.get_output_embeddings().weight.shape[0], cross=cross)
+    data = ShardBatches(shard_set.files, settings, seed=0, shuffle=False)
     batches = (b for i, b in enumerate(data) if max_batches is None or i < max_batches)
     batches = tqdm(batches, desc=progress, unit="batch", disable=progress is None)
     fused = HeadLogits.of(model).fused_refusal(model.get_output_embeddings()) is None

@@ -66,12 +66,16 @@ def tiny_module():
     return module
 
 
-def build_students(work: Path, out: Path) -> dict[str, Path]:
-    """The random 1 × 64 students: on T*'s tokenizer (the ladder's S init) and on the 3,072-id BPE."""
+def build_students(work: Path, out: Path, student_tokenizer: str) -> dict[str, Path]:
+    """The random 1 × 64 students: on T*'s tokenizer (the ladder's S init) and on ``student_tokenizer``: the
+    shipped BPE recipe at 3,072 ids ("bpe3072"), or a tokenizer folder (e.g. SmolLM2's)."""
+    from transformers import AutoTokenizer
+
     tiny = tiny_module()
-    folder = out / "student-init-3072"
+    folder = out / "student-init"
     if not (folder / "config.json").exists():
-        tokenizer = tiny.build_tokenizer(out / "tokenizer-3072", vocab_size=STUDENT_VOCAB)
+        tokenizer = (tiny.build_tokenizer(out / "tokenizer-3072", vocab_size=STUDENT_VOCAB) if student_tokenizer == "bpe3072"
+                     else AutoTokenizer.from_pretrained(student_tokenizer))
         tiny.build_llama(folder, tokenizer, **STUDENT, seed=1, max_positions=2 * MAX_LENGTH)
     return {"student": folder, "teacher": work / "student-init"}
 
@@ -212,7 +216,7 @@ def report(work: Path, out: Path, seeds: list[int]) -> None:
                                                   **evaluate(work, out, folder, arm)}
     floor = evaluate(work, out, work / "teacher-sft" / "model", None)
     teacher_tok = AutoTokenizer.from_pretrained(work / "tokenizer")
-    student_tok = AutoTokenizer.from_pretrained(out / "student-init-3072")
+    student_tok = AutoTokenizer.from_pretrained(out / "student-init")
     import itertools
 
     coverage = {rule: CrossTokenizer.build(teacher_tok, student_tok, rule).coverage(
@@ -229,7 +233,7 @@ def report(work: Path, out: Path, seeds: list[int]) -> None:
                      f"{', '.join(str(by_seed[s]['best_step']) for s in sorted(by_seed))} |")
         summary["arms"][arm] = {"lr": chosen_lr(out, arm), "per_seed": by_seed}
     lines.append(f"| T* (floor) | – | – | {floor['bits_per_byte']:.4f} | – | – | – |")
-    docs = ROOT / "docs" / "cross-tokenizer"
+    docs = ROOT / "docs" / "cross-tokenizer" / out.name
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.md").write_text("\n".join(lines) + "\n\ncoverage on 200 training rows: " + json.dumps(coverage) + "\n")
     (docs / "results.json").write_text(json.dumps(summary, indent=1))
@@ -246,9 +250,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--student-tokenizer", default="bpe3072",
+                        help="bpe3072 (the shipped BPE recipe at 3,072 ids) or a tokenizer folder (use its own --out)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    students = build_students(args.work, args.out)
+    students = build_students(args.work, args.out, args.student_tokenizer)
     if args.stage == "probe":
         for arm in args.arms:
             print(json.dumps(train(args.work, args.out, students, arm, 3e-3, 0, max_steps=20)))

@@ -26,12 +26,14 @@ def eval_model(
     prompt_field: Annotated[str, typer.Option(help="Prompt field of --data.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="Reference field of --data.")] = "response",
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate only the first N batches of the shards.")] = None,
+    teacher_tokenizer: Annotated[Optional[str], typer.Option(help="A model of another tokenizer than the shards' is measured on the rows aligned to its tokens (cross-tokenizer): the teacher's tokenizer folder (default: the shards' own copy, format 1.4).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars (shard batches, generated prompts) on stderr.")] = True,
 ) -> None:
     """Evaluate a model on held-out data: against its teacher's shards, and by generating responses."""
 
     def run() -> None:
+        from amid_pipeline.alignment.vocabulary import AlignmentError
         from amid_pipeline.evaluate import evaluate_on_shards, load_model, perplexity_on_data, rouge_l_on_prompts
         from amid_pipeline.models import model_source
 
@@ -54,7 +56,11 @@ def eval_model(
             warning = template_warning(load_manifest(shards).header, tokenizer, model)
             if warning:
                 typer.secho(warning, err=True, fg="yellow")
-            metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches, progress="eval shards" if progress else None)
+            try:
+                metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches, progress="eval shards" if progress else None,
+                                             tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+            except AlignmentError as exc:
+                raise UserError(f"{model}: another tokenizer than the shards', and {exc}") from exc
         try:  # a bad file, row or field of --data: one line naming it
             if data is not None:
                 metrics.update(perplexity_on_data(loaded, tokenizer, data, chat_template=chat_template,

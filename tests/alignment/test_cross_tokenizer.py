@@ -195,6 +195,15 @@ def test_a_student_with_another_tokenizer_learns_and_resumes_exactly(tiny_shards
     distill(make_config(tiny_shards, other_student, tmp_path / "resumed", resume=True, **settings))
     a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    from typer.testing import CliRunner
+
+    from amid_pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "full" / "model"), "--shards", str(tiny_shards), "--json",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output[result.output.index("{"):])
+    assert 0 < measured["kl_to_teacher"] < 20 and measured["positions"] > 0
 
 
 def test_without_the_flag_another_tokenizer_is_refused_and_clashing_settings_too(tiny_shards, other_student, tmp_path):

@@ -74,6 +74,9 @@ class CrossTokenizer:
         ids, logprobs = self._targets(row.topk_ids[stored], row.topk_logprobs[stored])
         some = np.isfinite(logprobs[:, 0])  # a position none of whose stored ids maps carries no target
         positions, stored, ids, logprobs = positions[some], stored[some], ids[some], logprobs[some]
+        if row.loss_mask.any() and not row.loss_mask[stored].any():
+            raise AlignmentError(f"{where}: none of its {int(row.loss_mask.sum())} supervised teacher positions ends "
+                                 f"where a student token does (or maps to a student id): nothing to learn from it")
         targets = student_ids[positions + 1] if len(positions) else np.zeros(0, np.int64)
         hit = ids == targets[:, None]
         target_logprob = np.where(hit.any(axis=1), np.where(hit, logprobs, -np.inf).max(axis=1, initial=-np.inf), -np.inf)

@@ -146,10 +146,30 @@ def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_sha
         cross.student_row(row)
     with pytest.raises(AlignmentError, match="sample 'y': byte 0xff is not UTF-8 and the student tokenizer has no token"):
         cross._student_tokens(b"ab\xff", "sample 'y'")
+    import dataclasses
+
+    coarse = CrossTokenizer.build(teacher_tok, load_data_module("tiny_models").build_tokenizer(tmp_path / "coarse", 1024))
+    converted = coarse.student_row(row)
+    inside = next(i for i in range(len(row.positions))  # a supervised position that ends inside a student token
+                  if row.loss_mask[i] and not _aligns(coarse, row, i))
+    lone = dataclasses.replace(row, positions=row.positions[[inside]], loss_mask=row.loss_mask[[inside]],
+                               topk_ids=row.topk_ids[[inside]], topk_logprobs=row.topk_logprobs[[inside]],
+                               target_logprob=row.target_logprob[[inside]], target_rank=row.target_rank[[inside]])
+    assert len(converted.positions) < len(row.positions)
+    with pytest.raises(AlignmentError, match=f"sample {row.sample_id!r}: none of its 1 supervised teacher positions"):
+        coarse.student_row(lone)
     other = load_data_module("tiny_models").build_tokenizer(tmp_path / "other", vocab_size=300)
     with pytest.raises(AlignmentError, match="is not the shards'"):
         teacher_tokenizer_of(load_manifest(tiny_shards), str(tmp_path / "other"))
     assert other is not None
+
+
+def _aligns(cross: CrossTokenizer, row, index: int) -> bool:
+    """Whether stored position ``index`` of ``row`` ends where one of the student's tokens does (brute force)."""
+    text = b"".join(cross.teacher_bytes[t] for t in row.input_ids)
+    end = len(b"".join(cross.teacher_bytes[t] for t in row.input_ids[: row.positions[index] + 1]))
+    ids = cross._student_tokens(text, "x")
+    return end in set(np.cumsum([len(cross.student_bytes[s]) for s in ids]).tolist())
 
 
 def test_the_shards_keep_a_verified_copy_of_the_teacher_tokenizer(tiny_shards, tiny_models, tmp_path):

@@ -277,3 +277,26 @@ def test_uld_is_the_sorted_l1_distance_of_a_brute_force_reference():
     assert got.loss.item() == pytest.approx(0.7 * float(np.mean(expected)) + 0.3 * ce, rel=1e-9)
     got.loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_the_previous_release_reads_and_verifies_shards_with_a_tokenizer_copy(tiny_shards, tmp_path):
+    """Format 1.4 in a 1.3 reader: amid_pipeline as of 317ba85 (format 1.3), run from a git archive, reads
+    every row of the new shards and verifies them."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    if subprocess.run(["git", "cat-file", "-e", "317ba85^{commit}"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("the 1.3 release's commit is not in this checkout (a shallow clone)")
+    archive = subprocess.run(["git", "archive", "317ba85", "amid_pipeline"], cwd=ROOT, capture_output=True, check=True)
+    (tmp_path / "old").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tmp_path / "old")], input=archive.stdout, check=True)
+    script = ("import sys; from amid_pipeline.shards.reader import ShardReader; from amid_pipeline.shards.schema import "
+              "FORMAT_VERSION; from amid_pipeline.shards.verify import verify_directory; "
+              f"rows = list(ShardReader({str(tiny_shards)!r})); report = verify_directory({str(tiny_shards)!r}); "
+              "print(FORMAT_VERSION, len(rows), report.ok, report.problems)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "old", capture_output=True, text=True,
+                          env={"PYTHONPATH": str(tmp_path / "old"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:3] == ["1.3", str(len(list(ShardReader(tiny_shards)))), "True"]

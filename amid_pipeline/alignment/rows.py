@@ -110,7 +110,7 @@ class CrossTokenizer:
         count, k = teacher_ids.shape
         if self.vocabulary.rule == "none":  # vocabulary-free losses: the teacher's own values, no student id
             return np.broadcast_to(np.arange(k, dtype=np.int64), (count, k)).copy(), teacher_logprobs.astype(np.float32)
-        mapped = self.vocabulary.student_of[teacher_ids.astype(np.int64)]  # [P, k], −1 unmapped
+        mapped = self.vocabulary.lookup(teacher_ids)  # [P, k], −1 unmapped
         probabilities = np.where(mapped >= 0, np.exp(teacher_logprobs.astype(np.float64)), 0.0)
         ids = np.zeros((count, k), dtype=np.int64)
         logprobs = np.full((count, k), -np.inf, dtype=np.float32)
@@ -135,8 +135,8 @@ class CrossTokenizer:
             aligned += int(converted.loss_mask.sum())
             kept = row.loss_mask
             p = np.exp(row.topk_logprobs[kept].astype(np.float64))
-            mapped = self.vocabulary.student_of[row.topk_ids[kept].astype(np.int64)] >= 0
-            is_exact = self.vocabulary.exact[row.topk_ids[kept].astype(np.int64)]
+            mapped = self.vocabulary.lookup(row.topk_ids[kept]) >= 0
+            is_exact = self.vocabulary.exact_at(row.topk_ids[kept])
             mass += p.sum()
             exact += (p * is_exact).sum()
             first += (p * (mapped & ~is_exact)).sum()

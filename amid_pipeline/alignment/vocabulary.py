@@ -106,6 +106,18 @@ class VocabularyMap:
                         break
         return cls(student_of, exact, rule)
 
+    def lookup(self, teacher_ids: np.ndarray) -> np.ndarray:
+        """The student ids of ``teacher_ids`` (any shape), −1 where unmapped or beyond the teacher's tokenizer (a
+        padded head's extra outputs)."""
+        ids = teacher_ids.astype(np.int64)
+        inside = ids < len(self.student_of)
+        return np.where(inside, self.student_of[np.where(inside, ids, 0)], -1)
+
+    def exact_at(self, teacher_ids: np.ndarray) -> np.ndarray:
+        ids = teacher_ids.astype(np.int64)
+        inside = ids < len(self.exact)
+        return inside & self.exact[np.where(inside, ids, 0)]
+
     def record(self) -> dict:
         """The map as a run folder keeps it: the rule, the shares, and student_of per teacher id."""
         return {"rule": self.rule, **self.summary(), "student_of": self.student_of.tolist(),

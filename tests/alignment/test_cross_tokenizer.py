@@ -59,6 +59,8 @@ def test_the_map_is_the_identity_for_one_tokenizer_and_follows_bytes_for_two(tin
             assert not first.exact[v] and exact.student_of[v] == -1
             assert first.student_of[v] == (-prefixes[-1][1] if prefixes else -1)
     assert 0 < first.summary()["ids_exact"] < 1 and first.summary()["ids_first_token"] > 0
+    beyond = np.array([[len(teacher) + 3, 5]])  # a padded teacher head's extra output is no token: unmapped
+    assert first.lookup(beyond).tolist() == [[-1, first.student_of[5]]] and not first.exact_at(beyond)[0, 0]
 
 
 def test_rows_align_where_both_tokenisations_end_at_the_same_byte(tiny_shards, tiny_models, other_student):

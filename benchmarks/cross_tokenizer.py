@@ -8,14 +8,14 @@ the ladder's cached top-K shards, against CE and against a student of the teache
 
 Needs ``python benchmarks/ladder.py build`` (runs/ladder: T*, its tokenizer, its samples, train-topk).
 Options: --work runs/ladder (read), --out runs/cross-tokenizer (written; every run folder resumes and its
-result file is written as it ends), --jobs 2, --lrs 3e-3 1e-2 3e-2.
+result file is written as it ends), --jobs 2, --lrs 1e-3 3e-3 1e-2.
 
 Protocol (written before the runs; docs/cross-tokenizer.md):
 
 - Teacher: the ladder's T* (byte-level BPE of 2,048 ids) and its top-87 shards of T*'s own samples, written
   before format 1.4 (no tokenizer copy: the teacher tokenizer is given, and checked against the shards).
 - Student tokenizer: the shipped BPE recipe (data/tiny_models.py) trained to 3,072 ids on the same text.
-- Arms, all from a random 1 × 64 Llama (the ladder's S shape; seed 1 weights), ≤ 3 epochs of 8 sequences,
+- Arms, all from a random 1 × 64 Llama (the ladder's S shape; seed 1 weights), ≤ 10 epochs of 8 sequences (the ladder's budget),
   evaluated every 50 steps on the dev rows (sha1 bucket < 10 %), the model with the lowest dev CE kept,
   stopped after 3 evaluations without a new one:
   CE (student tokenizer, kd_ratio 0, on the aligned positions); cross-KD (forward KL on the mapped targets,
@@ -107,7 +107,7 @@ def train(work: Path, out: Path, students: dict, arm: str, lr: float, seed: int,
 
         shutil.rmtree(folder, ignore_errors=True)
     else:
-        command += ["--epochs", "3", "--eval-every", "50", "--best-metric", "ce", "--patience", "3"]
+        command += ["--epochs", "10", "--eval-every", "50", "--best-metric", "ce", "--patience", "3"]
         command += ["--resume"] if (folder / "checkpoints").exists() else []
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "cross-tokenizer")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2, 3e-2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--student-tokenizer", default="bpe3072",
                         help="bpe3072 (the shipped BPE recipe at 3,072 ids) or a tokenizer folder (use its own --out)")

@@ -130,20 +130,20 @@ def bits_per_byte(model_folder: Path, references: list[dict], teacher_tokenizer,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from amid_pipeline.alignment.rows import CrossTokenizer
     from amid_pipeline.alignment.vocabulary import token_bytes
 
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     teacher_bytes, own_bytes = token_bytes(teacher_tokenizer), token_bytes(tokenizer)
+    cross = None if same_tokenizer else CrossTokenizer.build(teacher_tokenizer, tokenizer)  # as training tokenised
     nats = count = 0.0
     with torch.no_grad():
         for ref in references:
             pieces = [teacher_bytes[i] for i in ref["input_ids"]]
-            start = sum(len(p) for p, m in zip(pieces, ref["loss_mask"]) if not m) if not ref["loss_mask"][0] else 0
-            first = ref["loss_mask"].index(True)
-            start = sum(len(p) for p in pieces[:first])
+            start = sum(len(p) for p in pieces[: ref["loss_mask"].index(True)])  # the response's first byte
             text = b"".join(pieces)
-            ids = ref["input_ids"] if same_tokenizer else tokenizer(text.decode("utf-8", "ignore"), add_special_tokens=False)["input_ids"]
+            ids = ref["input_ids"] if cross is None else cross.student_tokens(text, ref["id"]).tolist()
             ends = np.cumsum([len(own_bytes[i]) for i in ids])
             starts = ends - [len(own_bytes[i]) for i in ids]
             log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)

@@ -60,7 +60,7 @@ class CrossTokenizer:
         if self.same_tokenizer:
             student_ids = row.input_ids.astype(np.int64)
         else:
-            student_ids = self._student_tokens(b"".join(pieces), where)
+            student_ids = self.student_tokens(b"".join(pieces), where)
         student_ends = np.cumsum([len(self.student_bytes[i]) for i in student_ids.tolist()], dtype=np.int64)
         teacher_ends = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
         at_end = {int(end): index for index, end in enumerate(teacher_ends[row.positions])}  # the last position wins
@@ -85,7 +85,7 @@ class CrossTokenizer:
                           loss_mask=row.loss_mask[stored], topk_ids=ids, topk_logprobs=logprobs,
                           target_logprob=target_logprob.astype(np.float32), target_rank=target_rank)
 
-    def _student_tokens(self, text: bytes, where: str) -> np.ndarray:
+    def student_tokens(self, text: bytes, where: str) -> np.ndarray:
         """The student's tokens of ``text``: its UTF-8 runs tokenised, each other byte the student's token of that
         one byte; refused unless they spell ``text`` back."""
         single = {piece[0]: i for i, piece in enumerate(self.student_bytes) if len(piece) == 1}

@@ -135,7 +135,7 @@ def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_sha
     teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     same = CrossTokenizer.build(teacher_tok, teacher_tok)
     broken = "aé b".encode()[:2] + b"\xff" + " cd".encode()  # a cut character and a byte no UTF-8 has
-    ids = same._student_tokens(broken, "sample 'x'")
+    ids = same.student_tokens(broken, "sample 'x'")
     assert b"".join(same.student_bytes[i] for i in ids) == broken
     letters = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}, merges=[]))
     letters.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -147,7 +147,7 @@ def test_bad_text_and_a_wrong_teacher_tokenizer_are_refused_in_one_line(tiny_sha
     with pytest.raises(AlignmentError, match=f"sample {row.sample_id!r}: the student tokenizer does not spell"):
         cross.student_row(row)
     with pytest.raises(AlignmentError, match="sample 'y': byte 0xff is not UTF-8 and the student tokenizer has no token"):
-        cross._student_tokens(b"ab\xff", "sample 'y'")
+        cross.student_tokens(b"ab\xff", "sample 'y'")
     import dataclasses
 
     coarse = CrossTokenizer.build(teacher_tok, load_data_module("tiny_models").build_tokenizer(tmp_path / "coarse", 1024))
@@ -170,7 +170,7 @@ def _aligns(cross: CrossTokenizer, row, index: int) -> bool:
     """Whether stored position ``index`` of ``row`` ends where one of the student's tokens does (brute force)."""
     text = b"".join(cross.teacher_bytes[t] for t in row.input_ids)
     end = len(b"".join(cross.teacher_bytes[t] for t in row.input_ids[: row.positions[index] + 1]))
-    ids = cross._student_tokens(text, "x")
+    ids = cross.student_tokens(text, "x")
     return end in set(np.cumsum([len(cross.student_bytes[s]) for s in ids]).tolist())
 
 

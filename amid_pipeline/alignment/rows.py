@@ -9,8 +9,12 @@ distribution at i becomes targets at j: each stored id v carries its probability
 ``map[v]`` (probabilities of ids that share a student id add up; unmapped ids leave theirs to the rest),
 the student ids sorted by probability (a position where none maps is dropped), padded to k slots that hold no target
 (:func:`amid_pipeline.losses.support.padding_slots`). The rest bucket keeps 1 − Σ, so the tail support's
-normaliser stays exact. The actual token is the student's own s_{j+1}; its teacher log-probability is the
-mass mapped onto it (−inf when none is).
+normaliser stays exact. The actual token is the student's own s_{j+1}. Where it is m ≥ 2 whole teacher tokens
+t_{i+1}..t_{i+m} (a student vocabulary with longer merges), the teacher's probability of that whole string is
+known from the shards: Π_l p(t_{i+l} | …), the stored target log-probabilities along the way. It is moved to
+s_{j+1} from the student id that t_{i+1} maps to (whose mass p(t_{i+1}) covers every continuation that starts
+with those bytes), and s_{j+1} keeps a slot even when more than k ids hold mass. Its teacher log-probability
+is then the mass it holds (−inf when none).
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ class CrossTokenizer:
                 stored.append(at_end[end])
         stored = np.asarray(stored, dtype=np.int64)
         positions = np.asarray(student_positions, dtype=np.int32)
-        ids, logprobs = self._targets(row.topk_ids[stored], row.topk_logprobs[stored])
+        chain = self._chain_logprobs(row, stored, teacher_ends, student_ends[positions + 1] if len(positions) else [])
+        ids, logprobs = self._targets(row.topk_ids[stored], row.topk_logprobs[stored], chain,
+                                      row.input_ids[row.positions[stored] + 1], student_ids[positions + 1])
         some = np.isfinite(logprobs[:, 0])  # a position none of whose stored ids maps carries no target
         positions, stored, ids, logprobs = positions[some], stored[some], ids[some], logprobs[some]
         if row.loss_mask.any() and not row.loss_mask[stored].any():
@@ -104,9 +110,29 @@ class CrossTokenizer:
                                  f"bytes or a normaliser): it cannot represent this text")
         return np.asarray(ids, dtype=np.int64)
 
-    def _targets(self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _chain_logprobs(row: TeacherRow, stored: np.ndarray, teacher_ends: np.ndarray, next_ends: np.ndarray) -> np.ndarray:
+        """[P] the teacher's log-probability of each aligned position's actual student token where that token is
+        two or more whole teacher tokens t_{i+1}..t_{i+m}, all at stored positions: Σ_l log p(t_{i+l} | ...), the
+        stored target log-probabilities along the way (NaN elsewhere)."""
+        index_of = {int(position): index for index, position in enumerate(row.positions)}
+        token_at_end = {int(end): index for index, end in enumerate(teacher_ends)}
+        chain = np.full(len(stored), np.nan)
+        for p, (index, end) in enumerate(zip(stored.tolist(), np.asarray(next_ends).tolist())):
+            first, last = int(row.positions[index]), token_at_end.get(int(end))
+            if last is None or last - first < 2:
+                continue
+            steps = [index_of.get(position) for position in range(first, last)]
+            if None not in steps:
+                chain[p] = float(row.target_logprob[steps].astype(np.float64).sum())
+        return chain
+
+    def _targets(self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, chain: np.ndarray,
+                 first_tokens: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[P, k] teacher ids and log-probabilities -> [P, k] student ids (merged, by descending probability,
-        then padding: the first id again) and their log-probabilities (−inf in the padding)."""
+        then padding: the first id again) and their log-probabilities (−inf in the padding). Where the actual
+        student token is several teacher tokens (``chain`` finite), it gets their chained probability, taken
+        from the mass of the student id its first teacher token maps to (``first_tokens``, ``actual`` [P])."""
         count, k = teacher_ids.shape
         if self.vocabulary.rule == "none":  # vocabulary-free losses: the teacher's own values, no student id
             return np.broadcast_to(np.arange(k, dtype=np.int64), (count, k)).copy(), teacher_logprobs.astype(np.float32)
@@ -114,12 +140,25 @@ class CrossTokenizer:
         probabilities = np.where(mapped >= 0, np.exp(teacher_logprobs.astype(np.float64)), 0.0)
         ids = np.zeros((count, k), dtype=np.int64)
         logprobs = np.full((count, k), -np.inf, dtype=np.float32)
+        first_mapped = self.vocabulary.lookup(np.asarray(first_tokens))
         for p in range(count):
             keep = mapped[p] >= 0
             unique, first, inverse = np.unique(mapped[p][keep], return_index=True, return_inverse=True)
             mass = np.bincount(inverse, weights=probabilities[p][keep], minlength=len(unique))
+            if np.isfinite(chain[p]):  # continuations that start with the first token's bytes: the actual one's share
+                moved = float(np.exp(chain[p]))
+                mass[unique == first_mapped[p]] = np.maximum(mass[unique == first_mapped[p]] - moved, 0.0)
+                if actual[p] in unique:
+                    mass[unique == actual[p]] += moved
+                else:
+                    unique, first, mass = np.append(unique, actual[p]), np.append(first, k), np.append(mass, moved)
+                held = mass > 0
+                unique, first, mass = unique[held], first[held], mass[held]
             order = np.lexsort((first, -mass))  # ties keep the teacher's order
-            n = len(unique)
+            if len(order) > k:  # beyond k slots: the least probable ids join the rest, the actual token stays
+                kept = order[:k] if actual[p] in unique[order[:k]] else np.append(order[: k - 1], np.flatnonzero(unique == actual[p]))
+                order = kept if np.isfinite(chain[p]) else order[:k]
+            n = len(order)
             ids[p, :n], logprobs[p, :n] = unique[order], np.log(mass[order])
             ids[p, n:] = unique[order][0] if n else 0
         return ids, logprobs

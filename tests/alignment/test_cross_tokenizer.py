@@ -302,3 +302,47 @@ def test_the_previous_release_reads_and_verifies_shards_with_a_tokenizer_copy(ti
                           env={"PYTHONPATH": str(tmp_path / "old"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[:3] == ["1.3", str(len(list(ShardReader(tiny_shards)))), "True"]
+
+
+def test_a_student_token_of_several_teacher_tokens_gets_their_chained_probability(tiny_shards, tiny_models, tmp_path):
+    """A coarser student (1,024 ids on the same corpus): where its actual next token is m ≥ 2 whole teacher
+    tokens, that token gets Π p(t_{i+l}) from the stored target log-probabilities, moved from the student id of
+    the first teacher token, and kept when more than k ids would hold mass; every other id keeps its mapped mass
+    (a brute-force float64 reference)."""
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    coarse = load_data_module("tiny_models").build_tokenizer(tmp_path / "coarse", 1024)
+    cross = CrossTokenizer.build(teacher_tok, coarse)
+    checked = 0
+    for row in list(ShardReader(tiny_shards))[:8]:
+        out = cross.student_row(row)
+        teacher_ends = np.cumsum([len(cross.teacher_bytes[t]) for t in row.input_ids])
+        student_ends = np.cumsum([len(cross.student_bytes[s]) for s in out.input_ids])
+        stored = {int(teacher_ends[t]): i for i, t in enumerate(row.positions)}
+        for p, j in enumerate(out.positions.tolist()):
+            i = stored[int(student_ends[j])]
+            t = int(row.positions[i])
+            spanned = [u for u in range(t, len(row.input_ids)) if teacher_ends[u] <= student_ends[j + 1]]
+            last = spanned[-1] if spanned else t
+            if last - t < 2 or teacher_ends[last] != student_ends[j + 1] or not all(
+                    u in row.positions for u in range(t, last)):
+                continue
+            chain = float(np.exp(sum(row.target_logprob[int(np.flatnonzero(row.positions == u)[0])].astype(np.float64)
+                                     for u in range(t, last))))
+            reference: dict[int, float] = {}
+            for v, logprob in zip(row.topk_ids[i].tolist(), row.topk_logprobs[i].astype(np.float64)):
+                s = int(cross.vocabulary.student_of[v])
+                if s >= 0:
+                    reference[s] = reference.get(s, 0.0) + float(np.exp(logprob))
+            first = int(cross.vocabulary.student_of[row.input_ids[t + 1]])
+            actual = int(out.input_ids[j + 1])
+            reference[first] = reference.get(first, 0.0) - chain
+            reference[actual] = reference.get(actual, 0.0) + chain
+            reference = {s: m for s, m in reference.items() if m > 0}
+            got = {int(s): float(np.exp(lp)) for s, lp in zip(out.topk_ids[p], out.topk_logprobs[p]) if np.isfinite(lp)}
+            assert got.keys() <= reference.keys() and len(got) == min(len(reference), row.topk_ids.shape[1])
+            np.testing.assert_allclose([got[s] for s in got], [reference[s] for s in got], rtol=1e-5, atol=1e-9)
+            others = [m for s, m in got.items() if s != actual]  # over k ids: the least probable go, the actual stays
+            assert all(reference[s] <= min(others) + 1e-9 for s in reference.keys() - got.keys())
+            assert actual in got and out.target_logprob[p] == pytest.approx(np.log(reference[actual]), rel=1e-5)
+            checked += 1
+    assert checked > 20

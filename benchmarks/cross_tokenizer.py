@@ -4,7 +4,7 @@ the ladder's cached top-K shards, against CE and against a student of the teache
     python benchmarks/cross_tokenizer.py probe                  # 20 steps of each arm, timed
     python benchmarks/cross_tokenizer.py select [--arms ...]    # each arm's lr on dev, seed 0
     python benchmarks/cross_tokenizer.py final [--arms ...] [--seeds 0 1 2]
-    python benchmarks/cross_tokenizer.py report                 # docs/cross-tokenizer/results.md, .json
+    python benchmarks/cross_tokenizer.py report                 # docs/cross-tokenizer/results-OUT.md, .json
 
 Needs ``python benchmarks/ladder.py build`` (runs/ladder: T*, its tokenizer, its samples, train-topk).
 Options: --work runs/ladder (read), --out runs/cross-tokenizer (written; every run folder resumes and its
@@ -21,13 +21,15 @@ Protocol (written before the runs; docs/cross-tokenizer.md):
   CE (student tokenizer, kd_ratio 0, on the aligned positions); cross-KD (forward KL on the mapped targets,
   tail support, first-token rule); cross-KD exact (the same with the exact rule); ULD (kd_ratio 0.5, no
   vocabulary map: the teacher's own top-87 against the student's 87 largest); same-tokenizer KD (the
-  ceiling: forward KL, tail, a student on T*'s own tokenizer).
+  ceiling: forward KL, tail, a student on T*'s own tokenizer). Added after the first table, before any
+  choice was revisited: same-tokenizer CE (that student's own baseline, so that each tokenizer's KD gain is
+  measured against its own CE).
 - lr: per arm, the lowest dev CE (per student token: comparable within an arm) over --lrs at seed 0,
   widened by half a decade while the choice sits at an end. Final: 3 paired seeds (data order).
 - Endpoint: bits per byte of T*'s 856 held-out reference responses (4 per held-out prompt, never seen in any
   choice) under each student: the NLL of the student tokens that start in the response, over their bytes —
   a measure no tokenizer can flatter. Floor: T* itself. Paired differences against CE per seed, mean and
-  95 % t-interval over seeds.
+  95 % t-interval over seeds (each arm against the CE arm of its own student tokenizer).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ ARMS = {
     "cross-KD exact": {"tokenizer": "student", "loss": "forward_kl", "cross_tokenizer_map": "exact"},
     "ULD": {"tokenizer": "student", "loss": "uld", "kd_ratio": 0.5, "cross_tokenizer_map": "none"},
     "same-tokenizer KD": {"tokenizer": "teacher", "loss": "forward_kl"},
+    "same-tokenizer CE": {"tokenizer": "teacher", "loss": "forward_kl", "kd_ratio": 0.0},
 }
 
 
@@ -221,22 +224,25 @@ def report(work: Path, out: Path, seeds: list[int]) -> None:
 
     coverage = {rule: CrossTokenizer.build(teacher_tok, student_tok, rule).coverage(
         list(itertools.islice(ShardReader(work / "train-topk"), 200))) for rule in ("first", "exact")}
-    lines = ["| arm | lr | seeds | bits/byte (mean) | Δ vs CE (95 % t) | dev CE/token | best step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | lr | seeds | bits/byte (mean) | Δ vs its tokenizer's CE (95 % t) | dev CE/token | best step |",
+             "|---|---|---|---|---|---|---|"]
     summary = {"teacher_bits_per_byte": floor["bits_per_byte"], "coverage": coverage, "arms": {}}
     for arm, by_seed in rows.items():
         values = [by_seed[s]["bits_per_byte"] for s in sorted(by_seed)]
-        delta = ("–" if arm == "CE" or "CE" not in rows else
-                 "{:+.4f} ± {:.4f}".format(*t_interval([by_seed[s]["bits_per_byte"] - rows["CE"][s]["bits_per_byte"]
-                                                        for s in sorted(by_seed) if s in rows["CE"]])))
+        base = "CE" if ARMS[arm]["tokenizer"] == "student" else "same-tokenizer CE"  # its own tokenizer's CE
+        delta = ("–" if arm == base or base not in rows else
+                 "{:+.4f} ± {:.4f}".format(*t_interval([by_seed[s]["bits_per_byte"] - rows[base][s]["bits_per_byte"]
+                                                        for s in sorted(by_seed) if s in rows[base]])))
         lines.append(f"| {arm} | {chosen_lr(out, arm):g} | {len(values)} | {statistics.fmean(values):.4f} | {delta} | "
                      f"{statistics.fmean(by_seed[s]['dev_ce'] for s in by_seed):.4f} | "
                      f"{', '.join(str(by_seed[s]['best_step']) for s in sorted(by_seed))} |")
         summary["arms"][arm] = {"lr": chosen_lr(out, arm), "per_seed": by_seed}
     lines.append(f"| T* (floor) | – | – | {floor['bits_per_byte']:.4f} | – | – | – |")
-    docs = ROOT / "docs" / "cross-tokenizer" / out.name
+    docs = ROOT / "docs" / "cross-tokenizer"
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "results.md").write_text("\n".join(lines) + "\n\ncoverage on 200 training rows: " + json.dumps(coverage) + "\n")
-    (docs / "results.json").write_text(json.dumps(summary, indent=1))
+    (docs / f"results-{out.name}.md").write_text("\n".join(lines) + "\n\ncoverage on 200 training rows: "
+                                                + json.dumps(coverage) + "\n")
+    (docs / f"results-{out.name}.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(lines))
     print(json.dumps(coverage, indent=1))
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
 from amid_pipeline.chat import cut_at_stop, render_prompt, stop_token_ids, uses_chat_template
 from amid_pipeline.losses import KDLoss
 from amid_pipeline.models import model_source, resolve_device, tokenizer_fingerprint
 from amid_pipeline.shards.reader import ShardReader
-from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
 from amid_pipeline.train.data import DataSettings, ShardBatches, ShardSet
 from amid_pipeline.train.distributed import Processes
 from amid_pipeline.train.metrics import evaluate

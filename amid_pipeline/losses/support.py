@@ -215,11 +215,10 @@ def distributions_on_support(z: torch.Tensor, lse: torch.Tensor | None, lse_outs
     duplicate = torch.isneginf(log_p) & (torch.arange(z.shape[1], device=z.device) == z.shape[1] - 1) if with_target else None
     if duplicate is not None:
         z = torch.where(duplicate, torch.full_like(z, float("-inf")), z)
-    unused = padding_slots(teacher)  # sampled shards' unused slots, cross-tokenizer rows' padding
-    if unused.any():  # no mass on either side
-        if with_target:
-            unused = torch.cat([unused, torch.zeros_like(unused[:, :1])], dim=1)
-        z = torch.where(unused, torch.full_like(z, float("-inf")), z)
+    unused = padding_slots(teacher)  # sampled shards' unused slots, cross-tokenizer rows' padding: no mass either side
+    if with_target:
+        unused = torch.cat([unused, torch.zeros_like(unused[:, :1])], dim=1)
+    z = torch.where(unused, torch.full_like(z, float("-inf")), z)  # unconditional: no host sync per block
     log_p = log_p.to(z.dtype) if z.dtype == torch.float64 else log_p
     if mode == "renormalized":
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)

@@ -99,7 +99,7 @@ class VocabularyMap:
         for teacher_id, piece in enumerate(teacher_bytes):
             if piece in by_bytes:
                 student_of[teacher_id], exact[teacher_id] = by_bytes[piece], True
-            elif piece and rule == "first":  # (under "none" the map is never read)
+            elif piece and rule == "first":  # ("none" keeps the exact matches, for the shares compat reports)
                 for size in range(min(len(piece), longest), 0, -1):
                     if piece[:size] in by_bytes:
                         student_of[teacher_id] = by_bytes[piece[:size]]

@@ -30,6 +30,7 @@ from amid_pipeline.alignment.rows import CrossTokenizer, teacher_tokenizer_of
 from amid_pipeline.alignment.vocabulary import AlignmentError
 from amid_pipeline.config import save_config
 from amid_pipeline.losses import KDLoss
+from amid_pipeline.losses.registry import LOSSES, resolve_loss
 from amid_pipeline.models import emulated_bfloat16_warning, model_source
 from amid_pipeline.shards.storage import exclusive, write_json_atomic
 from amid_pipeline.train.best import BestModel
@@ -88,6 +89,11 @@ def fused_head_choice(config: DistillConfig, model, online: bool, notes: list[st
     An online teacher's full-vocabulary targets always take full logits."""
     if online or config.sparse_head == "off":
         return False
+    if LOSSES[resolve_loss(config.loss, config.loss_params)[0]].vocabulary_free:
+        if config.sparse_head == "on":
+            raise TrainingError(f"sparse_head: 'on', but {config.loss} compares the student's whole distribution (use auto)")
+        notes.append(f"full logits: {config.loss} compares the student's whole sorted distribution")
+        return False
     reason = HeadLogits.of(model).fused_refusal(model.get_output_embeddings())
     if reason and config.sparse_head == "on":
         raise TrainingError(f"sparse_head: 'on', but {reason}: the fused head cannot compute its logits (use auto or off)")
@@ -135,8 +141,8 @@ def _distill(config: DistillConfig) -> RunSummary:
                else f"sample ids with sha1 bucket < {config.heldout_fraction:.0%}")
     if processes.main:
         _start_run_folder(config, output, record, objective, resume_from, position.step, notes, cross)
-        print(f"distill: {len(shards.files)} shard files, {per_epoch} batches/epoch/process, {total_steps} steps, {processes.world} process(es), loss {config.loss} "
-              f"({config.support}), {'fused head' if sparse else 'full logits'}, held out: {heldout}"
+        print(f"distill: {len(shards.files)} shard files, {per_epoch} batches/epoch/process, {total_steps} steps, "
+              f"{processes.world} process(es), loss {config.loss} ({config.support}), {'fused head' if sparse else 'full logits'}, held out: {heldout}"
               + (f", targets: {config.online_teacher}'s full vocabulary, online" if teacher.full_vocabulary else ""))
 
     stream = TrainStream(shards.files, settings, seed=config.seed, rank=processes.rank, world=processes.world,

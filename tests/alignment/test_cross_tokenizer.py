@@ -254,7 +254,10 @@ def test_uld_without_a_vocabulary_map_keeps_the_teachers_own_values_and_trains(t
         np.testing.assert_array_equal(out.topk_logprobs[p], row.topk_logprobs[stored[int(ends[j])]])
     summary = distill(make_config(tiny_shards, other_student, tmp_path / "uld", max_steps=3, eval_every=0, save_every=0,
                                   cross_tokenizer=True, cross_tokenizer_map="none", loss="uld", kd_ratio=0.5))
-    assert summary.steps == 3 and np.isfinite(summary.final_loss)
+    assert summary.steps == 3 and np.isfinite(summary.final_loss) and not summary.sparse_head  # ULD: full logits
+    with pytest.raises(TrainingError, match="sparse_head: 'on', but uld compares"):
+        distill(make_config(tiny_shards, other_student, tmp_path / "uld-on", max_steps=1, eval_every=0, save_every=0,
+                            cross_tokenizer=True, cross_tokenizer_map="none", loss="uld", kd_ratio=0.5, sparse_head="on"))
 
 
 def test_uld_is_the_sorted_l1_distance_of_a_brute_force_reference():

@@ -56,6 +56,11 @@ def eval_model(
             warning = template_warning(load_manifest(shards).header, tokenizer, model)
             if warning:
                 typer.secho(warning, err=True, fg="yellow")
+            from amid_pipeline.models import tokenizer_fingerprint
+
+            if tokenizer_fingerprint(tokenizer)["fingerprint"] != load_manifest(shards).header.tokenizer.get("fingerprint"):
+                typer.secho(f"note: {model}'s tokenizer is not the shards': measured on the rows aligned to its own tokens "
+                            f"(cross-tokenizer, docs/cross-tokenizer.md)", err=True, fg="yellow")
             try:
                 metrics = evaluate_on_shards(loaded, shards, max_batches=max_batches, progress="eval shards" if progress else None,
                                              tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)

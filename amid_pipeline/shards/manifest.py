@@ -291,14 +291,23 @@ class Manifest:
         return self.parts[record.part or 0]
 
 
-HEADER_COMPARE_SKIP = ("config",)
+HEADER_COMPARE_SKIP = ("config", "format_version")  # neither changes how a file decodes
+
+
+def _compared(header: dict[str, Any]) -> dict[str, Any]:
+    """A header as files and manifests are compared: without :data:`HEADER_COMPARE_SKIP`, and without the
+    tokenizer's copy (format 1.4), so that a capture begun by an earlier 1.x release resumes into one
+    directory (its first files keep their own headers)."""
+    kept = {k: v for k, v in header.items() if k not in HEADER_COMPARE_SKIP}
+    if isinstance(kept.get("tokenizer"), dict):
+        kept["tokenizer"] = {k: v for k, v in kept["tokenizer"].items() if k != "copy"}
+    return kept
 
 
 def header_differences(found: dict[str, Any], manifest: Manifest, record: FileRecord) -> list[str]:
     """Keys in which a file's own header ``found`` differs from what the manifest says of that file (the
     header it lists the file under, and the k and value encoding every reader decodes with)."""
-    expected = {k: v for k, v in manifest.part_header(record).to_json().items() if k not in HEADER_COMPARE_SKIP}
-    found = {k: v for k, v in found.items() if k not in HEADER_COMPARE_SKIP}
+    expected, found = _compared(manifest.part_header(record).to_json()), _compared(found)
     differing = {key for key in set(found) | set(expected) if found.get(key) != expected.get(key)}
     differing |= {key for key in ("k", "value_encoding") if found.get(key) != getattr(manifest.header, key)}
     return sorted(differing)
@@ -345,8 +354,8 @@ def _manifest_from(store: Store, payloads: list[dict[str, Any]], sources: tuple[
     header = Header.from_json(first, store.where(sources[0]))
     files: list[FileRecord] = []
     for source, payload in zip(sources, payloads):
-        other = {k: v for k, v in payload.items() if k not in (*own_keys, *HEADER_COMPARE_SKIP)}
-        base = {k: v for k, v in first.items() if k not in HEADER_COMPARE_SKIP}
+        other = _compared({k: v for k, v in payload.items() if k not in own_keys})
+        base = _compared(first)
         if other != base:
             differing = sorted(key for key in set(other) | set(base) if other.get(key) != base.get(key))
             raise FormatError(f"{store.where(source)}: header differs from {sources[0]} in {differing}")

@@ -224,6 +224,7 @@ def test_a_student_with_another_tokenizer_learns_and_resumes_exactly(tiny_shards
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "full" / "model"), "--shards", str(tiny_shards), "--json",
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "measured on the rows aligned to its own tokens" in result.output
     measured = json.loads(result.output[result.output.index("{"):])
     assert 0 < measured["kl_to_teacher"] < 20 and measured["positions"] > 0
 
@@ -349,3 +350,64 @@ def test_a_student_token_of_several_teacher_tokens_gets_their_chained_probabilit
             assert actual in got and out.target_logprob[p] == pytest.approx(np.log(reference[actual]), rel=1e-5)
             checked += 1
     assert checked > 20
+
+
+def test_a_tokenizer_with_the_same_vocabulary_uses_the_stored_ids(tiny_shards, tiny_models):
+    """Special tokens set otherwise (another fingerprint) but the same vocabulary: the ids mean the same, so
+    nothing is re-tokenised and every stored position stays."""
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    renamed = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    renamed.pad_token = renamed.eos_token
+    cross = CrossTokenizer.build(teacher_tok, renamed)
+    assert cross.same_tokenizer
+    row = next(iter(ShardReader(tiny_shards)))
+    out = cross.student_row(row)
+    assert (out.input_ids == row.input_ids).all() and (out.positions == row.positions).all()
+
+
+def test_a_capture_begun_by_the_previous_release_resumes_into_readable_shards(tiny_models, tmp_path):
+    """Killed under 1.3 (317ba85, from a git archive) after two files, resumed by this release: its files keep
+    their 1.3 headers (no tokenizer copy), which the reader accepts beside the 1.4 manifest; the rows equal
+    a capture made by this release alone."""
+    import subprocess
+    import sys
+
+    from amid_pipeline.capture.config import CaptureConfig
+    from amid_pipeline.capture.run import run_capture
+    from amid_pipeline.config import load_config
+    from tests.helpers import ROOT
+
+    if subprocess.run(["git", "cat-file", "-e", "317ba85^{commit}"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("the 1.3 release's commit is not in this checkout (a shallow clone)")
+    archive = subprocess.run(["git", "archive", "317ba85", "amid_pipeline"], cwd=ROOT, capture_output=True, check=True)
+    (tmp_path / "old").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tmp_path / "old")], input=archive.stdout, check=True)
+    rows = [json.loads(line) for line, _ in zip(open(ROOT / "data" / "jargon" / "train.jsonl"), range(9))]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = {"teacher": str(tiny_models["teacher"]), "dataset": str(tmp_path / "d.jsonl"), "backend": "hf",
+                "progress": False, "dtype": "float32", "k": 8, "rows_per_file": 2}
+    script = f"""
+import amid_pipeline.capture.run as run
+from amid_pipeline.capture.config import CaptureConfig
+from amid_pipeline.config import load_config
+original, calls = run._score_and_write, []
+def dies_on_the_third_chunk(*args):
+    calls.append(1)
+    if len(calls) == 3:
+        raise SystemExit(3)
+    return original(*args)
+run._score_and_write = dies_on_the_third_chunk
+run.run_capture(load_config(CaptureConfig, None, {{**{settings!r}, "output": {str(tmp_path / "run")!r}}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "old", capture_output=True, text=True,
+                          env={"PYTHONPATH": str(tmp_path / "old"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert len(list((tmp_path / "run" / "data").glob("*.parquet"))) == 2
+    resumed = run_capture(load_config(CaptureConfig, None, {**settings, "output": str(tmp_path / "run")}))
+    assert resumed.resumed_chunks == 2
+    run_capture(load_config(CaptureConfig, None, {**settings, "output": str(tmp_path / "new")}))
+    assert verify_directory(tmp_path / "run").ok, verify_directory(tmp_path / "run").problems
+    old, new = ({row.sample_id: row for row in ShardReader(tmp_path / name)} for name in ("run", "new"))
+    assert sorted(old) == sorted(new)
+    for sample_id, row in new.items():
+        np.testing.assert_array_equal(old[sample_id].topk_ids, row.topk_ids)
